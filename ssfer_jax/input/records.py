@@ -1,0 +1,132 @@
+"""The on-disk record schema and dataset layout shared by `data_prep` (writer) and the input pipeline (reader).
+
+One record per image, msgpack-encoded (deterministic bytes: fixed key order, no timestamps):
+  {"v": SCHEMA_VERSION, "image": JPEG bytes, "label": int (-1 = unlabeled),
+   "box": [x0, y0, x1, y1] normalised to the stored image, "id": str (stable),
+   "source": str, "face_found": bool}
+
+A built dataset directory holds:
+  manifest.json                      classes, counts, preprocessing, skipped inputs, checksums
+  ids.txt                            one record id per line, in global record order
+  records-SSSSS-of-NNNNN.array_record  shards; global index = concatenation in shard order
+  splits/NAME.json                   record-id lists written by `python -m data_prep split`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Sequence
+
+import msgpack
+import numpy as np
+
+SCHEMA_VERSION = 1
+UNLABELED = -1
+MANIFEST = "manifest.json"
+IDS_FILE = "ids.txt"
+SPLITS_DIR = "splits"
+SPLIT_NAMES = ("train_labeled", "train_unlabeled", "val", "test")
+
+
+class DatasetError(ValueError):
+  """Bad or inconsistent dataset files; the message names the file and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  image: bytes
+  label: int
+  box: tuple[float, float, float, float]
+  id: str
+  source: str
+  face_found: bool
+
+
+def encode(rec: Record) -> bytes:
+  return msgpack.packb(
+      {
+          "v": SCHEMA_VERSION,
+          "image": rec.image,
+          "label": int(rec.label),
+          "box": [float(b) for b in rec.box],
+          "id": rec.id,
+          "source": rec.source,
+          "face_found": bool(rec.face_found),
+      },
+      use_bin_type=True,
+  )
+
+
+def decode(raw: bytes) -> dict:
+  """Returns the record as a dict (cheap: the JPEG stays encoded)."""
+  d = msgpack.unpackb(raw, raw=False)
+  if d.get("v") != SCHEMA_VERSION:
+    raise DatasetError(
+        f"record schema version {d.get('v')} != {SCHEMA_VERSION}; rebuild the dataset "
+        "with this version of `python -m data_prep build`.")
+  return d
+
+
+def shard_name(index: int, count: int) -> str:
+  return f"records-{index:05d}-of-{count:05d}.array_record"
+
+
+def shard_paths(data_dir: str, manifest: dict) -> list[str]:
+  n = manifest["num_shards"]
+  paths = [os.path.join(data_dir, shard_name(i, n)) for i in range(n)]
+  missing = [p for p in paths if not os.path.exists(p)]
+  if missing:
+    raise DatasetError(f"{data_dir}: shard files missing ({missing[:3]}...); "
+                       "finish or rerun `python -m data_prep build`.")
+  return paths
+
+
+def load_manifest(data_dir: str) -> dict:
+  path = os.path.join(data_dir, MANIFEST)
+  if not os.path.exists(path):
+    raise DatasetError(f"{path} not found: {data_dir} is not a complete dataset; "
+                       "build it with `python -m data_prep build --out {data_dir} ...`.")
+  with open(path) as f:
+    manifest = json.load(f)
+  if manifest.get("schema_version") != SCHEMA_VERSION:
+    raise DatasetError(f"{path}: schema_version {manifest.get('schema_version')} != "
+                       f"{SCHEMA_VERSION}; rebuild the dataset with this version.")
+  return manifest
+
+
+def load_ids(data_dir: str) -> list[str]:
+  with open(os.path.join(data_dir, IDS_FILE)) as f:
+    return f.read().splitlines()
+
+
+def load_split(data_dir: str, split_file: str, names: Sequence[str]) -> np.ndarray:
+  """Global record indices (sorted) of the union of the named lists of a split file.
+
+  `split_file` is a path, or a bare name looked up as `DATA_DIR/splits/NAME.json`.
+  The split must have been made over this exact build (manifest checksum).
+  """
+  path = split_file if os.sep in split_file or split_file.endswith(".json") else os.path.join(
+      data_dir, SPLITS_DIR, split_file + ".json")
+  if not os.path.exists(path):
+    raise DatasetError(f"split file {path} not found; write it with "
+                       f"`python -m data_prep split --data {data_dir} ...`.")
+  with open(path) as f:
+    split = json.load(f)
+  manifest = load_manifest(data_dir)
+  if split.get("manifest_sha256") != manifest["manifest_sha256"]:
+    raise DatasetError(f"{path} was made for another build of {data_dir} (manifest checksum "
+                       "differs); rerun `python -m data_prep split` over this build.")
+  unknown = [n for n in names if n not in split["lists"]]
+  if unknown:
+    raise DatasetError(f"{path}: no list named {unknown}; it has {sorted(split['lists'])}.")
+  index_of = {rid: i for i, rid in enumerate(load_ids(data_dir))}
+  out = []
+  for name in names:
+    for rid in split["lists"][name]:
+      if rid not in index_of:
+        raise DatasetError(f"{path}: record id {rid!r} in list {name!r} is not in "
+                           f"{os.path.join(data_dir, IDS_FILE)}; the split is stale.")
+      out.append(index_of[rid])
+  return np.asarray(sorted(out), dtype=np.int64)
