@@ -1,0 +1,47 @@
+"""Config pieces every stage shares: run bookkeeping, data, mesh and sharding rules."""
+
+import ml_collections
+
+# Face-specific normalisation used by SSFER's published code (REFERENCE.md section 1).
+FACE_MEAN = (0.588, 0.459, 0.402)
+FACE_STD = (0.228, 0.202, 0.190)
+
+# Logical parameter axes -> mesh axes. FSDP shards every width-sized dimension over
+# `fsdp`; with an `fsdp` axis of size 1 the same rules mean plain data parallelism.
+FSDP_RULES = (
+    ("embed", "fsdp"),
+    ("mlp", None),
+    ("heads", None),
+    ("head_dim", None),
+    ("qkv", None),
+    ("patch", None),
+    ("classes", None),
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 256          # global, across all processes and devices
+  c.num_epochs = 1
+  c.total_steps = 0           # > 0 overrides num_epochs
+  c.log_every = 50
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.tensorboard = True
+  c.peak_tflops_per_device = 0.0   # for MFU; 0 = unknown (CPU). H100 SXM bf16 dense: 989.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dir = ml_collections.config_dict.placeholder(str)  # a `python -m data_prep build` output
+  c.data.split = "default"    # DATA_DIR/splits/NAME.json, or a path
+  c.data.train_lists = ("train_labeled",)
+  c.data.image_size = 224
+  c.data.num_threads = 16
+  c.data.mean = FACE_MEAN
+  c.data.std = FACE_STD
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1)      # (data, fsdp); -1 takes the remaining devices
+  c.mesh.axes = ("data", "fsdp")
+  c.sharding_rules = FSDP_RULES
+  return c

@@ -1,0 +1,277 @@
+"""The one training loop every stage runs.
+
+A stage contributes a `Stage`: how to build its (boxed) train state, a pure loss function,
+the batch kind it eats, its FLOPs per example and optional hooks (figures, evaluations).
+The loop owns everything else, in big_vision's order: mesh and input; shapes via
+`jax.eval_shape`; a jitted init straight into the inferred shardings (or a restore into
+them); the step compiled ahead of time with donated state; then the loop with logging,
+hooks, checkpoints and a guard against non-finite losses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from clu import metrics as clu_metrics
+
+from ssfer_jax import checkpointing, sharding, writers
+from ssfer_jax.input import pipeline, records
+
+LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """Host-side work every `every` steps (and after the last step): figures, evaluations."""
+  every: int
+  fn: Callable[[TrainState, int], Mapping[str, float] | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  batch_kind: str                      # a kind of `ssfer_jax.input.pipeline`
+  init: Callable[[jax.Array], TrainState]  # returns boxed (logically annotated) params
+  loss_fn: LossFn                      # (params, batch, rng) -> (loss, aux scalars)
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  train_flops_per_example: float
+  hooks: Sequence[Hook] = ()
+
+
+StageFactory = Callable[[ml_collections.ConfigDict, "RunPlan", str], Stage]
+
+
+class NonFiniteError(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+  """What the loop derived from the config and the data, before anything compiles."""
+  mesh: jax.sharding.Mesh
+  train_indices_count: int
+  total_steps: int
+  steps_per_epoch: int
+
+
+def metrics_collection(names: Sequence[str]) -> type[clu_metrics.Collection]:
+  return clu_metrics.Collection.create(
+      **{n: (clu_metrics.LastValue if n == "lr" else clu_metrics.Average).from_output(n)
+         for n in names})
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, seed: int) -> Callable:
+  """The pure update shared by all stages.
+
+  Per-step randomness is `fold_in(seed, step)`, so a resumed run draws the same masks and
+  augmentations. A non-finite loss or gradient leaves params and optimiser state untouched
+  and raises the `finite` flag the loop stops on.
+  """
+
+  def step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state))
+    outputs = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step), **aux)
+    return new_state, outputs, finite
+
+  return step
+
+
+def plan_run(config: ml_collections.ConfigDict, mesh_devices=None) -> RunPlan:
+  """Validates the config against devices and data; every error here precedes compilation."""
+  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, mesh_devices)
+  sharding.check_batch_size(config.batch_size, mesh)
+  n = len(records.load_split(config.data.dir, config.data.split, config.data.train_lists))
+  if n < config.batch_size:
+    raise sharding.ConfigError(
+        f"{config.data.dir}: lists {tuple(config.data.train_lists)} of split "
+        f"'{config.data.split}' hold {n} records, fewer than batch_size={config.batch_size}.")
+  steps_per_epoch = n // config.batch_size
+  total = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
+  if total <= 0:
+    raise sharding.ConfigError("set total_steps > 0 or num_epochs > 0.")
+  return RunPlan(mesh, n, int(total), steps_per_epoch)
+
+
+def _peak_flops(config: ml_collections.ConfigDict, mesh) -> float | None:
+  """Peak FLOP/s of the whole mesh, from `config.peak_tflops_per_device` (0 = unknown)."""
+  peak = config.get("peak_tflops_per_device", 0.0)
+  return peak * 1e12 * mesh.devices.size if peak > 0 else None
+
+
+def state_layout(config: ml_collections.ConfigDict, stage: Stage, mesh) -> tuple[Any, Any]:
+  """The unboxed abstract state (carrying NamedShardings) and its shardings, from shapes only."""
+  abstract_boxed = jax.eval_shape(stage.init, jax.random.key(config.seed))
+  shardings = sharding.logical_shardings(abstract_boxed, mesh, config.sharding_rules)
+  abstract = checkpointing.abstract_with_shardings(nn.meta.unbox(abstract_boxed), shardings)
+  return abstract, shardings
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFactory,
+          *, stop_at: int | None = None) -> TrainState:
+  """Trains `config.stage` in `workdir`, resuming from its latest checkpoint if any.
+
+  `stop_at` ends the run early at that step (with a checkpoint), as a preemption would.
+  """
+  plan = plan_run(config)
+  mesh = plan.mesh
+  logging.info("%s; %d training records, %d steps/epoch, %d steps", sharding.describe(mesh),
+               plan.train_indices_count, plan.steps_per_epoch, plan.total_steps)
+  stage = make_stage(config, plan, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  config_json = json.loads(config.to_json_best_effort())
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config_json, f, indent=2)
+
+  train_iter = pipeline.make_train_iterator(
+      config.data.dir, config.data.split, config.data.train_lists, kind=stage.batch_kind,
+      global_batch_size=config.batch_size, image_size=config.data.image_size,
+      seed=config.seed, transform="weak", num_threads=config.data.num_threads)
+
+  # State: shapes first, then a jitted init into the shardings, or a restore into them.
+  abstract_state, state_shardings = state_layout(config, stage, mesh)
+  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  start = ckpt.latest_step()
+  if start is not None:
+    state = ckpt.restore(start, abstract_state, train_iter, stage.name)
+  else:
+    init = jax.jit(lambda r: nn.meta.unbox(stage.init(r)), out_shardings=state_shardings)
+    state = init(jax.random.key(config.seed))
+    start = 0
+  n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
+  logging.info("stage %s: %.2fM parameters, starting at step %d", stage.name, n_params / 1e6, start)
+
+  # The step, compiled ahead of time against the batch spec (no batch needs to be pulled).
+  batch_spec = pipeline.batch_spec(stage.batch_kind, config.batch_size, config.data.image_size)
+  batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch_spec)
+  step_fn = make_train_step(stage.loss_fn, stage.tx, stage.schedule, config.seed)
+  t0 = time.perf_counter()
+  compiled = jax.jit(
+      step_fn, in_shardings=(state_shardings, batch_shardings),
+      out_shardings=(state_shardings, sharding.replicated(mesh), sharding.replicated(mesh)),
+      donate_argnums=0).lower(abstract_state, batch_spec).compile()
+  logging.info("step compiled in %.1fs; %s", time.perf_counter() - t0,
+               _memory_summary(compiled))
+
+  writer = writers.MetricWriter(workdir, tensorboard=config.get("tensorboard", True))
+  flops_per_step = stage.train_flops_per_example * config.batch_size
+  peak = _peak_flops(config, mesh)
+  end = min(plan.total_steps, stop_at) if stop_at else plan.total_steps
+  metrics_cls, collection = None, None
+  pending = None       # (step, finite flag) of the previous step, checked one step late
+  last_log_t, data_wait, steps_since_log = time.perf_counter(), 0.0, 0
+
+  def finish_checks(pending) -> None:
+    step_done, finite = pending
+    if bool(finite):
+      return
+    # The guarded step left the state finite: keep it, so a loadable checkpoint always exists.
+    ckpt.wait()
+    if ckpt.latest_step() is None:
+      ckpt.save(int(state.step), state, train_iter, config_json, stage.name)
+      ckpt.wait()
+    raise NonFiniteError(
+        f"non-finite loss or gradient at step {step_done}; its update was skipped and the run "
+        f"stopped. Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+
+  try:
+    for step in range(start + 1, end + 1):
+      t = time.perf_counter()
+      batch = pipeline.to_global(next(train_iter), mesh)
+      data_wait += time.perf_counter() - t
+      state, outputs, finite = compiled(state, batch)
+      if pending is not None:
+        finish_checks(pending)
+      pending = (step, finite)
+      metrics_cls = metrics_cls or metrics_collection(sorted(outputs))
+      single = metrics_cls.single_from_model_output(**outputs)
+      collection = single if collection is None else collection.merge(single)
+      steps_since_log += 1
+
+      if step % config.log_every == 0 or step == end:
+        finish_checks(pending)
+        scalars = {k: float(v) for k, v in collection.compute().items()}
+        dt = (time.perf_counter() - last_log_t) / steps_since_log
+        scalars.update(step_time_s=dt, data_wait_s=data_wait / steps_since_log,
+                       compute_s=dt - data_wait / steps_since_log,
+                       images_per_s=config.batch_size / dt, epoch=step / plan.steps_per_epoch)
+        if peak:
+          scalars["mfu"] = flops_per_step / dt / peak
+        writer.write_scalars(step, scalars)
+        collection, data_wait, steps_since_log = None, 0.0, 0
+        last_log_t = time.perf_counter()
+      for hook in stage.hooks:
+        if step % hook.every == 0 or step == end:
+          out = hook.fn(state, step)
+          if out:
+            writer.write_scalars(step, out, prefix="eval")
+      if step % config.checkpoint_every == 0 or step == end:
+        ckpt.save(step, state, train_iter, config_json, stage.name)
+    if pending is not None:
+      finish_checks(pending)
+  finally:
+    writer.close()
+    ckpt.close()
+  return state
+
+
+def run_hooks(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFactory) -> int:
+  """Runs every hook of the stage once on the latest checkpoint (figures on demand)."""
+  plan = plan_run(config)
+  stage = make_stage(config, plan, workdir)
+  abstract_state, _ = state_layout(config, stage, plan.mesh)
+  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  step = ckpt.latest_step()
+  if step is None:
+    raise checkpointing.CheckpointError(f"no checkpoint in {ckpt.directory}: train first.")
+  state = ckpt.restore(step, abstract_state, None, stage.name)
+  ckpt.close()
+  writer = writers.MetricWriter(workdir, tensorboard=False)
+  for hook in stage.hooks:
+    out = hook.fn(state, step)
+    if out:
+      writer.write_scalars(step, out, prefix="eval")
+  writer.close()
+  return step
+
+
+def _memory_summary(compiled) -> str:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except   (not every backend reports it)
+    return "memory analysis unavailable"
+  if m is None:
+    return "memory analysis unavailable"
+  gib = lambda b: f"{b / 2**30:.3f} GiB"
+  return (f"per-device memory: arguments {gib(m.argument_size_in_bytes)}, outputs "
+          f"{gib(m.output_size_in_bytes)}, temporaries {gib(m.temp_size_in_bytes)}, "
+          f"aliased {gib(m.alias_size_in_bytes)}")

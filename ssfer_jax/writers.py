@@ -1,0 +1,70 @@
+"""Metric writers: console, a JSONL file and TensorBoard event files (tensorboardX, no TF).
+
+Only process 0 writes; other processes get a writer that drops everything, so callers
+need no `if jax.process_index() == 0` of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Mapping
+
+import jax
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _fmt(v: float) -> str:
+  if not math.isfinite(v):
+    return str(v)
+  return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3e}"
+
+
+class MetricWriter:
+  """Writes scalars and images to every enabled sink."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True, console: bool = True):
+    self._active = jax.process_index() == 0
+    self._console = console
+    self._jsonl = None
+    self._tb = None
+    if not self._active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float], prefix: str = "train") -> None:
+    if not self._active:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    if self._console:
+      body = "  ".join(f"{k}={_fmt(v)}" for k, v in scalars.items())
+      logging.info("[%s] step %d  %s", prefix, step, body)
+    self._jsonl.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(f"{prefix}/{k}", v, step)
+
+  def write_image(self, step: int, name: str, image_hwc_uint8: np.ndarray) -> None:
+    if self._active and self._tb is not None:
+      self._tb.add_image(name, image_hwc_uint8, step, dataformats="HWC")
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The JSONL log as a list of records (for tests, plots and notebooks)."""
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
+    return [json.loads(line) for line in f if line.strip()]
