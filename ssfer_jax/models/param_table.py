@@ -1,0 +1,214 @@
+"""One table between our parameter trees and PyTorch state dicts.
+
+kind="vit": timm `VisionTransformer` keys (`norm.*` with pool="cls", `fc_norm.*` with
+pool="gap", `head.*` when the model has a head). kind="mae": the official MAE
+pretraining checkpoint (`models_mae.MaskedAutoencoderViT`). Layouts:
+
+  ours                                 theirs
+  embedding.kernel [p*p*C, D]          patch_embed.proj.weight [D, C, p, p] (OIHW)
+  attn.qkv_kernel  [D, 3, H, Dh]       attn.qkv.weight [3*H*Dh, D]  (out = (3, H, Dh))
+  attn.qkv_bias    [3, H, Dh]          attn.qkv.bias [3*H*Dh]
+  attn.proj_kernel [H, Dh, D]          attn.proj.weight [D, H*Dh]
+  Dense kernel     [in, out]           Linear weight [out, in]
+  LayerNorm scale/bias                 weight/bias
+
+Position embeddings are fixed sin-cos tables here, parameters in torch: export writes
+our table; import checks the checkpoint's against it (a learned table would be lost).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Callable
+
+import flax.linen as nn
+import numpy as np
+from flax import traverse_util
+
+from ssfer_jax.models.vit import sincos_pos_embed
+
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  ours: Path
+  theirs: str
+  to_theirs: Callable[[np.ndarray], np.ndarray]
+  to_ours: Callable[[np.ndarray, tuple], np.ndarray]
+
+
+def _copy(a, shape=None):
+  return a
+
+
+def _transpose(a, shape=None):
+  return a.T
+
+
+def _flat_in_t(a):  # [D, ...out] -> [prod(out), D]
+  return a.reshape(a.shape[0], -1).T
+
+
+def _flat_out_t(a):  # [...in, D] -> [D, prod(in)]
+  return a.reshape(-1, a.shape[-1]).T
+
+
+def _unflat_t(a, shape):
+  return a.T.reshape(shape)
+
+
+def _flatten(a):
+  return a.reshape(-1)
+
+
+def _reshape(a, shape):
+  return a.reshape(shape)
+
+
+def _patch_size(rows: int) -> int:
+  p = math.isqrt(rows // 3)
+  if p * p * 3 != rows:
+    raise ValueError(f"patch kernel has {rows} rows; the table handles RGB patches (p*p*3 rows)")
+  return p
+
+
+def _patch_to_oihw(a):
+  p = _patch_size(a.shape[0])
+  return a.reshape(p, p, 3, a.shape[1]).transpose(3, 2, 0, 1)
+
+
+def _patch_from_oihw(a, shape):
+  return a.transpose(2, 3, 1, 0).reshape(shape)
+
+
+def _norm(ours: Path, theirs: str) -> list[Entry]:
+  return [Entry(ours + ("scale",), f"{theirs}.weight", _copy, _copy),
+          Entry(ours + ("bias",), f"{theirs}.bias", _copy, _copy)]
+
+
+def _linear(ours: Path, theirs: str) -> list[Entry]:
+  return [Entry(ours + ("kernel",), f"{theirs}.weight", _transpose, _transpose),
+          Entry(ours + ("bias",), f"{theirs}.bias", _copy, _copy)]
+
+
+def _blocks(ours: Path, theirs: str, depth: int) -> list[Entry]:
+  out = []
+  for i in range(depth):
+    o, t = ours + (f"block_{i:02d}",), f"{theirs}.{i}"
+    out += _norm(o + ("norm1",), f"{t}.norm1")
+    out += [Entry(o + ("attn", "qkv_kernel"), f"{t}.attn.qkv.weight", _flat_in_t, _unflat_t),
+            Entry(o + ("attn", "qkv_bias"), f"{t}.attn.qkv.bias", _flatten, _reshape),
+            Entry(o + ("attn", "proj_kernel"), f"{t}.attn.proj.weight", _flat_out_t, _unflat_t),
+            Entry(o + ("attn", "proj_bias"), f"{t}.attn.proj.bias", _copy, _copy)]
+    out += _norm(o + ("norm2",), f"{t}.norm2")
+    out += _linear(o + ("mlp", "fc1"), f"{t}.mlp.fc1")
+    out += _linear(o + ("mlp", "fc2"), f"{t}.mlp.fc2")
+  return out
+
+
+def _depth(flat: dict, module: str) -> int:
+  blocks = {p[1] for p in flat if p[0] == module and re.fullmatch(r"block_\d\d", p[1])}
+  return len(blocks)
+
+
+def param_table(params: dict, kind: str) -> list[Entry]:
+  """Entries for the modules present in `params` (a flat or nested 'params' tree)."""
+  if kind not in ("vit", "mae"):
+    raise ValueError(f"kind must be 'vit' or 'mae', got {kind!r}")
+  flat = params if all(isinstance(k, tuple) for k in params) else traverse_util.flatten_dict(params)
+  tops = {p[0] for p in flat}
+  if kind == "mae" and "decoder" not in tops:
+    raise ValueError("kind='mae' needs the params of an mae.MAE (no 'decoder' found)")
+  table = [Entry(("embedding", "kernel"), "patch_embed.proj.weight", _patch_to_oihw, _patch_from_oihw),
+           Entry(("embedding", "bias"), "patch_embed.proj.bias", _copy, _copy),
+           Entry(("cls",), "cls_token", _copy, _copy)]
+  table += _blocks(("encoder",), "blocks", _depth(flat, "encoder"))
+  if "encoder_norm" in tops:
+    table += _norm(("encoder_norm",), "norm")
+  if "fc_norm" in tops:
+    table += _norm(("fc_norm",), "fc_norm")
+  if "head" in tops:
+    table += _linear(("head",), "head")
+  if kind == "mae":
+    table.append(Entry(("mask_token",), "mask_token", _copy, _copy))
+    table += _linear(("decoder_embed",), "decoder_embed")
+    table += _blocks(("decoder",), "decoder_blocks", _depth(flat, "decoder"))
+    table += _norm(("decoder_norm",), "decoder_norm")
+    table += _linear(("decoder_pred",), "decoder_pred")
+  return table
+
+
+def _pos_keys(flat: dict, kind: str) -> dict[str, int]:
+  """Position-table keys and their widths."""
+  keys = {"pos_embed": flat[("cls",)].shape[-1]}
+  if kind == "mae":
+    keys["decoder_pos_embed"] = flat[("mask_token",)].shape[-1]
+  return keys
+
+
+def to_state_dict(params: dict, kind: str = "vit", *, image_size: int | tuple[int, int] = 224) -> dict[str, np.ndarray]:
+  """Our 'params' tree (boxed or not) -> a torch-layout state dict of numpy arrays."""
+  flat = traverse_util.flatten_dict(nn.meta.unbox(params))
+  table = param_table(flat, kind)
+  unmapped = set(flat) - {e.ours for e in table}
+  if unmapped:
+    raise ValueError(f"params not covered by the {kind} table: {sorted('.'.join(p) for p in unmapped)}")
+  sd = {e.theirs: np.ascontiguousarray(e.to_theirs(np.asarray(flat[e.ours]))) for e in table}
+  h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+  p = _patch_size(flat[("embedding", "kernel")].shape[0])
+  for key, width in _pos_keys(flat, kind).items():
+    sd[key] = sincos_pos_embed(width, h // p, w // p, cls_token=True)[None]
+  return sd
+
+
+def from_state_dict(sd: dict, params_template: dict, kind: str = "vit", *, check_pos_embed: bool = True) -> dict:
+  """A torch-layout state dict -> our 'params' tree shaped (and boxed) like the template.
+
+  The template may hold arrays or ShapeDtypeStructs (jax.eval_shape of init); boxed
+  leaves come back boxed with the same logical names.
+  """
+  flat_t = traverse_util.flatten_dict(params_template)  # boxes are leaves (not dicts)
+  flat_u = {k: nn.meta.unbox(v) for k, v in flat_t.items()}
+  table = param_table(flat_u, kind)
+  unmapped = set(flat_u) - {e.ours for e in table}
+  if unmapped:
+    raise ValueError(f"template params not covered by the {kind} table: {sorted('.'.join(p) for p in unmapped)}")
+  pos = _pos_keys(flat_u, kind)
+  expected = {e.theirs for e in table}
+  missing = sorted(expected - set(sd))
+  unexpected = sorted(set(sd) - expected - set(pos))
+  if missing or unexpected:
+    raise KeyError(f"state dict does not match the {kind} model: missing {missing}, unexpected {unexpected}")
+  out, bad = {}, []
+  for e in table:
+    shape = tuple(flat_u[e.ours].shape)
+    theirs = np.asarray(sd[e.theirs])
+    want = e.to_theirs(np.zeros(shape, np.float32)).shape
+    if theirs.shape != want:
+      bad.append(f"{e.theirs}: {theirs.shape} != {want} (ours {'.'.join(e.ours)} {shape})")
+      continue
+    out[e.ours] = np.ascontiguousarray(e.to_ours(theirs, shape)).astype(flat_u[e.ours].dtype)
+  if bad:
+    raise ValueError("shape mismatches:\n  " + "\n  ".join(bad))
+  if check_pos_embed:
+    for key, width in pos.items():
+      if key in sd:
+        _check_pos(key, np.asarray(sd[key]), width)
+  leaves = {k: (flat_t[k].replace_boxed(v) if isinstance(flat_t[k], nn.meta.AxisMetadata) else v)
+            for k, v in out.items()}
+  return traverse_util.unflatten_dict(leaves)
+
+
+def _check_pos(key: str, table: np.ndarray, width: int):
+  n = table.shape[-2] - 1
+  g = math.isqrt(n)
+  if table.shape[-1] != width or g * g != n:
+    raise ValueError(f"{key} has shape {table.shape}; expected [1, 1+g*g, {width}] (a square grid)")
+  ours = sincos_pos_embed(width, g, g, cls_token=True)
+  err = float(np.max(np.abs(table.reshape(ours.shape) - ours)))
+  if err > 1e-4:
+    raise ValueError(f"{key} differs from the fixed sin-cos table by up to {err:.3g}: it was learned, and "
+                     "this model cannot hold it. Pass check_pos_embed=False to drop it knowingly.")

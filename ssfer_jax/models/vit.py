@@ -1,0 +1,283 @@
+"""Vanilla ViT (MAE / timm layout) as pure Linen modules.
+
+Parameters are float32 and boxed with logical axis names; the trainer maps the names
+to mesh axes. Names used: 'embed' (model width, also the MAE decoder's), 'mlp',
+'heads', 'head_dim', 'qkv' (the 3 of q/k/v, never sharded), 'patch' (flattened
+patch pixels), 'classes'. A name may not repeat inside one parameter, so an axis that
+would repeat one is left unnamed (None).
+
+The encoder's submodules ('embedding', 'cls', 'encoder', 'encoder_norm') are shared
+by name and structure with `mae.MAE`, so pretrained encoder weights drop into a ViT
+(`encoder_params_from_mae`). rng streams: 'dropout' (drop path).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# name: (width, depth, num_heads, mlp_dim)
+VIT_SIZES = {
+    "mu": (64, 2, 4, 256),
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+}
+
+ENCODER_KEYS = ("embedding", "cls", "encoder", "encoder_norm")
+
+_xavier = nn.initializers.xavier_uniform()
+_zeros = nn.initializers.zeros
+_ones = nn.initializers.ones
+
+
+def vit_kwargs(size: str, **overrides) -> dict:
+  """Module kwargs for a named size (ViT or MAE encoder); overrides win."""
+  if size not in VIT_SIZES:
+    raise ValueError(f"unknown ViT size {size!r}; choose one of {sorted(VIT_SIZES)}")
+  width, depth, num_heads, mlp_dim = VIT_SIZES[size]
+  return dict(width=width, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim) | overrides
+
+
+def boxed(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+def patchify(imgs: jax.Array, p: int) -> jax.Array:
+  """[B, H, W, C] -> [B, L, p*p*C], each patch row-major then channel (MAE's 'nhwpqc')."""
+  b, hh, ww, c = imgs.shape
+  if hh % p or ww % p:
+    raise ValueError(f"image size {hh}x{ww} is not divisible by the patch size {p}")
+  h, w = hh // p, ww // p
+  x = imgs.reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * w, p * p * c)
+
+
+def unpatchify(x: jax.Array, p: int, h: int, w: int) -> jax.Array:
+  """Inverse of `patchify` for a grid of h x w patches."""
+  b, l, k = x.shape
+  c = k // (p * p)
+  if l != h * w or k != p * p * c:
+    raise ValueError(f"patches {x.shape} do not fit a {h}x{w} grid of {p}x{p} patches")
+  x = x.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * p, w * p, c)
+
+
+def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+  # float32 throughout, as MAE's numpy code, so the tables agree bit for bit.
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float32) / np.float32(dim / 2.0))
+  out = np.einsum("m,d->md", pos.reshape(-1), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_pos_embed(dim: int, grid_h: int, grid_w: int, cls_token: bool = False) -> np.ndarray:
+  """MAE's fixed 2-D sin-cos table [(1+)grid_h*grid_w, dim], float32.
+
+  Mirrors `get_2d_sincos_pos_embed`: despite MAE's names, its first dim/2 channels
+  encode the column index (np.meshgrid(w, h)[0]) and the last dim/2 the row index.
+  """
+  if dim % 4:
+    raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+  cols, rows = np.meshgrid(np.arange(grid_w, dtype=np.float32), np.arange(grid_h, dtype=np.float32))
+  emb = np.concatenate([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)], axis=1)
+  if cls_token:
+    emb = np.concatenate([np.zeros([1, dim]), emb], axis=0)
+  return emb.astype(np.float32)
+
+
+def prepend_cls(x: jax.Array, cls: jax.Array, cls_pos: np.ndarray) -> jax.Array:
+  """cls (with its position row) + tokens; MAE adds the other rows before masking."""
+  tok = (cls + cls_pos).astype(x.dtype)
+  return jnp.concatenate([jnp.broadcast_to(tok, (x.shape[0], 1, x.shape[2])), x], axis=1)
+
+
+def layer_norm(dtype, name: str | None = None) -> nn.LayerNorm:
+  # flax computes the statistics in float32 even for bf16 inputs.
+  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name,
+                      scale_init=boxed(_ones, ("embed",)), bias_init=boxed(_zeros, ("embed",)))
+
+
+def dense(features: int, names: tuple, dtype, name: str | None) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
+                  kernel_init=boxed(_xavier, names), bias_init=boxed(_zeros, names[-1:]))
+
+
+class PatchEmbed(nn.Module):
+  """Patchify + dense: the same map as MAE's stride-p conv, kernel laid out [p*p*C, D]."""
+  patch_size: int
+  width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    p, c = self.patch_size, images.shape[-1]
+    kernel = self.param("kernel", boxed(_xavier, ("patch", "embed")), (p * p * c, self.width))
+    bias = self.param("bias", boxed(_zeros, ("embed",)), (self.width,))
+    x = patchify(images.astype(self.dtype), p)
+    return jnp.einsum("blk,kd->bld", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """Self-attention with an explicit head axis in the parameters (shardable by heads).
+
+  qkv_kernel [D, 3, H, Dh] is MAE's fused Linear(D, 3D) (xavier over fan_in D,
+  fan_out 3D); proj_kernel [H, Dh, D]. The product goes through
+  `jax.nn.dot_product_attention` (float32 softmax). Its default implementation is
+  XLA's even on GPU (jax 0.10): pass attention_impl="cudnn" there for flash attention
+  (bf16/fp16 compute, head_dim a multiple of 8).
+  """
+  num_heads: int
+  dtype: Any = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    d, h = x.shape[-1], self.num_heads
+    if d % h:
+      raise ValueError(f"width {d} is not divisible by num_heads {h}")
+    dh = d // h
+    qkv_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2, 3))
+    proj_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2)
+    qkv_kernel = self.param("qkv_kernel", boxed(qkv_init, ("embed", "qkv", "heads", "head_dim")), (d, 3, h, dh))
+    qkv_bias = self.param("qkv_bias", boxed(_zeros, ("qkv", "heads", "head_dim")), (3, h, dh))
+    proj_kernel = self.param("proj_kernel", boxed(proj_init, ("heads", "head_dim", "embed")), (h, dh, d))
+    proj_bias = self.param("proj_bias", boxed(_zeros, ("embed",)), (d,))
+    dt = self.dtype
+    qkv = jnp.einsum("btd,dshk->sbthk", x.astype(dt), qkv_kernel.astype(dt))
+    qkv = qkv + qkv_bias[:, None, None].astype(dt)
+    out = jax.nn.dot_product_attention(qkv[0], qkv[1], qkv[2], implementation=self.attention_impl)
+    return jnp.einsum("bthk,hkd->btd", out, proj_kernel.astype(dt)) + proj_bias.astype(dt)
+
+
+class Mlp(nn.Module):
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    y = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "fc1")(x)
+    y = nn.gelu(y, approximate=False)  # exact erf GELU, as torch.nn.GELU
+    return dense(x.shape[-1], ("mlp", "embed"), self.dtype, "fc2")(y)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block with per-sample stochastic depth."""
+  num_heads: int
+  mlp_dim: int
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+  attention_impl: str | None = None
+
+  def _drop_path(self, y, train: bool):
+    if not train or self.drop_path == 0.0:
+      return y
+    keep = 1.0 - self.drop_path
+    shape = (y.shape[0],) + (1,) * (y.ndim - 1)
+    alive = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(alive, y / keep, 0).astype(y.dtype)
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    y = Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(layer_norm(self.dtype, "norm1")(x))
+    x = x + self._drop_path(y, train)
+    y = Mlp(self.mlp_dim, self.dtype, name="mlp")(layer_norm(self.dtype, "norm2")(x))
+    return x + self._drop_path(y, train)
+
+
+class Encoder(nn.Module):
+  """`depth` blocks named block_00...; drop-path rate grows linearly to `drop_path_rate`."""
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+  remat: bool = False
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    for i, rate in enumerate(np.linspace(0.0, self.drop_path_rate, self.depth)):
+      x = block(self.num_heads, self.mlp_dim, float(rate), self.dtype, self.attention_impl,
+                name=f"block_{i:02d}")(x, train)
+    return x
+
+
+class ViT(nn.Module):
+  """ViT classifier. images [B, H, W, C] (normalised) -> float32 logits [B, num_classes].
+
+  pool="cls": final LayerNorm ('encoder_norm') then the cls token (SSFER);
+  pool="gap": mean of the patch tokens then 'fc_norm' (MAE fine-tuning; no encoder_norm).
+  num_classes=0 returns the pooled features. head_init: "zeros" or "trunc_normal"
+  (std 2e-5, MAE fine-tuning). attention_impl: see `Attention`.
+  """
+  num_classes: int = 0
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  patch_size: int = 16
+  pool: str = "cls"
+  head_init: str = "trunc_normal"
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+  remat: bool = False
+  attention_impl: str | None = None
+
+  def setup(self):
+    if self.pool not in ("cls", "gap"):
+      raise ValueError(f"pool must be 'cls' or 'gap', got {self.pool!r}")
+    self.embedding = PatchEmbed(self.patch_size, self.width, self.dtype)
+    self.cls = self.param("cls", boxed(nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, self.width))
+    self.encoder = Encoder(self.depth, self.num_heads, self.mlp_dim, self.drop_path_rate, self.dtype, self.remat,
+                           self.attention_impl)
+    if self.pool == "cls":
+      self.encoder_norm = layer_norm(self.dtype)
+    else:
+      self.fc_norm = layer_norm(self.dtype)
+    if self.num_classes:
+      inits = {"zeros": _zeros, "trunc_normal": nn.initializers.truncated_normal(2e-5)}
+      if self.head_init not in inits:
+        raise ValueError(f"head_init must be one of {sorted(inits)}, got {self.head_init!r}")
+      self.head = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+                           kernel_init=boxed(inits[self.head_init], ("embed", "classes")),
+                           bias_init=boxed(_zeros, ("classes",)))
+
+  def encode(self, images, *, train: bool):
+    """All tokens [B, 1+L, D] (cls first); after encoder_norm when pool="cls"."""
+    x = self.embedding(images)
+    p = self.patch_size
+    pos = sincos_pos_embed(self.width, images.shape[1] // p, images.shape[2] // p, cls_token=True)
+    x = prepend_cls(x + pos[1:].astype(x.dtype), self.cls, pos[:1])
+    x = self.encoder(x, train)
+    return self.encoder_norm(x) if self.pool == "cls" else x
+
+  def __call__(self, images, *, train: bool):
+    x = self.encode(images, train=train)
+    if self.pool == "cls":
+      x = x[:, 0]
+    else:
+      x = self.fc_norm(jnp.mean(x[:, 1:].astype(jnp.float32), axis=1).astype(self.dtype))
+    if self.num_classes:
+      x = self.head(x)
+    return x.astype(jnp.float32)
+
+
+def encoder_params_from_mae(mae_params: dict, pool: str = "cls") -> dict:
+  """The subset of an MAE 'params' tree that a ViT's 'params' takes unchanged.
+
+  Merge it over a freshly initialised ViT tree: {**vit_params, **subset}. With
+  pool="gap" MAE's encoder_norm is dropped (its fine-tuning replaces it by fc_norm).
+  """
+  if pool not in ("cls", "gap"):
+    raise ValueError(f"pool must be 'cls' or 'gap', got {pool!r}")
+  keys = ENCODER_KEYS if pool == "cls" else ENCODER_KEYS[:-1]
+  missing = [k for k in keys if k not in mae_params]
+  if missing:
+    raise KeyError(f"MAE params lack {missing}; pass the 'params' collection of an mae.MAE")
+  return {k: mae_params[k] for k in keys}
