@@ -15,6 +15,7 @@ A built dataset directory holds:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Sequence
@@ -130,3 +131,11 @@ def load_split(data_dir: str, split_file: str, names: Sequence[str]) -> np.ndarr
                            f"{os.path.join(data_dir, IDS_FILE)}; the split is stale.")
       out.append(index_of[rid])
   return np.asarray(sorted(out), dtype=np.int64)
+
+
+def manifest_digest(manifest: dict) -> str:
+  """The `manifest_sha256` of a manifest: sha256 of the canonical (sorted-key, compact) JSON
+  of every field but itself, so split files can pin the exact build they were made for."""
+  fields = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+  canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(canonical.encode()).hexdigest()

@@ -1,0 +1,183 @@
+"""`python -m data_prep {build,split}`: the dataset builder's command line (see README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data_prep import build, faces, images, sources, split
+from ssfer_jax.input.records import DatasetError
+
+BUILD_EPILOG = """\
+sources (repeat --source; record ids are "NAME/relative/path"):
+  --source csv CSV [root=IMAGES] [name=NAME] [image_col=image] [label_col=emotion]
+                   [box_cols=x0,y0,x1,y1]
+      one row per image (exact duplicate rows collapse; an image with two labels is
+      skipped). root defaults to the CSV's folder; box_cols are pixel corners, used by
+      --detector dataset.
+  --source folder DIR labels=subdirs|none [name=NAME]
+      subdirs: DIR/CLASS/**/image files; none: any tree of images, all unlabeled.
+  --source tfds DATASET [split=train] [data_dir=DIR] [image_key=image] [name=NAME]
+      a TFDS dataset already prepared in array_record format; unlabeled.
+
+examples:
+  # the shared dataset (mixed-case labels, repeated rows), 112 px, Haar face crops
+  python -m data_prep build --out data/fe112 --size 112 \\
+      --source csv ../shared/datasets/facial_expressions/legend.csv \\
+               root=../shared/datasets/facial_expressions/images
+
+  # pre-aligned faces plus an unlabeled folder, fixed class order, an alias
+  python -m data_prep build --out data/mix --crop none --detector none \\
+      --classes neutral,happiness,sadness --alias happy=happiness \\
+      --source folder raf/train labels=subdirs --source folder webfaces labels=none
+
+  # scale out: one shard per job (any machine), then assemble
+  python -m data_prep build --num-shards 64 --shard-index $I --parts-dir parts/ --source ...
+  python -m data_prep build --finalize --parts-dir parts/ --out data/big
+"""
+
+SPLIT_EPILOG = r"""examples:
+  # 10% of each class labeled, 10% val / 10% test per class, identities kept apart
+  python -m data_prep split --data data/fe112 --name p10 --labeled-fraction 0.1 \
+      --group-by '^(.*)_\d+\.\w+$' --seed 0
+
+  # 25 labels per class, the test set is a whole source
+  python -m data_prep split --data data/mix --name l25 --labels-per-class 25 \
+      --test-source rafdb_test
+"""
+
+
+def _build_parser(sub):
+  p = sub.add_parser(
+      "build", help="raw images -> ArrayRecord shards + manifest.json",
+      description="Decode, detect the face, crop, resize and JPEG-encode every input image into\n"
+      "ArrayRecord shards with ids.txt and manifest.json (classes, counts, preprocessing,\n"
+      "every skipped input with its reason, checksums). OUT appears atomically, complete.",
+      epilog=BUILD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--source", nargs="+", action="append", metavar="WORD",
+                 help="an input source: KIND PATH [KEY=VALUE ...] (repeatable; see below)")
+  p.add_argument("--out", help="the dataset directory to create")
+  d = build.Config()
+  p.add_argument("--size", type=int, default=d.size,
+                 help="stored image side in px (default %(default)s)")
+  p.add_argument("--crop", choices=images.CROPS, default=d.crop,
+                 help="face: square crop around the face box x --margin; none: whole image "
+                 "(pre-aligned data) (default %(default)s)")
+  p.add_argument("--margin", type=float, default=d.margin,
+                 help="crop side / the face box's longer side (default %(default)s)")
+  p.add_argument("--detector", choices=faces.DETECTORS, default=d.detector,
+                 help="haar: OpenCV cascade; yunet: needs --yunet-model; dataset: the CSV's "
+                 "box_cols; none: no detection, full-frame box (default %(default)s)")
+  p.add_argument("--yunet-model", help="path to the YuNet ONNX file (for --detector yunet)")
+  p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="(default %(default)s)")
+  p.add_argument("--min-size", type=int, default=d.min_size,
+                 help="skip images whose shorter side is below this many px (default %(default)s)")
+  p.add_argument("--classes", help="ordered, comma-separated class list; labels outside it are "
+                 "skipped (default: the sorted set of labels seen)")
+  p.add_argument("--alias", action="append", default=[], metavar="FROM=TO",
+                 help="map a label to another after lower-casing (repeatable)")
+  p.add_argument("--num-shards", type=int, default=d.num_shards, help="(default %(default)s)")
+  p.add_argument("--workers", type=int, default=None,
+                 help="processes for the per-image work (default: all CPUs)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+  g = p.add_argument_group("scale-out (see data_prep/README.md)")
+  g.add_argument("--shard-index", type=int,
+                 help="build only this shard, as a part in --parts-dir (needs --num-shards)")
+  g.add_argument("--parts-dir", help="where parts are written (--shard-index) or read (--finalize)")
+  g.add_argument("--finalize", "--merge-parts", action="store_true",
+                 help="assemble all parts of --parts-dir into --out (no --source needed)")
+
+
+def _split_parser(sub):
+  p = sub.add_parser(
+      "split", help="record-id lists (train_labeled/train_unlabeled/val/test) over a build",
+      description="Write DATA/splits/NAME.json: four disjoint record-id lists covering the\n"
+      "build, stratified per class, optionally identity-grouped, seeded. Both fine-tuning\n"
+      "stages read train_labeled from this one file.",
+      epilog=SPLIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--data", required=True, help="a built dataset directory")
+  p.add_argument("--name", required=True, help="split name: writes DATA/splits/NAME.json")
+  how = p.add_mutually_exclusive_group(required=True)
+  how.add_argument("--labeled-fraction", type=float,
+                   help="per class max(1, round(p * n_c)) of the training pool is labeled")
+  how.add_argument("--labels-per-class", type=int, help="N labeled per class (or all it has)")
+  how.add_argument("--labels-total", type=int,
+                   help="N labeled in total, proportional per class, at least 1 each")
+  p.add_argument("--val-fraction", type=float, default=0.1, help="per class (default %(default)s)")
+  test = p.add_mutually_exclusive_group()
+  test.add_argument("--test-fraction", type=float, help="per class (default 0.1)")
+  test.add_argument("--test-source", help="every labeled record of this source is test")
+  p.add_argument("--group-by", metavar="REGEX",
+                 help="capture group 1 on the file's basename is the identity; an identity "
+                 "never spans two lists (non-matching files are their own group)")
+  p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing split NAME")
+
+
+def _run_build(args) -> str:
+  if args.finalize:
+    if args.source or not (args.parts_dir and args.out):
+      raise ValueError("--finalize takes --parts-dir and --out, and no --source")
+    manifest = build.finalize(args.parts_dir, args.out, overwrite=args.overwrite)
+    return f"built {args.out} from {args.parts_dir}\n" + build.summary(manifest)
+  if not args.source:
+    raise ValueError("give at least one --source (see --help)")
+  cfg = build.Config(
+      size=args.size, crop=args.crop, margin=args.margin, detector=args.detector,
+      yunet_model=args.yunet_model, jpeg_quality=args.jpeg_quality, min_size=args.min_size,
+      classes=tuple(c for c in args.classes.split(",") if c.strip()) if args.classes else None,
+      aliases=tuple(_alias(a) for a in args.alias), num_shards=args.num_shards)
+  srcs = [sources.parse(tokens) for tokens in args.source]
+  if args.shard_index is not None:
+    if not args.parts_dir or args.out:
+      raise ValueError("--shard-index writes a part into --parts-dir (no --out); assemble the "
+                       "parts later with --finalize --parts-dir DIR --out OUT")
+    part = build.build_part(srcs, args.parts_dir, args.shard_index, cfg, workers=args.workers,
+                            progress=not args.no_progress)
+    return (f"part {args.shard_index} of {cfg.num_shards}: {part['num_records']} records, "
+            f"{len(part['skipped'])} skipped, in {args.parts_dir}")
+  if not args.out:
+    raise ValueError("give --out DIR (or --shard-index with --parts-dir)")
+  manifest = build.build(srcs, args.out, cfg, workers=args.workers, overwrite=args.overwrite,
+                         progress=not args.no_progress)
+  return f"built {args.out}\n" + build.summary(manifest)
+
+
+def _alias(text: str) -> tuple[str, str]:
+  a, eq, b = text.partition("=")
+  if not (eq and a.strip() and b.strip()):
+    raise ValueError(f"--alias {text!r}: want FROM=TO, e.g. --alias happy=happiness")
+  return a, b
+
+
+def _run_split(args) -> str:
+  opts = split.Options(labeled_fraction=args.labeled_fraction,
+                       labels_per_class=args.labels_per_class, labels_total=args.labels_total,
+                       val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                       test_source=args.test_source, group_by=args.group_by, seed=args.seed)
+  result = split.split(args.data, args.name, opts, overwrite=args.overwrite)
+  return f"wrote {args.data}/splits/{args.name}.json\n" + split.table(result)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(
+      prog="python -m data_prep",
+      description="Build SSFER-JAX datasets: `build` turns raw face images into ArrayRecord "
+      "shards; `split` writes labeled/unlabeled/val/test record lists over a build. "
+      "`python -m data_prep build --help` for details.")
+  sub = ap.add_subparsers(dest="command", required=True)
+  _build_parser(sub)
+  _split_parser(sub)
+  args = ap.parse_args(argv)
+  try:
+    report = _run_build(args) if args.command == "build" else _run_split(args)
+  except (DatasetError, ValueError, FileExistsError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(report, file=sys.stderr if args.command == "build" else sys.stdout)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,150 @@
+"""Pixel work of the builder: encoded bytes -> 8-bit image -> stored frame -> JPEG.
+
+Decoding uses IMREAD_UNCHANGED so we see what a file really holds (grey, alpha, 16 bit)
+and convert it ourselves; that flag also skips EXIF orientation, so we apply it by hand.
+Grey images stay 1-channel (smaller JPEGs; readers decode with a colour flag).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import cv2
+import numpy as np
+
+# Padding outside the image and the background under transparent pixels: one value, so
+# a model sees a single "no image here" colour. Black, because replicated borders smear
+# skin texture into stripes that look like face.
+PAD_VALUE = 0
+CROPS = ("face", "none")
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+class ImageError(ValueError):
+  """An input that cannot become a record; the message is the skip reason."""
+
+
+def decode(data: bytes) -> np.ndarray:
+  """Encoded file bytes -> uint8 HxW (grey) or HxWx3 (BGR), upright."""
+  if not data:
+    raise ImageError("empty file (0 bytes)")
+  image, types, meta = cv2.imdecodeWithMetadata(np.frombuffer(data, np.uint8),
+                                                flags=cv2.IMREAD_UNCHANGED)
+  if image is None or image.size == 0:
+    raise ImageError("not a decodable image (corrupt, truncated, or not an image file)")
+  orientation = 1
+  for kind, blob in zip(types, meta):
+    if kind == cv2.IMAGE_METADATA_EXIF:
+      orientation = exif_orientation(np.asarray(blob).tobytes())
+  return orient(to_uint8(image), orientation)
+
+
+def from_array(array: np.ndarray) -> np.ndarray:
+  """An RGB(A)/grey array (as TFDS decodes images) -> the same form `decode` returns."""
+  if array.ndim == 3 and array.shape[2] in (3, 4):
+    array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR if array.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
+  return to_uint8(array)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+  """16 bit -> 8 bit (full range scaled), alpha composited over PAD_VALUE."""
+  if image.dtype == np.uint16:
+    image = np.round(image.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
+  elif image.dtype != np.uint8:
+    raise ImageError(f"unsupported pixel type {image.dtype} (want 8 or 16 bit)")
+  if image.ndim == 3 and image.shape[2] == 1:
+    image = image[:, :, 0]
+  if image.ndim == 3 and image.shape[2] == 4:
+    alpha = image[:, :, 3:].astype(np.float32) / 255.0
+    image = np.round(image[:, :, :3] * alpha + PAD_VALUE * (1.0 - alpha)).astype(np.uint8)
+  if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+    raise ImageError(f"unsupported channel layout {image.shape}")
+  return np.ascontiguousarray(image)
+
+
+def exif_orientation(exif: bytes) -> int:
+  """The TIFF orientation tag (1..8) of an EXIF block; 1 when absent or unreadable."""
+  if exif.startswith(b"Exif\0\0"):
+    exif = exif[6:]
+  if exif[:2] not in (b"II", b"MM"):
+    return 1
+  order = "<" if exif[:2] == b"II" else ">"
+  try:
+    (ifd,) = struct.unpack_from(order + "I", exif, 4)
+    (count,) = struct.unpack_from(order + "H", exif, ifd)
+    for k in range(count):
+      tag, _, _, value = struct.unpack_from(order + "HHIH", exif, ifd + 2 + 12 * k)
+      if tag == _EXIF_ORIENTATION_TAG:
+        return value if 1 <= value <= 8 else 1
+  except struct.error:
+    pass
+  return 1
+
+
+def orient(image: np.ndarray, orientation: int) -> np.ndarray:
+  """Applies an EXIF orientation the way OpenCV's own reader does."""
+  if orientation >= 5:
+    image = cv2.transpose(image)
+  flip = {2: 1, 3: -1, 4: 0, 6: 1, 7: -1, 8: 0}.get(orientation)
+  return image if flip is None else cv2.flip(image, flip)
+
+
+def frame(image: np.ndarray, box: tuple[float, float, float, float] | None, crop: str,
+          margin: float, size: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+  """The stored size x size image and the face box normalised to it.
+
+  `box` is the face in pixels (x0, y0, x1, y1) or None (no face: the whole image is the box).
+  crop "face": a square of side margin x the box's longer side, centred on the box, padded
+  with PAD_VALUE past the borders (without a face: the image padded to a square).
+  crop "none": the whole image resized to a square (for pre-aligned datasets).
+  """
+  h, w = image.shape[:2]
+  face = (0.0, 0.0, float(w), float(h)) if box is None else box
+  if crop == "none":
+    x0, y0, x1, y1 = face
+    return resize(image, size), _clip01((x0 / w, y0 / h, x1 / w, y1 / h))
+  if crop != "face":
+    raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+  side, left, top = square(face, 1.0 if box is None else margin)
+  x0, y0, x1, y1 = face
+  norm = ((x0 - left) / side, (y0 - top) / side, (x1 - left) / side, (y1 - top) / side)
+  return resize(padded_crop(image, left, top, side), size), _clip01(norm)
+
+
+def square(box: tuple[float, float, float, float], margin: float) -> tuple[int, int, int]:
+  """(side, left, top) in whole pixels of the square crop around `box`."""
+  x0, y0, x1, y1 = box
+  side = max(1, int(round(margin * max(x1 - x0, y1 - y0))))
+  return side, int(round((x0 + x1 - side) / 2)), int(round((y0 + y1 - side) / 2))
+
+
+def padded_crop(image: np.ndarray, left: int, top: int, side: int) -> np.ndarray:
+  """The side x side window at (left, top), PAD_VALUE where it leaves the image."""
+  h, w = image.shape[:2]
+  y0, y1 = min(h, max(0, top)), max(0, min(h, top + side))
+  x0, x1 = min(w, max(0, left)), max(0, min(w, left + side))
+  if y1 <= y0 or x1 <= x0:
+    return np.full((side, side) + image.shape[2:], PAD_VALUE, image.dtype)
+  return cv2.copyMakeBorder(image[y0:y1, x0:x1], y0 - top, top + side - y1, x0 - left,
+                            left + side - x1, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 4)
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+  """To size x size: INTER_AREA when shrinking both sides (no aliasing), cubic otherwise."""
+  h, w = image.shape[:2]
+  if (h, w) == (size, size):
+    return image
+  shrink = size <= h and size <= w
+  return cv2.resize(image, (size, size),
+                    interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+
+
+def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+  ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+  if not ok:
+    raise ImageError(f"JPEG encoding failed for an image of shape {image.shape}")
+  return buf.tobytes()
+
+
+def _clip01(box) -> tuple[float, float, float, float]:
+  return tuple(float(min(1.0, max(0.0, v))) for v in box)

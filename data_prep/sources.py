@@ -1,0 +1,265 @@
+"""Input readers: each source lists its images as `Item`s, one per unique image.
+
+Listing is cheap and deterministic (no pixels are read), so every machine of a
+scaled-out build lists every source and agrees on the global input order. Problems that
+are visible from the listing (conflicting labels, missing files, bad box values) become
+the item's `skip` reason here; pixel problems are found later by the builder.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import hashlib
+import os
+import posixpath
+
+from ssfer_jax.input.records import DatasetError
+
+Box = tuple[float, float, float, float]
+KINDS = ("csv", "folder", "tfds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  id: str                  # "{source}/{relative/path}", stable across rebuilds
+  source: str
+  path: str                # the file read (for tfds: "NAME/SPLIT/INDEX", informational)
+  label: str | None        # normalised class name; None = unlabeled
+  box: Box | None = None   # the dataset's own face box, pixels of the decoded image
+  tfds_index: int | None = None
+  rows: int = 1            # CSV rows collapsed into this item (exact duplicates)
+  skip: str | None = None  # skip reason found while listing
+
+
+def normalise_label(raw: str, aliases: dict[str, str]) -> str:
+  """Strip, lower-case, then map through the aliases (`happy` -> `happiness`)."""
+  label = raw.strip().lower()
+  return aliases.get(label, label)
+
+
+def sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _item(source: str, rel: str, **kw) -> Item:
+  rid = f"{source}/{rel}"
+  if "\n" in rid or "\r" in rid:
+    kw["skip"] = "bad file name: contains a line break (record ids are one per line in ids.txt)"
+    rid = rid.replace("\n", "\\n").replace("\r", "\\r")
+  return Item(id=rid, source=source, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class CsvSource:
+  """A CSV of image path + label (+ optional box columns); paths relative to `root`."""
+  name: str
+  path: str
+  root: str | None = None      # default: the CSV's folder
+  image_col: str = "image"
+  label_col: str = "emotion"
+  box_cols: tuple[str, str, str, str] | None = None
+
+  kind = "csv"
+
+  @property
+  def image_root(self) -> str:
+    return self.root if self.root is not None else os.path.dirname(os.path.abspath(self.path))
+
+  def spec(self) -> dict:
+    return {"kind": self.kind, "path": self.path, "root": self.image_root,
+            "image_col": self.image_col, "label_col": self.label_col,
+            "box_cols": list(self.box_cols) if self.box_cols else None,
+            "csv_sha256": sha256_file(self.path)}
+
+  def items(self, aliases: dict[str, str]) -> list[Item]:
+    rows = self._rows()
+    by_image = collections.defaultdict(list)
+    for line, row in rows:
+      rel = posixpath.normpath((row[self.image_col] or "").strip().replace("\\", "/")).lstrip("/")
+      label = normalise_label(row[self.label_col] or "", aliases)
+      by_image[rel].append((line, label, self._box(row)))
+    out = [self._one(rel, entries) for rel, entries in by_image.items()]
+    if out and all(it.skip and it.skip.startswith("missing file") for it in out):
+      raise DatasetError(
+          f"{self.path}: none of the {len(out)} images named in column {self.image_col!r} exists "
+          f"under root {self.image_root!r}; give the images folder with root=PATH in --source.")
+    return out
+
+  def _rows(self) -> list[tuple[int, dict]]:
+    with open(self.path, newline="", encoding="utf-8-sig") as f:
+      reader = csv.DictReader(f)
+      columns = reader.fieldnames or []
+      wanted = [("image_col", self.image_col), ("label_col", self.label_col)] + [
+          ("box_cols", c) for c in self.box_cols or ()]
+      for option, col in wanted:
+        if col not in columns:
+          raise DatasetError(
+              f"{self.path}: column {col!r} not found (the CSV has columns {columns}); name the "
+              f"right column with {option}=... in --source csv {self.path} ...")
+      return [(reader.line_num, row) for row in reader]
+
+  def _box(self, row: dict) -> Box | str | None:
+    """The row's box, None without box columns, or a string saying what is wrong."""
+    if not self.box_cols:
+      return None
+    try:
+      box = tuple(float(row[c]) for c in self.box_cols)
+    except (TypeError, ValueError):
+      return f"bad box: non-numeric value in columns {list(self.box_cols)}"
+    if not (box[2] > box[0] and box[3] > box[1]):
+      return f"bad box: {box} is not x0 < x1, y0 < y1 (pixel corners of the original image)"
+    return box
+
+  def _one(self, rel: str, entries: list[tuple[int, str, Box | str | None]]) -> Item:
+    lines = ", ".join(str(line) for line, _, _ in entries)
+    labels = sorted({label for _, label, _ in entries})
+    boxes = {box for _, _, box in entries}
+    kw = dict(path=os.path.join(self.image_root, rel), rows=len(entries), label=labels[0],
+              box=next(iter(boxes)))
+    if len(labels) > 1:
+      lines_of = {label: ", ".join(str(n) for n, lab, _ in entries if lab == label)
+                  for label in labels}
+      detail = "; ".join(f"{label!r} (CSV line {lines_of[label]})" for label in labels)
+      kw["skip"] = f"conflicting labels: {detail}"
+    elif not labels[0]:
+      kw["skip"] = f"empty label in column {self.label_col!r} (CSV line {lines})"
+    elif len(boxes) > 1:
+      kw["skip"] = f"conflicting boxes for one image (CSV lines {lines})"
+    elif isinstance(kw["box"], str):
+      kw["skip"] = f"{kw['box']} (CSV line {lines})"
+    elif not os.path.isfile(kw["path"]):
+      kw["skip"] = f"missing file: {kw['path']} (named on CSV line {lines}) does not exist"
+    if isinstance(kw["box"], str):
+      kw["box"] = None
+    return _item(self.name, rel, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderSource:
+  """A tree of images: `labels="subdirs"` takes the class from the first folder level,
+  `labels="none"` makes every file unlabeled. Hidden files and folders are ignored."""
+  name: str
+  path: str
+  labels: str
+
+  kind = "folder"
+
+  def spec(self) -> dict:
+    return {"kind": self.kind, "path": self.path, "labels": self.labels}
+
+  def items(self, aliases: dict[str, str]) -> list[Item]:
+    if self.labels not in ("subdirs", "none"):
+      raise DatasetError(f"--source folder {self.path}: labels={self.labels!r}; say labels=subdirs "
+                         "(class sub-folders) or labels=none (unlabeled tree).")
+    if not os.path.isdir(self.path):
+      raise DatasetError(f"--source folder {self.path}: not a directory; give the images folder.")
+    out = []
+    for dirpath, dirnames, filenames in os.walk(self.path):
+      dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+      for fn in sorted(f for f in filenames if not f.startswith(".")):
+        full = os.path.join(dirpath, fn)
+        rel = os.path.relpath(full, self.path).replace(os.sep, "/")
+        parts = rel.split("/")
+        if self.labels == "none":
+          out.append(_item(self.name, rel, path=full, label=None))
+        elif len(parts) == 1:
+          out.append(_item(self.name, rel, path=full, label=None,
+                           skip="not in a class sub-folder (labels=subdirs reads the class from "
+                           "the first folder level)"))
+        else:
+          out.append(_item(self.name, rel, path=full, label=normalise_label(parts[0], aliases)))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSource:
+  """A TFDS dataset already prepared in array_record format, read without TensorFlow
+  through `tfds.data_source`; unlabeled. Ids are "{name}/{split}/{index:09d}"."""
+  name: str
+  dataset: str
+  split: str = "train"
+  data_dir: str | None = None
+  image_key: str = "image"
+
+  kind = "tfds"
+
+  def spec(self) -> dict:
+    return {"kind": self.kind, "dataset": self.dataset, "split": self.split,
+            "data_dir": self.data_dir, "image_key": self.image_key}
+
+  def open(self):
+    import tensorflow_datasets as tfds  # here, not at the top: a slow import few builds need
+    try:
+      return tfds.data_source(self.dataset, split=self.split, data_dir=self.data_dir)
+    except Exception as e:  # tfds raises many types for "not prepared"/"not array_record"
+      raise DatasetError(
+          f"--source tfds {self.dataset}: cannot open split {self.split!r} under data_dir "
+          f"{self.data_dir!r} ({type(e).__name__}: {e}); prepare it first with "
+          "file_format='array_record', and give data_dir=... .") from e
+
+  def items(self, aliases: dict[str, str]) -> list[Item]:
+    del aliases
+    n = len(self.open())
+    return [_item(self.name, f"{self.split}/{i:09d}", path=f"{self.dataset}/{self.split}/{i}",
+                  label=None, tfds_index=i) for i in range(n)]
+
+
+Source = CsvSource | FolderSource | TfdsSource
+
+
+def parse(tokens: list[str]) -> Source:
+  """`KIND PATH [key=value ...]` from the command line -> a source.
+
+  csv PATH [name= root= image_col= label_col= box_cols=x0,y0,x1,y1]
+  folder PATH labels=subdirs|none [name=]
+  tfds DATASET [name= split= data_dir= image_key=]
+  """
+  usage = ("--source KIND PATH [key=value ...], KIND one of csv, folder, tfds; "
+           "see `python -m data_prep build --help`")
+  if len(tokens) < 2 or tokens[0] not in KINDS:
+    raise DatasetError(f"--source {' '.join(tokens)}: expected {usage}.")
+  kind, path, opts = tokens[0], tokens[1], {}
+  for tok in tokens[2:]:
+    key, eq, value = tok.partition("=")
+    if not eq:
+      raise DatasetError(f"--source {' '.join(tokens)}: {tok!r} is not key=value; {usage}.")
+    opts[key] = value
+  name = opts.pop("name", None) or _default_name(kind, path)
+  if not name or "/" in name:
+    raise DatasetError(f"--source {' '.join(tokens)}: source name {name!r} must be non-empty "
+                       "without '/'; set name=...")
+  fields = {f.name for f in dataclasses.fields(
+      {"csv": CsvSource, "folder": FolderSource, "tfds": TfdsSource}[kind])} - {"name", "path",
+                                                                              "dataset"}
+  unknown = sorted(set(opts) - fields)
+  if unknown:
+    raise DatasetError(f"--source {' '.join(tokens)}: unknown option(s) {unknown}; "
+                       f"{kind} takes {sorted(fields | {'name'})}.")
+  if kind == "csv":
+    if "box_cols" in opts:
+      cols = tuple(c.strip() for c in opts["box_cols"].split(","))
+      if len(cols) != 4:
+        raise DatasetError(f"--source {' '.join(tokens)}: box_cols needs 4 columns "
+                           "x0,y0,x1,y1 (pixel corners), got {cols}.")
+      opts["box_cols"] = cols
+    return CsvSource(name=name, path=path, **opts)
+  if kind == "folder":
+    if "labels" not in opts:
+      raise DatasetError(f"--source {' '.join(tokens)}: say labels=subdirs (class sub-folders) or "
+                         "labels=none (an unlabeled tree of images).")
+    return FolderSource(name=name, path=path, **opts)
+  return TfdsSource(name=name, dataset=path, **opts)
+
+
+def _default_name(kind: str, path: str) -> str:
+  if kind == "csv":
+    return os.path.basename(os.path.dirname(os.path.abspath(path)))
+  if kind == "folder":
+    return os.path.basename(os.path.abspath(path))
+  return path.split("/")[0].split(":")[0]

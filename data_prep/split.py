@@ -1,0 +1,261 @@
+"""`python -m data_prep split`: record-id lists over one build, written once, read by every stage.
+
+Both fine-tuning stages read train_labeled from the same file, so the labeled subset is
+fixed per split name (the published SSFER code re-draws it per stage; we do not).
+Lists are chosen per class (stratified) and, with `group_by`, whole identities at a time,
+so one person never appears in two lists. Same build + same options = identical file.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+
+from array_record.python.array_record_module import ArrayRecordReader
+
+from data_prep.build import UNLABELED_KEY
+from ssfer_jax.input import records
+from ssfer_jax.input.records import DatasetError
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """One of labeled_fraction / labels_per_class / labels_total picks train_labeled; val and
+  test are per-class fractions of the labeled records, or test is a whole source."""
+  labeled_fraction: float | None = None
+  labels_per_class: int | None = None
+  labels_total: int | None = None
+  val_fraction: float = 0.1
+  test_fraction: float | None = None  # default 0.1, or 0 with test_source
+  test_source: str | None = None
+  group_by: str | None = None         # regex on the basename; group 1 is the identity
+  seed: int = 0
+
+  def check(self):
+    picked = [n for n in ("labeled_fraction", "labels_per_class", "labels_total")
+              if getattr(self, n) is not None]
+    if len(picked) != 1:
+      raise ValueError("give exactly one of --labeled-fraction, --labels-per-class, "
+                       f"--labels-total (got {picked or 'none'})")
+    if self.labeled_fraction is not None and not 0 < self.labeled_fraction <= 1:
+      raise ValueError(f"--labeled-fraction {self.labeled_fraction}: want 0 < p <= 1")
+    for n in ("labels_per_class", "labels_total"):
+      if getattr(self, n) is not None and getattr(self, n) < 1:
+        raise ValueError(f"--{n.replace('_', '-')} {getattr(self, n)}: want >= 1")
+    if self.test_source is not None and self.test_fraction:
+      raise ValueError("--test-source and --test-fraction exclude each other")
+    if min(self.val_fraction, self.test_frac) < 0 or self.val_fraction + self.test_frac >= 1:
+      raise ValueError(f"--val-fraction {self.val_fraction} + --test-fraction {self.test_frac} "
+                       "must each be >= 0 and sum to less than 1")
+    if self.group_by is not None:
+      try:
+        if re.compile(self.group_by).groups < 1:
+          raise ValueError(f"--group-by {self.group_by!r}: needs a capture group, e.g. "
+                           r"'^(.*)_\d+\.\w+$'")
+      except re.error as e:
+        raise ValueError(f"--group-by {self.group_by!r}: not a regular expression ({e})") from e
+
+  @property
+  def test_frac(self) -> float:
+    if self.test_fraction is not None:
+      return self.test_fraction
+    return 0.0 if self.test_source is not None else 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordInfo:
+  id: str
+  label: int
+  source: str
+
+
+def read_records(data_dir: str) -> list[RecordInfo]:
+  """(id, label, source) of every record in global order; checks ids.txt against the shards."""
+  manifest = records.load_manifest(data_dir)
+  out = []
+  for path in records.shard_paths(data_dir, manifest):
+    reader = ArrayRecordReader(path)
+    n = reader.num_records()
+    for lo in range(0, n, 1024):
+      for raw in reader.read(list(range(lo, min(n, lo + 1024)))):
+        d = records.decode(raw)
+        out.append(RecordInfo(d["id"], d["label"], d["source"]))
+    reader.close()
+  if [r.id for r in out] != records.load_ids(data_dir):
+    raise DatasetError(f"{os.path.join(data_dir, records.IDS_FILE)} does not match the shards; "
+                       "rebuild the dataset with `python -m data_prep build`.")
+  return out
+
+
+def split(data_dir: str, name: str, opts: Options, *, overwrite: bool = False) -> dict:
+  """Writes DATA_DIR/splits/NAME.json and returns its content."""
+  opts.check()
+  if not name or os.sep in name or name.startswith("."):
+    raise ValueError(f"split name {name!r}: want a plain file name such as 'p10_seed0'")
+  path = os.path.join(data_dir, records.SPLITS_DIR, name + ".json")
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"{path} exists; pass --overwrite to replace it, or choose another "
+                          "--name (training runs may depend on this one).")
+  manifest = records.load_manifest(data_dir)
+  recs = read_records(data_dir)
+  if opts.test_source is not None and opts.test_source not in manifest["sources"]:
+    raise ValueError(f"--test-source {opts.test_source!r}: the build has sources "
+                     f"{sorted(manifest['sources'])}")
+  lists = assign(recs, opts)
+  names = manifest["classes"] + [UNLABELED_KEY]  # label -1 indexes the last entry
+  label_of = {r.id: r.label for r in recs}
+  counts = {ln: dict.fromkeys(names, 0) for ln in lists}
+  for ln, ids in lists.items():
+    for i in ids:
+      counts[ln][names[label_of[i]]] += 1
+  result = {"manifest_sha256": manifest["manifest_sha256"], "name": name,
+            "options": dict(dataclasses.asdict(opts), test_fraction=opts.test_frac),
+            "lists": lists, "counts": counts}
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.partial-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=1, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+  return result
+
+
+def assign(recs: list[RecordInfo], opts: Options) -> dict[str, list[str]]:
+  """The four disjoint lists (ids in global record order) that together cover `recs`."""
+  rng = random.Random(opts.seed)
+  group_of = _grouper(opts.group_by)
+  where = {r.id: "train_unlabeled" for r in recs if r.label == records.UNLABELED}
+  # Identities already committed to a list pull their labeled records along: those of the
+  # test source into test, those seen unlabeled into train_unlabeled (without group_by
+  # every record is its own identity, so this only moves the test source's records).
+  test_groups = {group_of(r) for r in recs if r.source == opts.test_source and
+                 r.label != records.UNLABELED}
+  unlabeled_groups = {group_of(r) for r in recs if r.label == records.UNLABELED}
+  labeled = []
+  for r in recs:
+    if r.label == records.UNLABELED:
+      continue
+    g = group_of(r)
+    if g in test_groups or g in unlabeled_groups:
+      where[r.id] = "test" if g in test_groups else "train_unlabeled"
+    else:
+      labeled.append(r)
+  held = {"test": opts.test_frac if opts.test_source is None else 0.0, "val": opts.val_fraction}
+  per_class = collections.Counter(r.label for r in labeled)
+  targets = {ln: {c: round(f * n) for c, n in per_class.items()} for ln, f in held.items()}
+  pool = _fill(_groups(labeled, group_of), targets, "train", rng, where)
+  pool_counts = collections.Counter(r.label for r in pool)
+  _fill(_groups(pool, group_of), {"train_labeled": labeled_targets(pool_counts, opts)},
+        "train_unlabeled", rng, where)
+  lists = {ln: [] for ln in records.SPLIT_NAMES}
+  for r in recs:
+    lists[where[r.id]].append(r.id)
+  return lists
+
+
+def labeled_targets(counts: dict[int, int], opts: Options) -> dict[int, int]:
+  """How many labeled training records each class gets."""
+  if opts.labeled_fraction is not None:
+    return {c: max(1, round(opts.labeled_fraction * n)) for c, n in counts.items()}
+  if opts.labels_per_class is not None:
+    return {c: min(opts.labels_per_class, n) for c, n in counts.items()}
+  return proportional(counts, opts.labels_total)
+
+
+def proportional(counts: dict[int, int], total: int) -> dict[int, int]:
+  """`total` split over classes in proportion to `counts`, at least 1 each, summing exactly
+  to `total` (largest remainders; ties to the lower class index)."""
+  classes = sorted(c for c, n in counts.items() if n > 0)
+  n = sum(counts[c] for c in classes)
+  if not len(classes) <= total <= n:
+    raise ValueError(f"--labels-total {total}: want between {len(classes)} (one per class) and "
+                     f"{n} (the labeled training pool)")
+  quota = {c: total * counts[c] / n for c in classes}
+  alloc = {c: min(counts[c], max(1, math.floor(quota[c]))) for c in classes}
+  while sum(alloc.values()) < total:
+    c = max((c for c in classes if alloc[c] < counts[c]), key=lambda c: (quota[c] - alloc[c], -c))
+    alloc[c] += 1
+  while sum(alloc.values()) > total:
+    c = max((c for c in classes if alloc[c] > 1), key=lambda c: (alloc[c] - quota[c], -c))
+    alloc[c] -= 1
+  return alloc
+
+
+def _grouper(pattern: str | None):
+  regex = re.compile(pattern) if pattern else None
+
+  def group_of(rec: RecordInfo) -> str:
+    if regex is None:
+      return rec.id
+    m = regex.search(rec.id.rsplit("/", 1)[-1])
+    return f"group:{m.group(1)}" if m else rec.id
+  return group_of
+
+
+def _groups(recs: list[RecordInfo], group_of) -> dict[str, list[RecordInfo]]:
+  groups = collections.defaultdict(list)
+  for r in recs:
+    groups[group_of(r)].append(r)
+  return groups
+
+
+def _fill(groups: dict[str, list[RecordInfo]], targets: dict[str, dict[int, int]], rest: str,
+          rng: random.Random, where: dict[str, str]) -> list[RecordInfo]:
+  """Assigns whole groups, in seeded random order, to the first list (in `targets` order)
+  they fit in without exceeding any class target; the rest go to `rest` (and are returned).
+
+  Single-record groups hit every target exactly; with identities, a class whose target no
+  group fits gets the group that overshoots the targets least, so no list that wants a class
+  lacks it.
+  """
+  order = sorted(groups)
+  rng.shuffle(order)
+  need = {ln: dict(t) for ln, t in targets.items()}
+  placed = {}
+  for g in order:
+    count = collections.Counter(r.label for r in groups[g])
+    for ln, want in need.items():
+      if all(want.get(c, 0) >= k for c, k in count.items()):
+        placed[g] = ln
+        for c, k in count.items():
+          want[c] -= k
+        break
+  for ln, want in need.items():
+    for c in sorted(c for c, k in want.items() if k > 0 and k == targets[ln][c]):
+      spare = [g for g in order if g not in placed and any(r.label == c for r in groups[g])]
+      if spare:
+        g = min(spare, key=lambda g: (_overshoot(groups[g], want), len(groups[g])))
+        placed[g] = ln
+        for r in groups[g]:
+          want[r.label] = want.get(r.label, 0) - 1
+  rest_recs = []
+  for g in order:
+    ln = placed.get(g, rest)
+    where.update((r.id, ln) for r in groups[g])
+    if ln == rest:
+      rest_recs.extend(groups[g])
+  return sorted(rest_recs, key=lambda r: r.id)
+
+
+def _overshoot(group: list[RecordInfo], want: dict[int, int]) -> int:
+  count = collections.Counter(r.label for r in group)
+  return sum(max(0, k - want.get(c, 0)) for c, k in count.items())
+
+
+def table(result: dict) -> str:
+  """The per-list, per-class count table printed after a split."""
+  counts = result["counts"]
+  cols = list(next(iter(counts.values())))
+  width = max(8, *(len(c) for c in cols))
+  head = f"{'list':16s}" + "".join(f"{c:>{width + 1}s}" for c in cols) + f"{'total':>{width + 1}s}"
+  lines = [head]
+  for ln in records.SPLIT_NAMES:
+    row = counts[ln]
+    lines.append(f"{ln:16s}" + "".join(f"{row[c]:>{width + 1}d}" for c in cols)
+                 + f"{sum(row.values()):>{width + 1}d}")
+  return "\n".join(lines)
