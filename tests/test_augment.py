@@ -1,0 +1,156 @@
+"""Host-side transforms: decoding real JPEGs, the crop sampler, and exact box bookkeeping."""
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ssfer_jax.input import augment
+
+
+def _demo_jpeg(demo_data_dir, grey: bool) -> bytes:
+  for path in sorted((demo_data_dir / "images").iterdir()):
+    if (cv2.imread(str(path), cv2.IMREAD_UNCHANGED).ndim == 2) == grey:
+      return path.read_bytes()
+  pytest.fail(f"no {'grey' if grey else 'colour'} JPEG in {demo_data_dir}/images")
+
+
+def test_decode_grey_jpeg_gives_three_equal_channels(demo_data_dir):
+  image = augment.decode(_demo_jpeg(demo_data_dir, grey=True))
+  assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+  assert np.array_equal(image[..., 0], image[..., 1])
+  assert np.array_equal(image[..., 0], image[..., 2])
+
+
+def test_decode_colour_jpeg_is_rgb(demo_data_dir):
+  jpeg = _demo_jpeg(demo_data_dir, grey=False)
+  image = augment.decode(jpeg)
+  bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+  assert image.dtype == np.uint8 and image.shape == bgr.shape
+  assert np.array_equal(image, bgr[..., ::-1])
+  assert not np.array_equal(image[..., 0], image[..., 2])
+
+
+@pytest.mark.parametrize("grey", [True, False])
+@pytest.mark.parametrize("progressive", [False, True])
+def test_decode_matches_opencv_rgb_decode(demo_data_dir, grey, progressive):
+  jpeg = _demo_jpeg(demo_data_dir, grey)
+  if progressive:  # a different frame header (SOF2)
+    pixels = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_UNCHANGED)
+    jpeg = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+  expected = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR_RGB)
+  np.testing.assert_array_equal(augment.decode(jpeg), expected)
+  native = augment.decode(jpeg, rgb=False)
+  assert native.ndim == (2 if grey else 3)
+  np.testing.assert_array_equal(augment.to_rgb(native), expected)
+
+
+def test_decode_rejects_non_jpeg_bytes():
+  with pytest.raises(ValueError, match="cannot decode image"):
+    augment.decode(b"not a jpeg at all")
+
+
+# A box with integer pixel edges in an image, a crop window inside it, a flip and an output size.
+@st.composite
+def _scenes(draw):
+  height, width = draw(st.integers(4, 48)), draw(st.integers(4, 48))
+  bx0, bx1 = sorted(draw(st.lists(st.integers(0, width), min_size=2, max_size=2, unique=True)))
+  by0, by1 = sorted(draw(st.lists(st.integers(0, height), min_size=2, max_size=2, unique=True)))
+  h, w = draw(st.integers(1, height)), draw(st.integers(1, width))
+  window = augment.Window(draw(st.integers(0, height - h)), draw(st.integers(0, width - w)), h, w)
+  return (height, width, (bx0, by0, bx1, by1), window, draw(st.booleans()),
+          draw(st.integers(4, 48)), draw(st.sampled_from([(), (3,)])))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_scenes())
+def test_box_follows_crop_flip_resize_of_a_rendered_mask(scene):
+  height, width, (bx0, by0, bx1, by1), window, flip, size, channels = scene
+  mask = np.zeros((height, width, *channels), np.uint8)  # grey or RGB
+  mask[by0:by1, bx0:bx1] = 255
+  box = (bx0 / width, by0 / height, bx1 / width, by1 / height)
+  # Nearest sampling at pixel centres, so the mask's extent is exact up to half a pixel.
+  out, out_box = augment.crop_flip_resize(mask, box, window, flip, size,
+                                          interpolation=cv2.INTER_NEAREST_EXACT)
+  assert out.shape == (size, size, *channels)
+  ys, xs = np.nonzero(out.reshape(size, size, -1)[..., 0])
+  if not len(xs):  # the box left the window, or is thinner than an output pixel
+    assert (out_box[2] - out_box[0]) * size <= 1 or (out_box[3] - out_box[1]) * size <= 1
+    return
+  seen = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) / size
+  np.testing.assert_allclose(out_box, seen, atol=1 / size + 1e-6)
+
+
+@st.composite
+def _boxes(draw):
+  coord = st.floats(-0.5, 1.5, allow_nan=False)
+  x0, x1 = sorted([draw(coord), draw(coord)])
+  y0, y1 = sorted([draw(coord), draw(coord)])
+  return (x0, y0, x1, y1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_boxes(), _scenes())
+def test_box_invariants(box, scene):
+  height, width, _, window, flip, _, _ = scene
+  out = augment.crop_box(box, window, height, width)
+  if flip:
+    out = augment.flip_box(out)
+  assert out.dtype == np.float32 and out.shape == (4,)
+  assert np.all((out >= 0) & (out <= 1))
+  assert out[0] <= out[2] and out[1] <= out[3]
+  if out[0] == out[2] or out[1] == out[3]:
+    np.testing.assert_array_equal(out, augment.EMPTY_BOX)  # one form for "no face left"
+  if min(out[2] - out[0], out[3] - out[1]) > 1e-6:  # 1 - x rounds away narrower slivers
+    np.testing.assert_allclose(augment.flip_box(augment.flip_box(out)), out, atol=1e-6)
+
+
+def test_box_cropped_away_is_the_empty_box():
+  box = augment.crop_box((0.0, 0.0, 0.2, 0.2), augment.Window(50, 50, 40, 40), 100, 100)
+  np.testing.assert_array_equal(box, augment.EMPTY_BOX)
+  np.testing.assert_array_equal(augment.flip_box(box), augment.EMPTY_BOX)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 300), st.integers(0, 2**32 - 1))
+def test_sample_crop_window_inside_image(height, width, seed):
+  y, x, h, w = augment.sample_crop(np.random.default_rng(seed), height, width)
+  assert 0 < h <= height and 0 < w <= width
+  assert 0 <= y <= height - h and 0 <= x <= width - w
+
+
+def test_sample_crop_scale_and_ratio_on_a_square_image():
+  rng = np.random.default_rng(0)
+  windows = np.array([augment.sample_crop(rng, 224, 224) for _ in range(2000)])
+  area = windows[:, 2] * windows[:, 3] / 224**2
+  aspect = windows[:, 3] / windows[:, 2]
+  full = area == 1.0  # the centre-crop fallback, rare on a square image
+  assert full.mean() < 0.05
+  assert area[~full].min() >= 0.19 and np.all(area <= 1.0)
+  assert aspect[~full].min() >= 0.74 and aspect[~full].max() <= 1.35
+
+
+def test_sample_crop_falls_back_to_a_centre_crop():
+  # A 10 x 100 strip: no window of area >= 20% fits the ratio range, every try fails.
+  assert augment.sample_crop(np.random.default_rng(0), 10, 100) == augment.Window(0, 43, 10, 13)
+
+
+def test_weak_is_deterministic_given_the_generator(demo_data_dir):
+  image = augment.decode(_demo_jpeg(demo_data_dir, grey=False))  # not square
+  box = (0.2, 0.1, 0.8, 0.9)
+  a = augment.weak(image, box, np.random.default_rng(7), 32)
+  b = augment.weak(image, box, np.random.default_rng(7), 32)
+  c = augment.weak(image, box, np.random.default_rng(8), 32)
+  assert a[0].shape == (32, 32, 3) and a[0].dtype == np.uint8 and a[1].dtype == np.float32
+  np.testing.assert_array_equal(a[0], b[0])
+  np.testing.assert_array_equal(a[1], b[1])
+  assert not np.array_equal(a[0], c[0])
+
+
+def test_eval_transform_resizes_and_keeps_the_box(demo_data_dir):
+  image = augment.decode(_demo_jpeg(demo_data_dir, grey=True))
+  same, box = augment.eval_transform(image, (0.1, 0.2, 0.9, 0.8), image.shape[0])
+  assert same is image or np.array_equal(same, image)
+  np.testing.assert_allclose(box, (0.1, 0.2, 0.9, 0.8), atol=1e-7)
+  small, _ = augment.eval_transform(image, box, 24)
+  assert small.shape == (24, 24, 3) and small.dtype == np.uint8
