@@ -8,8 +8,10 @@ import jax
 import ml_collections
 import optax
 
-# Parameters that MAE and timm exclude from weight decay besides biases and norms.
-_NO_DECAY_NAMES = ("bias", "scale", "cls", "mask_token", "pos_embed")
+# MAE and timm decay only weight matrices: no biases ('bias', 'qkv_bias'), no norm scales,
+# no cls/mask tokens or position embeddings.
+_NO_DECAY_SUFFIXES = ("bias", "scale")
+_NO_DECAY_PREFIXES = ("cls", "mask_token", "pos_embed")
 
 
 def peak_learning_rate(cfg: ml_collections.ConfigDict, global_batch_size: int) -> float:
@@ -35,7 +37,8 @@ def decay_mask(params: Any) -> Any:
 
   def decays(path, leaf) -> bool:
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    return leaf.ndim >= 2 and not any(n.startswith(_NO_DECAY_NAMES) for n in names)
+    return leaf.ndim >= 2 and not any(
+        n.endswith(_NO_DECAY_SUFFIXES) or n.startswith(_NO_DECAY_PREFIXES) for n in names)
 
   return jax.tree_util.tree_map_with_path(decays, params)
 

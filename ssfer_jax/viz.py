@@ -51,3 +51,37 @@ def write_png(path: str, rgb: np.ndarray) -> str:
   if not cv2.imwrite(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
     raise OSError(f"could not write {path}")
   return path
+
+
+def draw_boxes(images: np.ndarray, boxes: np.ndarray, color=(0, 255, 0)) -> np.ndarray:
+  """Draws normalised x0,y0,x1,y1 boxes on uint8 images [N, H, W, 3] (e.g. face boxes)."""
+  out = images.copy()
+  n, h, w, _ = images.shape
+  for img, (x0, y0, x1, y1) in zip(out, boxes):
+    cv2.rectangle(img, (int(x0 * (w - 1)), int(y0 * (h - 1))), (int(x1 * (w - 1)), int(y1 * (h - 1))),
+                  color, 1)
+  return out
+
+
+def curve_plot(steps: Sequence[float], values: Sequence[float], title: str,
+               size: tuple[int, int] = (640, 360)) -> np.ndarray:
+  """A line chart as a uint8 RGB image (OpenCV only: no plotting stack to install)."""
+  width, height = size
+  left, right, top, bottom = 70, 20, 30, 40
+  img = np.full((height, width, 3), 255, np.uint8)
+  xs, ys = np.asarray(steps, float), np.asarray(values, float)
+  x_lo, x_hi = xs.min(), max(xs.max(), xs.min() + 1)
+  y_lo, y_hi = ys.min(), max(ys.max(), ys.min() + 1e-12)
+  px = left + (xs - x_lo) / (x_hi - x_lo) * (width - left - right)
+  py = height - bottom - (ys - y_lo) / (y_hi - y_lo) * (height - top - bottom)
+  cv2.rectangle(img, (left, top), (width - right, height - bottom), (0, 0, 0), 1)
+  cv2.polylines(img, [np.stack([px, py], 1).astype(np.int32)], False, (200, 60, 20), 2, cv2.LINE_AA)
+  font = cv2.FONT_HERSHEY_SIMPLEX
+  cv2.putText(img, title, (left, 20), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+  for v, y in ((y_hi, top), (y_lo, height - bottom)):
+    cv2.putText(img, f"{v:.4g}", (4, int(y) + 4), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+  for v, x in ((x_lo, left), (x_hi, width - right)):
+    cv2.putText(img, f"{v:.0f}", (int(x) - 10, height - bottom + 16), font, 0.4, (0, 0, 0), 1,
+                cv2.LINE_AA)
+  cv2.putText(img, "step", (width // 2 - 15, height - 8), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+  return img

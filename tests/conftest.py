@@ -20,3 +20,31 @@ def demo_data_dir():
   if not (DEMO_DATA / "labels.csv").exists():
     pytest.fail(f"{DEMO_DATA}/labels.csv missing: regenerate with `python -m data_prep.make_demo_sample`.")
   return DEMO_DATA
+
+
+def build_demo_subset(out_dir, *, rows: int, size: int, seed: int = 0) -> str:
+  """A real `data_prep` build (Haar boxes, crop none) + split of the first `rows` demo faces."""
+  import csv
+
+  from data_prep import build, sources, split
+
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  with open(DEMO_DATA / "labels.csv") as f:
+    lines = list(csv.reader(f))
+  subset = out_dir / "labels.csv"
+  with open(subset, "w", newline="") as f:
+    csv.writer(f).writerows(lines[:rows + 1])
+  data = str(out_dir / "data")
+  build.build([sources.CsvSource("demo", str(subset), root=str(DEMO_DATA / "images"))], data,
+              build.Config(size=size, crop="none", detector="haar", num_shards=2), workers=1,
+              progress=False)
+  split.split(data, "default", split.Options(labeled_fraction=0.5, val_fraction=0.1,
+                                             test_fraction=0.1, seed=seed))
+  return data
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+  """~120 real demo faces at 32 px, built and split by data_prep (shared per test worker)."""
+  return build_demo_subset(tmp_path_factory.mktemp("small_dataset"), rows=150, size=32)

@@ -227,6 +227,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
         if peak:
           scalars["mfu"] = flops_per_step / dt / peak
         writer.write_scalars(step, scalars)
+        logging.info("step %d/%d (%.0f%%), ETA %s", step, plan.total_steps,
+                     100 * step / plan.total_steps, _duration((plan.total_steps - step) * dt))
         collection, data_wait, steps_since_log = None, 0.0, 0
         last_log_t = time.perf_counter()
       for hook in stage.hooks:
@@ -262,6 +264,11 @@ def run_hooks(config: ml_collections.ConfigDict, workdir: str, make_stage: Stage
       writer.write_scalars(step, out, prefix="eval")
   writer.close()
   return step
+
+
+def _duration(seconds: float) -> str:
+  h, rem = divmod(int(seconds), 3600)
+  return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 
 
 def _memory_summary(compiled) -> str:

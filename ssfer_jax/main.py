@@ -1,0 +1,66 @@
+"""Command line for every stage.
+
+  python -m ssfer_jax.main --config configs/pretrain_mae.py:cpu --workdir DIR \
+      --config.data.dir=DATA_DIR [--config.batch_size=128 ...] [--mode figures]
+
+Modes: `train` (resumes automatically from DIR's latest checkpoint) and `figures` (runs the
+stage's figure/evaluation hooks once on the latest checkpoint). Multi-host: on SLURM, Open
+MPI or a TPU pod the processes find each other on their own; elsewhere pass
+--coordinator_address host:port --num_processes N --process_id I.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+import jax
+from ml_collections import config_flags
+
+from ssfer_jax import checkpointing, distributed, sharding
+from ssfer_jax.input import records
+from ssfer_jax.trainers import loop, pretrain
+
+STAGES = {pretrain.STAGE: pretrain.make_stage}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file, with :VARIANT.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and figures go here.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "figures"], "What to run.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_INIT_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 300,
+                                     "Seconds to wait for all processes to join.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger().setLevel(logging.INFO)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         _INIT_TIMEOUT.value)
+  # Masking noise and dropout keys then shard instead of being replicated and sliced.
+  jax.config.update("jax_threefry_partitionable", True)
+  config = _CONFIG.value
+  if config.stage not in STAGES:
+    raise app.UsageError(f"config.stage={config.stage!r}; known stages: {sorted(STAGES)}")
+  if config.data.dir is None:
+    raise app.UsageError("set --config.data.dir to a dataset built by `python -m data_prep build`.")
+  make_stage = STAGES[config.stage]
+  try:
+    if _MODE.value == "train":
+      loop.train(config, _WORKDIR.value, make_stage)
+    else:
+      step = loop.run_hooks(config, _WORKDIR.value, make_stage)
+      logging.info("figures for step %d written under %s", step, _WORKDIR.value)
+  except (sharding.ConfigError, records.DatasetError, checkpointing.CheckpointError,
+          loop.NonFiniteError) as e:
+    logging.error("%s: %s", type(e).__name__, e)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

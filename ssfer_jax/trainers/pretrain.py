@@ -1,0 +1,97 @@
+"""Stage 1: MAE pretraining on unlabeled faces (the loop is shared; this is the stage's part)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ssfer_jax import optim, sharding, viz
+from ssfer_jax.input import device, pipeline
+from ssfer_jax.models import flops, mae, vit
+from ssfer_jax.trainers import loop
+
+STAGE = "pretrain_mae"
+FIGURES_DIR = "figures"
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict:
+  m = config.model
+  return vit.vit_kwargs(
+      m.size, patch_size=m.patch_size, decoder_width=m.decoder_width,
+      decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads, mask_ratio=m.mask_ratio,
+      norm_pix_loss=m.norm_pix_loss, dtype=jnp.dtype(m.dtype), remat=m.remat,
+      attention_impl=m.attention_impl)
+
+
+def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
+               workdir: str | None) -> loop.Stage:
+  """The MAE stage; without a workdir (benchmarks) it has no figure hook."""
+  kwargs = model_kwargs(config)
+  size = config.data.image_size
+  if size % config.model.patch_size:
+    raise sharding.ConfigError(f"data.image_size={size} is not divisible by "
+                               f"model.patch_size={config.model.patch_size}.")
+  model = mae.MAE(**kwargs)
+  tx, schedule = optim.make_optimizer(config.optim, config.batch_size, plan.total_steps,
+                                      plan.steps_per_epoch)
+  prepare = lambda images: device.normalize(images, config.data.mean, config.data.std,
+                                            kwargs["dtype"])
+
+  def init(rng):
+    params_rng, mask_rng = jax.random.split(rng)
+    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+    params = model.init({"params": params_rng, "mask": mask_rng}, dummy, train=False)["params"]
+    return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  def loss_fn(params, batch, rng):
+    mask_rng, drop_rng = jax.random.split(rng)
+    loss, _ = model.apply({"params": params}, prepare(batch["image"]), train=True,
+                          rngs={"mask": mask_rng, "dropout": drop_rng})
+    return loss, {}
+
+  hooks = [loop.Hook(config.viz_every, ReconstructionFigure(config, plan.mesh, model, workdir))
+           ] if workdir else []
+  return loop.Stage(
+      name=STAGE, batch_kind="unlabeled", init=init, loss_fn=loss_fn, tx=tx, schedule=schedule,
+      train_flops_per_example=flops.mae_train_flops(kwargs, size, 1), hooks=hooks)
+
+
+class ReconstructionFigure:
+  """original / masked / reconstruction on a fixed set of real training faces.
+
+  The faces, the mask and hence the figure depend only on the seed, so figures from
+  different steps of a run are directly comparable. Pretraining never sees val/test,
+  so the faces come from the training lists.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh, model: mae.MAE, workdir: str):
+    self._dir = os.path.join(workdir, FIGURES_DIR)
+    self._patch = config.model.patch_size
+    self._mean, self._std = config.data.mean, config.data.std
+    it = pipeline.make_eval_iterator(
+        config.data.dir, config.data.split, config.data.train_lists,
+        global_batch_size=config.viz_examples, image_size=config.data.image_size,
+        process_index=0, process_count=1, num_threads=1)
+    images = next(it)["image"]
+    self._images = jax.make_array_from_process_local_data(sharding.replicated(mesh), images)
+    self._rng = jax.random.key(config.seed + 1)
+
+    def reconstruct(params, images, rng):
+      x = device.normalize(images, self._mean, self._std, model.dtype)
+      loss, aux = model.apply({"params": params}, x, train=False, rngs={"mask": rng})
+      views = mae.reconstruct_images(aux["pred"], x, aux["mask"], model.norm_pix_loss, self._patch)
+      return loss, aux["mask"], device.denormalize(views["reconstruction"], self._mean, self._std)
+
+    self._reconstruct = jax.jit(reconstruct)
+
+  def __call__(self, state: loop.TrainState, step: int) -> dict:
+    loss, mask, recon = self._reconstruct(state.params, self._images, self._rng)
+    if jax.process_index() == 0:
+      grid = viz.reconstruction_figure(np.asarray(self._images), np.asarray(mask),
+                                       np.asarray(recon), self._patch)
+      viz.write_png(os.path.join(self._dir, f"reconstruction_{step:07d}.png"), grid)
+    return {"figure_loss": float(loss)}
