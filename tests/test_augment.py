@@ -1,4 +1,5 @@
-"""Host-side transforms: decoding real JPEGs, the crop sampler, and exact box bookkeeping."""
+"""Host-side transforms: decoding real JPEGs, counter-based uniforms, the crop sampler, and exact
+box bookkeeping of the path that writes into batch rows."""
 
 import cv2
 import numpy as np
@@ -69,16 +70,35 @@ def test_box_follows_crop_flip_resize_of_a_rendered_mask(scene):
   mask = np.zeros((height, width, *channels), np.uint8)  # grey or RGB
   mask[by0:by1, bx0:bx1] = 255
   box = (bx0 / width, by0 / height, bx1 / width, by1 / height)
-  # Nearest sampling at pixel centres, so the mask's extent is exact up to half a pixel.
-  out, out_box = augment.crop_flip_resize(mask, box, window, flip, size,
-                                          interpolation=cv2.INTER_NEAREST_EXACT)
-  assert out.shape == (size, size, *channels)
-  ys, xs = np.nonzero(out.reshape(size, size, -1)[..., 0])
+  # Into a row of a batch, as the pipeline writes it; nearest sampling at pixel centres, so
+  # the mask's extent is exact up to half a pixel.
+  batch = np.full((2, size, size, 3), 7, np.uint8)
+  out_box = augment.crop_flip_resize(mask, box, window, flip, batch[1],
+                                     interpolation=cv2.INTER_NEAREST_EXACT)
+  assert np.all(batch[0] == 7)  # only its row written
+  out = batch[1]
+  np.testing.assert_array_equal(out[..., 0], out[..., 2])
+  ys, xs = np.nonzero(out[..., 0])
   if not len(xs):  # the box left the window, or is thinner than an output pixel
     assert (out_box[2] - out_box[0]) * size <= 1 or (out_box[3] - out_box[1]) * size <= 1
     return
   seen = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) / size
   np.testing.assert_allclose(out_box, seen, atol=1 / size + 1e-6)
+
+
+def test_crop_flip_resize_matches_flip_then_resize(demo_data_dir):
+  # The bilinear path the pipeline uses: resize into the row, then mirror it in place.
+  for grey in (True, False):
+    image = augment.decode(_demo_jpeg(demo_data_dir, grey), rgb=False)
+    window = augment.Window(5, 9, image.shape[0] // 2, image.shape[1] // 3)
+    for flip, size in [(False, 40), (True, 40), (True, 224)]:
+      out = np.empty((size, size, 3), np.uint8)
+      augment.crop_flip_resize(image, (0, 0, 1, 1), window, flip, out)
+      crop = augment.to_rgb(image)[window.y:window.y + window.h, window.x:window.x + window.w]
+      expected = cv2.resize(crop[:, ::-1] if flip else crop, (size, size),
+                            interpolation=cv2.INTER_LINEAR)
+      # Mirroring before or after the resize differs only by rounding of the filter weights.
+      assert np.abs(out.astype(int) - expected).max() <= 1
 
 
 @st.composite
@@ -111,46 +131,70 @@ def test_box_cropped_away_is_the_empty_box():
   np.testing.assert_array_equal(augment.flip_box(box), augment.EMPTY_BOX)
 
 
+def test_uniforms_are_a_function_of_seed_and_position():
+  u = augment.uniforms(3, np.arange(1000), 23)
+  assert u.shape == (1000, 23) and u.dtype == np.float64
+  assert np.all((u >= 0) & (u < 1)) and abs(u.mean() - 0.5) < 0.01
+  np.testing.assert_array_equal(augment.uniforms(3, [999, 7], 23), u[[999, 7]])
+  np.testing.assert_array_equal(augment.uniforms(3, [7], 5), u[[7], :5])  # draws are a prefix
+  assert not np.isin(augment.uniforms(4, np.arange(1000), 23), u).any()
+  assert len(np.unique(u)) == u.size
+  assert abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < 0.1
+  assert abs(np.corrcoef(u[:-1, 0], u[1:, 0])[0, 1]) < 0.1
+  assert augment.uniforms(0, np.arange(4), 0).shape == (4, 0)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 300), st.integers(1, 300), st.integers(0, 2**32 - 1))
 def test_sample_crop_window_inside_image(height, width, seed):
-  y, x, h, w = augment.sample_crop(np.random.default_rng(seed), height, width)
+  u = augment.uniforms(seed, [0], augment.CROP_DRAWS)[0].tolist()
+  y, x, h, w = augment.sample_crop(u, height, width)
   assert 0 < h <= height and 0 < w <= width
   assert 0 <= y <= height - h and 0 <= x <= width - w
 
 
 def test_sample_crop_scale_and_ratio_on_a_square_image():
-  rng = np.random.default_rng(0)
-  windows = np.array([augment.sample_crop(rng, 224, 224) for _ in range(2000)])
+  windows = np.array([augment.sample_crop(u, 224, 224)
+                      for u in augment.uniforms(0, np.arange(2000), augment.CROP_DRAWS)])
   area = windows[:, 2] * windows[:, 3] / 224**2
   aspect = windows[:, 3] / windows[:, 2]
   full = area == 1.0  # the centre-crop fallback, rare on a square image
   assert full.mean() < 0.05
   assert area[~full].min() >= 0.19 and np.all(area <= 1.0)
   assert aspect[~full].min() >= 0.74 and aspect[~full].max() <= 1.35
+  assert 0.5 < area.mean() < 0.7  # uniform in [0.2, 1] (and some resampled tries)
 
 
 def test_sample_crop_falls_back_to_a_centre_crop():
   # A 10 x 100 strip: no window of area >= 20% fits the ratio range, every try fails.
-  assert augment.sample_crop(np.random.default_rng(0), 10, 100) == augment.Window(0, 43, 10, 13)
+  u = augment.uniforms(0, [0], augment.CROP_DRAWS)[0]
+  assert augment.sample_crop(u, 10, 100) == augment.Window(0, 43, 10, 13)
 
 
-def test_weak_is_deterministic_given_the_generator(demo_data_dir):
+def test_weak_is_a_function_of_its_uniforms(demo_data_dir):
   image = augment.decode(_demo_jpeg(demo_data_dir, grey=False))  # not square
   box = (0.2, 0.1, 0.8, 0.9)
-  a = augment.weak(image, box, np.random.default_rng(7), 32)
-  b = augment.weak(image, box, np.random.default_rng(7), 32)
-  c = augment.weak(image, box, np.random.default_rng(8), 32)
-  assert a[0].shape == (32, 32, 3) and a[0].dtype == np.uint8 and a[1].dtype == np.float32
-  np.testing.assert_array_equal(a[0], b[0])
-  np.testing.assert_array_equal(a[1], b[1])
-  assert not np.array_equal(a[0], c[0])
+  draws = augment.TRANSFORMS["weak"].draws
+  u = augment.uniforms(0, [7, 7, 8], draws).tolist()
+  out = np.empty((3, 32, 32, 3), np.uint8)
+  boxes = [augment.weak(image, box, u[i], out[i]) for i in range(3)]
+  assert boxes[0].dtype == np.float32 and boxes[0].shape == (4,)
+  np.testing.assert_array_equal(out[0], out[1])
+  np.testing.assert_array_equal(boxes[0], boxes[1])
+  assert not np.array_equal(out[0], out[2])
+  flips = [u[augment.CROP_DRAWS] < 0.5 for u in augment.uniforms(0, np.arange(1000), draws)]
+  assert 0.45 < np.mean(flips) < 0.55
 
 
 def test_eval_transform_resizes_and_keeps_the_box(demo_data_dir):
-  image = augment.decode(_demo_jpeg(demo_data_dir, grey=True))
-  same, box = augment.eval_transform(image, (0.1, 0.2, 0.9, 0.8), image.shape[0])
-  assert same is image or np.array_equal(same, image)
+  fn = augment.TRANSFORMS["eval"].fn
+  assert augment.TRANSFORMS["eval"].draws == 0
+  image = augment.decode(_demo_jpeg(demo_data_dir, grey=True), rgb=False)
+  same = np.empty((*image.shape, 3), np.uint8)
+  box = fn(image, (0.1, 0.2, 0.9, 0.8), [], same)
+  np.testing.assert_array_equal(same, augment.to_rgb(image))
   np.testing.assert_allclose(box, (0.1, 0.2, 0.9, 0.8), atol=1e-7)
-  small, _ = augment.eval_transform(image, box, 24)
-  assert small.shape == (24, 24, 3) and small.dtype == np.uint8
+  small = np.empty((24, 24, 3), np.uint8)
+  fn(image, box, [], small)
+  np.testing.assert_array_equal(small, augment.to_rgb(cv2.resize(image, (24, 24),
+                                                                 interpolation=cv2.INTER_LINEAR)))

@@ -100,6 +100,21 @@ def test_eval_rows_are_the_stored_records(data_dir, stored):
   assert 0 < grey < 36  # both grey and colour records went through
 
 
+def test_train_stream_with_the_eval_transform_is_shuffled_and_unaugmented(data_dir, stored):
+  # What figures use: a seeded, diverse set of whole faces.
+  a, b = (next(_train(data_dir, seed=5, transform="eval")) for _ in range(2))
+  _assert_same_batches([a], [b])
+  assert not np.array_equal(a["index"], np.sort(a["index"]))
+  for row, index in enumerate(a["index"]):
+    rec = stored[index]
+    np.testing.assert_array_equal(a["image"][row], cv2.imdecode(
+        np.frombuffer(rec["image"], np.uint8), cv2.IMREAD_COLOR_RGB))
+    np.testing.assert_allclose(a["box"][row], rec["box"], atol=1e-6)
+  weak = next(_train(data_dir, seed=5))
+  np.testing.assert_array_equal(weak["index"], a["index"])  # same stream, other transform
+  assert not np.array_equal(weak["image"], a["image"])
+
+
 def test_labeled_kind_rejects_unlabeled_records(data_dir):
   it = pipeline.make_train_iterator(data_dir, "default", ["train_unlabeled"], kind="labeled",
                                     global_batch_size=8, image_size=SIZE, seed=0, num_threads=2)

@@ -1,40 +1,48 @@
-"""Host-side image transforms (numpy + cv2, uint8 in and out) that carry the face box along.
+"""Host-side image transforms (numpy + cv2, uint8) that carry the face box along.
 
 Every geometric transform also maps the face box (normalised x0, y0, x1, y1 in the frame of
 its input image) into the frame of its output image, exactly: FaceMix computes the IoU of the
 boxes of the images the model sees. A box with no area left (cropped away) is always
 `EMPTY_BOX`, so its IoU with anything is 0.
 
-Train transforms share one signature, `fn(image, box, rng, size) -> (image, box)`, and are
-looked up by name in `TRANSFORMS`; the strong (RandAugment) view slots in there. Randomness
-comes only from the `np.random.Generator` passed in (grain's `random_map` derives one per
-element from the pipeline seed), so a seed fixes every crop and flip.
+Transforms are looked up by name in `TRANSFORMS` (the strong RandAugment view slots in there)
+and share one signature, `fn(image, box, u, out) -> box`: they write the output image straight
+into `out`, a uint8 [S, S, 3] row of the batch (no intermediate images to allocate and copy),
+and return its box. They take grey [H, W] or RGB [H, W, 3] images alike: grey JPEGs stay one
+channel through the resize (a third of the pixel work) and become RGB last, in the row.
 
-Transforms take grey [H, W] or RGB [H, W, 3] images alike: grey JPEGs stay one channel
-through them (a third of the pixel work) and become RGB last (`to_rgb`, or the pipeline's
-batching, which writes them into the batch as RGB).
+Randomness is counter-based: `uniforms(seed, positions, draws)` hashes (seed, global stream
+position, draw number) into the `u` of every example of a batch in a few numpy calls. An
+example's crop and flip then depend only on the seed and its stream position (not on the
+process count, the batch or the thread that made it), and no generator is built per example
+(`np.random.default_rng` alone costs ~8 us, a tenth of decoding the JPEG).
 
-Interpolation: bicubic, as the reference. Measured on this project's 2-core CPU machine
-(benchmarks/input_pipeline.py, 224 px crops back to 224 px, one grey channel): bicubic ~46 us,
-bilinear ~39 us, area ~40 us a resize, against ~100 us to decode the JPEG; over the whole weak
-pipeline the difference was within run-to-run noise, so the cheaper filters buy too little to
-trade quality for.
+Interpolation: bilinear, for speed. The MAE reference uses bicubic; bilinear vs bicubic was
+within noise for this project's quality purposes. Measured on this project's 2-core CPU
+machine (benchmarks/input_pipeline.py stage table: RRC crops of 224 px grey faces to 224 px):
+bilinear ~38 us, bicubic ~45 us a resize, against ~90-110 us to decode the JPEG; bicubic costs
+the weak pipeline ~0.02-0.03 of the ceiling. `cv2.warpAffine` (crop, flip and resize as one
+affine map) costs ~90-100 us, so the crop is a view, the resize writes into a scratch (grey)
+or the row, and the flip mirrors it in place (~1.5 us). Grey is resized before it is expanded
+to RGB: expanding first makes the resize ~75 us.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import cv2
 import numpy as np
 
 SCALE = (0.2, 1.0)
 RATIO = (3 / 4, 4 / 3)
-INTERPOLATION = cv2.INTER_CUBIC
+CROP_TRIES = 10
+CROP_DRAWS = 2 * CROP_TRIES + 2  # an area and a log-ratio a try, then the two offsets
+INTERPOLATION = cv2.INTER_LINEAR
 EMPTY_BOX = np.zeros(4, np.float32)
 
-# Threads of the input pipeline already run one image each; cv2's own thread pool on top of
+# Threads of the input pipeline already run one batch each; cv2's own thread pool on top of
 # them only adds contention.
 cv2.setNumThreads(1)
 
@@ -45,6 +53,31 @@ class Window(NamedTuple):
   x: int
   h: int
   w: int
+
+
+class Transform(NamedTuple):
+  """`fn(image, box, u, out) -> box` with `draws` uniforms in `u`, its only randomness."""
+  fn: Callable[[np.ndarray, Sequence[float], Sequence[float], np.ndarray], np.ndarray]
+  draws: int
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+  """splitmix64's output function (uint64 arrays wrap on overflow, as it needs)."""
+  z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return z ^ (z >> np.uint64(31))
+
+
+def uniforms(seed: int, positions, draws: int) -> np.ndarray:
+  """float64 [len(positions), draws] in [0, 1): row p is a splitmix64 stream keyed by
+  (seed, positions[p]), so each value depends on nothing else."""
+  key = _mix(np.array([seed % 2**64], np.uint64) * _GOLDEN + _GOLDEN)
+  stream = _mix(key ^ (np.asarray(positions, np.uint64)[:, None] + np.uint64(1)) * _GOLDEN)
+  bits = _mix(stream + np.arange(1, draws + 1, dtype=np.uint64) * _GOLDEN)
+  return (bits >> np.uint64(11)) * 2.0**-53
 
 
 # JPEG frame headers (SOF0..SOF15 but DHT, JPG and DAC) carry the number of components.
@@ -70,7 +103,7 @@ def decode(jpeg: bytes, rgb: bool = True) -> np.ndarray:
 
   Grey JPEGs (one component in the frame header) decode as grey and are then expanded to 3
   equal channels: ~20% cheaper than libjpeg's own grey-to-RGB decode. With `rgb=False` they
-  stay [H, W], so the transforms touch a third of the pixels (`to_rgb` expands them last).
+  stay [H, W], so the transforms touch a third of the pixels and expand them last.
   """
   grey = _components(jpeg) == 1
   image = cv2.imdecode(np.frombuffer(jpeg, np.uint8),
@@ -87,23 +120,24 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
   return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image
 
 
-def sample_crop(rng: np.random.Generator, height: int, width: int,
+def sample_crop(u: Sequence[float], height: int, width: int,
                 scale: tuple[float, float] = SCALE,
                 ratio: tuple[float, float] = RATIO) -> Window:
-  """The torchvision/timm RandomResizedCrop window: 10 tries, then a centre crop.
+  """The torchvision/timm RandomResizedCrop window from the first `CROP_DRAWS` uniforms of `u`:
+  10 tries, then a centre crop.
 
-  Every uniform variate comes from one generator call and the arithmetic is plain Python:
-  per image that is a few microseconds, where numpy calls on 10-element arrays cost ~15.
+  Plain Python arithmetic: per image that is a few microseconds, where numpy calls on
+  10-element arrays cost ~15.
   """
-  u = rng.random(22).tolist()  # 10 areas, 10 log-ratios, the two offsets
   area = height * width
   log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-  for t in range(10):
+  for t in range(CROP_TRIES):
     target = area * (scale[0] + (scale[1] - scale[0]) * u[t])
-    aspect = math.exp(log_lo + (log_hi - log_lo) * u[10 + t])
+    aspect = math.exp(log_lo + (log_hi - log_lo) * u[CROP_TRIES + t])
     w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
     if 0 < w <= width and 0 < h <= height:
-      return Window(int(u[20] * (height - h + 1)), int(u[21] * (width - w + 1)), h, w)
+      dy, dx = u[2 * CROP_TRIES:CROP_DRAWS]
+      return Window(int(dy * (height - h + 1)), int(dx * (width - w + 1)), h, w)
   in_ratio = width / height
   if in_ratio < min(ratio):
     w, h = width, round(width / min(ratio))
@@ -139,29 +173,52 @@ def flip_box(box) -> np.ndarray:
   return crop_box(box, Window(0, 0, 1, 1), 1, 1, flip=True)
 
 
-def crop_flip_resize(image: np.ndarray, box, window: Window, flip: bool, size: int,
-                     interpolation: int = INTERPOLATION) -> tuple[np.ndarray, np.ndarray]:
-  """Crops `window`, mirrors if `flip`, resizes to size x size; the box follows."""
-  crop = image[window.y:window.y + window.h, window.x:window.x + window.w]
-  if flip:
-    # Mirroring the crop before resizing touches fewer pixels than mirroring the output.
-    crop = cv2.flip(crop, 1)
-  return (cv2.resize(crop, (size, size), interpolation=interpolation),
-          crop_box(box, window, *image.shape[:2], flip=flip))
+def _write_rgb(image: np.ndarray, out: np.ndarray, flip: bool, interpolation: int):
+  """Writes `image` resized to `out`'s size, mirrored if `flip`, into `out` as RGB.
+
+  cv2.resize maps pixel centres ((x + 0.5) * in / out - 0.5), so normalised coordinates carry
+  over unchanged: the box needs only the crop and the mirror.
+  """
+  grey = image.ndim == 2
+  dst = np.empty(out.shape[:2], np.uint8) if grey else out
+  if image.shape[:2] != out.shape[:2]:
+    cv2.resize(image, out.shape[1::-1], dst=dst, interpolation=interpolation)
+    if flip:
+      cv2.flip(dst, 1, dst=dst)
+  elif flip:
+    cv2.flip(image, 1, dst=dst)
+  elif grey:
+    dst = image
+  else:
+    np.copyto(out, image)
+  if grey:
+    cv2.cvtColor(dst, cv2.COLOR_GRAY2RGB, dst=out)
 
 
-def weak(image: np.ndarray, box, rng: np.random.Generator,
-         size: int) -> tuple[np.ndarray, np.ndarray]:
+def crop_flip_resize(image: np.ndarray, box, window: Window, flip: bool, out: np.ndarray,
+                     interpolation: int = INTERPOLATION) -> np.ndarray:
+  """Crops `window`, resizes it into `out` (uint8 [S, S, 3]), mirrors it if `flip`; returns
+  the box in `out`'s frame."""
+  y, x, h, w = window
+  _write_rgb(image[y:y + h, x:x + w], out, flip, interpolation)
+  return crop_box(box, window, *image.shape[:2], flip=flip)
+
+
+def weak(image: np.ndarray, box, u: Sequence[float], out: np.ndarray) -> np.ndarray:
   """Random resized crop + horizontal flip (p=0.5)."""
-  window = sample_crop(rng, *image.shape[:2])
-  return crop_flip_resize(image, box, window, bool(rng.random() < 0.5), size)
+  window = sample_crop(u, *image.shape[:2])
+  return crop_flip_resize(image, box, window, u[CROP_DRAWS] < 0.5, out)
 
 
-def eval_transform(image: np.ndarray, box, size: int) -> tuple[np.ndarray, np.ndarray]:
-  """Resize to size x size (nothing to do when stored at that size); normalised boxes keep."""
-  if image.shape[:2] != (size, size):
-    image = cv2.resize(image, (size, size), interpolation=INTERPOLATION)
-  return image, _canonical(*(float(v) for v in box))
+def resize(image: np.ndarray, box, u: Sequence[float], out: np.ndarray) -> np.ndarray:
+  """The eval view: the whole image resized to `out` (a copy when stored at that size);
+  normalised boxes keep."""
+  del u  # no randomness
+  _write_rgb(image, out, False, INTERPOLATION)
+  return _canonical(*(float(v) for v in box))
 
 
-TRANSFORMS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {"weak": weak}
+TRANSFORMS: dict[str, Transform] = {
+    "weak": Transform(weak, CROP_DRAWS + 1),
+    "eval": Transform(resize, 0),
+}

@@ -1,14 +1,19 @@
 """grain input pipelines: per-process shards of a split, as uint8 batches, checkpointable.
 
-Train (`make_train_iterator`), per process:
-  split record indices -> seeded shuffle, reshuffled every epoch, repeated forever
-  -> read + decode + transform (random_map: one generator per position of that global
-     stream, so an example's crop and flip do not depend on the number of processes)
-  -> this process's slice [process_index::process_count] -> batches -> threads.
-Slicing after the shuffle gives processes disjoint parts of every epoch's permutation; one
-epoch over all processes is the whole split. The iterator's state is one integer
-(`get_state`/`set_state`, or orbax via `grain.checkpoint.CheckpointSave/Restore`): a resumed
-run with the same process count sees exactly the batches it would have seen.
+The grain element is a whole batch: `MapDataset.range` over this process's batch numbers,
+mapped by `_Batch`, which reads the batch's records, decodes them and has the transform write
+each image straight into a preallocated uint8 [b, S, S, 3] array. grain and Python overhead
+(element bookkeeping, dicts, stacking) is paid once a batch, not once an example.
+
+Train (`make_train_iterator`), per process, batch number n:
+  global stream positions (n * b + j) * process_count + process_index, j < b
+  -> record indices: a seeded permutation of the split per epoch (`_Epochs`), endless
+  -> read + decode + transform, each example's randomness hashed from (seed, its position)
+     (`augment.uniforms`), so crops and flips do not depend on the number of processes.
+Processes read interleaved positions of one stream, i.e. disjoint parts of every epoch's
+permutation; one epoch over all processes is the whole split. The iterator's state is one
+integer (`get_state`/`set_state`, or orbax via `grain.checkpoint.CheckpointSave/Restore`): a
+resumed run with the same process count sees exactly the batches it would have seen.
 
 Eval (`make_eval_iterator`): one pass in record order, each process's slice padded to whole
 batches and to the same batch count on every process (collectives need that); padding rows
@@ -16,11 +21,8 @@ have `valid` False, index -1 and zero pixels.
 
 Threads by default, not worker processes: cv2 releases the GIL while it decodes and resizes
 (most of the work), and on a few cores processes lose (REFERENCE.md section 4); `worker_count`
-adds grain worker processes for hosts with many cores. Batches are built whole in a worker
-thread, so the prefetch buffer counts batches.
-
-The shuffle is `_Epochs`, not grain's `shuffle().repeat()`, and the record is read inside the
-per-example function rather than through `MapDataset.source`: both measured (see `_Epochs`).
+adds grain worker processes for hosts with many cores. Each thread builds whole batches, so
+the prefetch buffer counts batches.
 
 Batch kinds (process-local dicts of numpy arrays; `batch_spec` gives global shapes):
   unlabeled  image uint8[b, S, S, 3], index int32[b] (global record index)
@@ -34,9 +36,8 @@ import dataclasses
 import math
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
-import cv2
 import grain
 import jax
 import numpy as np
@@ -69,75 +70,99 @@ def batch_spec(kind: str, global_batch_size: int, image_size: int,
           for name in KINDS[kind]}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Example:
-  """Reads one record and makes the fields of its batch kind; index -1 is an eval pad."""
-  source: grain.sources.ArrayRecordDataSource
-  kind: str
-  image_size: int
-  num_classes: int
-  where: str  # names the data for error messages
-  transform: Callable | None = None  # a train transform of `augment.TRANSFORMS`; None: eval
-
-  def __call__(self, index, rng: np.random.Generator | None = None) -> dict:
-    if index < 0:
-      pad = {name: np.zeros(FIELDS[name][0](self.image_size), FIELDS[name][1])
-             for name in KINDS[self.kind]}
-      return {**pad, "index": np.int32(-1)}
-    rec = records.decode(self.source[index])
-    image = augment.decode(rec["image"], rgb=False)
-    if self.transform is None:
-      image, box = augment.eval_transform(image, rec["box"], self.image_size)
-    else:
-      image, box = self.transform(image, rec["box"], rng, self.image_size)
-    out = {"image": image, "index": np.int32(index)}  # grey stays [S, S] until `_stack`
-    if self.kind != "unlabeled":
-      label = rec["label"]
-      if not 0 <= label < self.num_classes:
-        raise records.DatasetError(
-            f"{self.where}: record {rec['id']!r} (index {index}) has label {label}, not one of "
-            f"the {self.num_classes} classes; a {self.kind} pipeline needs labeled lists "
-            "(train_labeled, val, test) or use kind='unlabeled'.")
-      out.update(label=np.int32(label), box=box)
-    if self.kind == "eval":
-      out["valid"] = np.True_
-    return out
-
-
-def _stack(examples: Sequence[dict]) -> dict:
-  """Batches examples, expanding grey images to RGB straight into the batch (one copy)."""
-  out = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != "image"}
-  out["image"] = np.empty((len(examples), *examples[0]["image"].shape[:2], 3), np.uint8)
-  for row, e in zip(out["image"], examples):
-    if e["image"].ndim == 2:
-      cv2.cvtColor(e["image"], cv2.COLOR_GRAY2RGB, dst=row)
-    else:
-      row[...] = e["image"]
-  return out
-
-
 class _Epochs:
-  """Position in the endless train stream -> record index: a new seeded permutation of the
-  split each epoch.
+  """Global stream positions -> record indices: a new seeded permutation of the split each
+  epoch.
 
   Stands in for `MapDataset.shuffle().repeat()`: grain's index_shuffle costs ~35 us an element
   on a 1000-record split and ~460 us on a 60-record one (more than decoding the JPEG), where a
-  permutation drawn once per epoch costs well under a microsecond an element. A map over
-  `MapDataset.range` also skips the per-element read metrics of `MapDataset.source` (~11 us).
+  permutation drawn once per epoch costs well under a microsecond an element.
   """
 
   def __init__(self, indices: np.ndarray, seed: int):
     self._indices, self._seed = indices, seed
     self._recent = {}  # epoch -> permutation; threads can straddle an epoch boundary
 
-  def __call__(self, position: int) -> int:
-    epoch, k = divmod(position, len(self._indices))
+  def _order(self, epoch: int) -> np.ndarray:
     order = self._recent.get(epoch)
     if order is None:  # a race computes the same permutation twice, harmlessly
       order = self._indices[np.random.default_rng((self._seed, epoch)).permutation(
           len(self._indices))]
       self._recent = {e: o for e, o in self._recent.items() if e == epoch - 1} | {epoch: order}
-    return int(order[k])
+    return order
+
+  def __call__(self, positions: np.ndarray) -> np.ndarray:
+    epochs, ks = np.divmod(positions, len(self._indices))
+    if epochs[0] == epochs[-1]:  # the usual case: one epoch in the batch
+      return self._order(int(epochs[0]))[ks]
+    return np.array([self._order(e)[k] for e, k in zip(epochs.tolist(), ks.tolist())])
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainRows:
+  """Batch number -> (record index, global stream position) of each row."""
+  epochs: _Epochs
+  batch: int
+  process_index: int
+  process_count: int
+
+  def __call__(self, number: int) -> tuple[np.ndarray, np.ndarray]:
+    positions = ((number * self.batch + np.arange(self.batch)) * self.process_count
+                 + self.process_index)
+    return self.epochs(positions), positions
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalRows:
+  """Batch number -> rows of the padded index list (-1 pads); positions unused (no draws)."""
+  indices: np.ndarray
+  batch: int
+
+  def __call__(self, number: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = self.indices[number * self.batch:(number + 1) * self.batch]
+    return rows, np.zeros(len(rows), np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+  """Batch number -> the batch of its kind: records read and decoded one by one, each image
+  written into its row by `transform`, its randomness drawn for the whole batch at once."""
+  source: grain.sources.ArrayRecordDataSource
+  kind: str
+  image_size: int
+  num_classes: int
+  where: str  # names the data for error messages
+  rows: _TrainRows | _EvalRows
+  transform: augment.Transform
+  seed: int
+
+  def __call__(self, number: int) -> dict:
+    indices, positions = self.rows(number)
+    # Every image row gets written (pads zeroed below): np.empty skips zeroing them twice.
+    out = {name: (np.empty if name == "image" else np.zeros)(
+        (len(indices), *FIELDS[name][0](self.image_size)), FIELDS[name][1])
+           for name in KINDS[self.kind]}
+    out["index"][:] = indices
+    image = out["image"]
+    draws = augment.uniforms(self.seed, positions, self.transform.draws).tolist()
+    for row, (index, u) in enumerate(zip(indices.tolist(), draws)):
+      if index < 0:  # an eval pad
+        image[row] = 0
+        continue
+      rec = records.decode(self.source[index])
+      box = self.transform.fn(augment.decode(rec["image"], rgb=False), rec["box"], u,
+                              image[row])
+      if self.kind != "unlabeled":
+        label = rec["label"]
+        if not 0 <= label < self.num_classes:
+          raise records.DatasetError(
+              f"{self.where}: record {rec['id']!r} (index {index}) has label {label}, not one "
+              f"of the {self.num_classes} classes; a {self.kind} pipeline needs labeled lists "
+              "(train_labeled, val, test) or use kind='unlabeled'.")
+        out["label"][row], out["box"][row] = label, box
+    if self.kind == "eval":
+      out["valid"][:] = indices >= 0
+    return out
 
 
 def _check(what, value, allowed):
@@ -154,15 +179,16 @@ def _processes(global_batch_size, process_index, process_count):
   return process_index, process_count, global_batch_size // process_count
 
 
-def _open(data_dir, split, names, kind, image_size, transform=None):
-  """The split's sorted record indices and the per-record function."""
+def _open(data_dir, split, names, kind, image_size):
+  """The split's sorted record indices and the `_Batch` fields that do not depend on it."""
   manifest = records.load_manifest(data_dir)
   indices = records.load_split(data_dir, split, names)
   where = f"{data_dir} (split {split!r}, lists {list(names)})"
   if not len(indices):
     raise records.DatasetError(f"{where}: no records; name lists that are not empty.")
   source = grain.sources.ArrayRecordDataSource(records.shard_paths(data_dir, manifest))
-  return indices, _Example(source, kind, image_size, len(manifest["classes"]), where, transform)
+  return indices, dict(source=source, kind=kind, image_size=image_size,
+                       num_classes=len(manifest["classes"]), where=where)
 
 
 def _iterate(ds: grain.MapDataset, num_threads, prefetch_batches, worker_count):
@@ -185,20 +211,21 @@ def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind
                         worker_count: int = 0) -> grain.DatasetIterator:
   """An endless iterator of this process's train batches.
 
-  `num_threads` threads build whole batches, `prefetch_batches` (default 2 * num_threads)
-  ahead. `worker_count` > 0 runs that many grain worker processes, each with those threads,
-  for hosts where the GIL-bound share of the work limits threads; the batches are the same.
-  Close an iterator with workers (`it.close()`) when done with it.
+  `transform` names an `augment.TRANSFORMS` entry; "eval" gives a shuffled stream of un-augmented
+  images (e.g. a diverse fixed set of faces for figures). `num_threads` threads build whole
+  batches, `prefetch_batches` (default 2 * num_threads) ahead. `worker_count` > 0 runs that
+  many grain worker processes, each with those threads, for hosts where the GIL-bound share of
+  the work limits threads; the batches are the same. Close an iterator with workers
+  (`it.close()`) when done with it.
   """
   _check("kind", kind, ("unlabeled", "labeled"))
   _check("transform", transform, augment.TRANSFORMS)
   process_index, process_count, batch = _processes(global_batch_size, process_index,
                                                    process_count)
-  indices, example = _open(data_dir, split, names, kind, image_size,
-                           augment.TRANSFORMS[transform])
-  ds = (grain.MapDataset.range(sys.maxsize).map(_Epochs(indices, seed)).seed(seed)
-        .random_map(example)[process_index::process_count]
-        .batch(batch, drop_remainder=True, batch_fn=_stack))
+  indices, fields = _open(data_dir, split, names, kind, image_size)
+  rows = _TrainRows(_Epochs(indices, seed), batch, process_index, process_count)
+  ds = grain.MapDataset.range(sys.maxsize // global_batch_size).map(
+      _Batch(**fields, rows=rows, transform=augment.TRANSFORMS[transform], seed=seed))
   return _iterate(ds, num_threads, prefetch_batches, worker_count)
 
 
@@ -213,13 +240,14 @@ def make_eval_iterator(data_dir: str, split: str, names: Sequence[str], *,
   """
   process_index, process_count, batch = _processes(global_batch_size, process_index,
                                                    process_count)
-  indices, example = _open(data_dir, split, names, "eval", image_size)
+  indices, fields = _open(data_dir, split, names, "eval", image_size)
   # Every process pads to the longest slice rounded up to whole batches.
   length = math.ceil(math.ceil(len(indices) / process_count) / batch) * batch
   mine = indices[process_index::process_count]
   padded = np.concatenate([mine, np.full(length - len(mine), -1, mine.dtype)])
-  ds = grain.MapDataset.source(padded).map(example).batch(batch, drop_remainder=True,
-                                                          batch_fn=_stack)
+  ds = grain.MapDataset.range(length // batch).map(
+      _Batch(**fields, rows=_EvalRows(padded, batch), transform=augment.TRANSFORMS["eval"],
+             seed=0))
   return _iterate(ds, num_threads, prefetch_batches, worker_count)
 
 

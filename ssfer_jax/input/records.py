@@ -88,7 +88,7 @@ def load_manifest(data_dir: str) -> dict:
   path = os.path.join(data_dir, MANIFEST)
   if not os.path.exists(path):
     raise DatasetError(f"{path} not found: {data_dir} is not a complete dataset; "
-                       "build it with `python -m data_prep build --out {data_dir} ...`.")
+                       f"build it with `python -m data_prep build --out {data_dir} ...`.")
   with open(path) as f:
     manifest = json.load(f)
   if manifest.get("schema_version") != SCHEMA_VERSION:
@@ -108,6 +108,7 @@ def load_split(data_dir: str, split_file: str, names: Sequence[str]) -> np.ndarr
   `split_file` is a path, or a bare name looked up as `DATA_DIR/splits/NAME.json`.
   The split must have been made over this exact build (manifest checksum).
   """
+  manifest = load_manifest(data_dir)
   path = split_file if os.sep in split_file or split_file.endswith(".json") else os.path.join(
       data_dir, SPLITS_DIR, split_file + ".json")
   if not os.path.exists(path):
@@ -115,7 +116,6 @@ def load_split(data_dir: str, split_file: str, names: Sequence[str]) -> np.ndarr
                        f"`python -m data_prep split --data {data_dir} ...`.")
   with open(path) as f:
     split = json.load(f)
-  manifest = load_manifest(data_dir)
   if split.get("manifest_sha256") != manifest["manifest_sha256"]:
     raise DatasetError(f"{path} was made for another build of {data_dir} (manifest checksum "
                        "differs); rerun `python -m data_prep split` over this build.")

@@ -72,10 +72,11 @@ class ReconstructionFigure:
     self._dir = os.path.join(workdir, FIGURES_DIR)
     self._patch = config.model.patch_size
     self._mean, self._std = config.data.mean, config.data.std
-    it = pipeline.make_eval_iterator(
-        config.data.dir, config.data.split, config.data.train_lists,
+    # A seeded shuffle with the eval transform: diverse faces, the same in every run.
+    it = pipeline.make_train_iterator(
+        config.data.dir, config.data.split, config.data.train_lists, kind="unlabeled",
         global_batch_size=config.viz_examples, image_size=config.data.image_size,
-        process_index=0, process_count=1, num_threads=1)
+        seed=config.seed, transform="eval", process_index=0, process_count=1, num_threads=1)
     images = next(it)["image"]
     self._images = jax.make_array_from_process_local_data(sharding.replicated(mesh), images)
     self._rng = jax.random.key(config.seed + 1)
