@@ -4,8 +4,10 @@ Rows, each with the stored image size equal to the output size (224 px by defaul
   ceiling    read the record from ArrayRecord, parse it (records.decode), decode the JPEG to
              an RGB array (augment.decode: one cv2.imdecode, grey JPEGs as grey then
              expanded), nothing else; worker threads each loop over a part of a shuffled epoch;
-  weak       the full labeled train pipeline (make_train_iterator: epoch shuffle, read, decode,
-             random resized crop + flip with the box, batches, grain threads);
+  weak       the full labeled train pipeline's host part (make_train_iterator: epoch shuffle,
+             read, decode, the random-resized-crop window and flip drawn and the box mapped
+             through them, the image written whole into the batch, grain threads); the
+             resample itself runs on the device (ssfer_jax/input/device.py), timed below;
   eval       the full eval pipeline (make_eval_iterator), fresh passes until the time is up;
   data_prep  `data_prep.build` of --prep-images facial_expressions images (Haar detection,
              face crop, JPEG encode, one shard) with 1 and N worker processes.
@@ -20,7 +22,10 @@ measured beside it. The dataset is real faces (the shared facial_expressions ima
 demo sample) resized to the output size and stored as JPEG quality 90.
 
 A second table splits an image's cost into stages (one thread, median over rounds), the
-measured alternatives included: it is what bounds the weak row's ratio.
+measured alternatives included (the former host resample among them): it is what bounds the
+weak row's ratio. A last line times that resample where it now runs, on the present JAX
+backend: `device.crop_resize_flip` jitted on a batch of 64 host-drawn windows, after warm-up.
+It moved off the host, it did not vanish; on a CPU backend it is the costliest stage by far.
 
   python benchmarks/input_pipeline.py [--records 2000] [--size 224] [--json OUT]
 """
@@ -44,15 +49,15 @@ import time
 
 import cv2
 import grain
+import jax
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the dataset writer, until data_prep builds them
 
 import dataset_fixture  # noqa: E402
-from ssfer_jax.input import augment, pipeline, records  # noqa: E402
+from ssfer_jax.input import augment, device, pipeline, records  # noqa: E402
 
-INTERPOLATIONS = {cv2.INTER_LINEAR: "bilinear", cv2.INTER_CUBIC: "bicubic", cv2.INTER_AREA: "area"}
 SHARED = REPO.parent / "shared" / "datasets" / "facial_expressions"
 
 
@@ -157,7 +162,8 @@ def evaluate(data_dir, threads, seconds, size, batch):
 
 def stage_costs(data_dir, size, rounds: int = 7, n: int = 256) -> dict[str, float]:
   """Microseconds per image of each step of the weak pipeline, one thread, over n real
-  records: the ceiling's three steps, then what the weak transform adds."""
+  records: the ceiling's three steps, what the weak transform adds, then (bracketed) the
+  measured alternatives, the former host resample included."""
   source = _source(data_dir)
   keys = np.random.default_rng(0).permutation(len(source))[:n].tolist()
   raw = [source[k] for k in keys]
@@ -182,13 +188,14 @@ def stage_costs(data_dir, size, rounds: int = 7, n: int = 256) -> dict[str, floa
       "crop window + box": lambda i: augment.crop_box(
           (0.1, 0.1, 0.9, 0.9), augment.sample_crop(u[i], *images[i].shape[:2]),
           *images[i].shape[:2], flip=True),
-      "resize bilinear": lambda i: cv2.resize(crops[i], (size, size), dst=grey,
-                                              interpolation=cv2.INTER_LINEAR),
-      "mirror in place": lambda i: cv2.flip(grey, 1, dst=grey),
-      "grey -> RGB batch row": lambda i: cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB, dst=rows[i]),
-      "(resize bicubic)": lambda i: cv2.resize(crops[i], (size, size), dst=grey,
-                                               interpolation=cv2.INTER_CUBIC),
-      "(warpAffine bilinear)": warp,
+      "weak host: window+box+row": lambda i: augment.weak(images[i], (0.1, 0.1, 0.9, 0.9),
+                                                          u[i], rows[i]),
+      "(host resize bilinear)": lambda i: cv2.resize(crops[i], (size, size), dst=grey,
+                                                     interpolation=cv2.INTER_LINEAR),
+      "(host mirror in place)": lambda i: cv2.flip(grey, 1, dst=grey),
+      "(host resize bicubic)": lambda i: cv2.resize(crops[i], (size, size), dst=grey,
+                                                    interpolation=cv2.INTER_CUBIC),
+      "(host warpAffine bilinear)": warp,
   }
   costs = {}
   for name, step in stages.items():
@@ -200,6 +207,27 @@ def stage_costs(data_dir, size, rounds: int = 7, n: int = 256) -> dict[str, floa
       times.append((time.process_time() - cpu) / n * 1e6)
     costs[name] = statistics.median(times)
   return costs
+
+
+def device_resample_cost(size, batch: int = 64, rounds: int = 7) -> dict[str, float]:
+  """Microseconds per image of `device.crop_resize_flip` (wall, and CPU seconds of this
+  process, which on a CPU backend are XLA's threads) on the default backend: a batch of
+  host-drawn windows at `size`, jitted, warmed up, median over rounds."""
+  images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8)
+  u = augment.uniforms(0, np.arange(batch), augment.TRANSFORMS["weak"].draws).tolist()
+  crops = np.float32([(y / size, x / size, (y + h) / size, (x + w) / size)
+                      for y, x, h, w in (augment.sample_crop(v, size, size) for v in u)])
+  flips = np.array([v[augment.CROP_DRAWS] < 0.5 for v in u])
+  args = jax.device_put((images, crops, flips))
+  device.crop_resize_flip(*args, size).block_until_ready()
+  walls, cpus = [], []
+  for _ in range(rounds):
+    wall, cpu = time.perf_counter(), time.process_time()
+    device.crop_resize_flip(*args, size).block_until_ready()
+    walls.append((time.perf_counter() - wall) / batch * 1e6)
+    cpus.append((time.process_time() - cpu) / batch * 1e6)
+  return {"backend": f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
+          "batch": batch, "wall_us": statistics.median(walls), "cpu_us": statistics.median(cpus)}
 
 
 # Spawned build workers re-import the main module: a small `-c` main keeps this script's
@@ -270,6 +298,7 @@ def main(argv=None) -> list[Row]:
       for (kind, t), runs in samples.items():
         runs.append(kinds[kind](data_dir, t, args.seconds, args.size, args.batch))
     stages = stage_costs(data_dir, args.size)
+  resample = device_resample_cost(args.size)
   rows = []
   for (kind, t), runs in samples.items():
     per_core = [images / cpu for images, _, cpu in runs]
@@ -281,7 +310,7 @@ def main(argv=None) -> list[Row]:
   rows += data_prep_rows(args, thread_counts)
 
   header = (f"input pipeline, {args.size} px stored = output, {args.records} real faces, batch "
-            f"{args.batch}, resize {INTERPOLATIONS[augment.INTERPOLATION]}; "
+            f"{args.batch}, weak = host part (bilinear crop resample on device); "
             f"{_machine()}, {os.cpu_count()} CPU cores, "
             f"{datetime.date.today()}; medians of {args.repeats} x {args.seconds:g} s a row; "
             f"data_prep: {args.prep_images} images, Haar")
@@ -291,13 +320,16 @@ def main(argv=None) -> list[Row]:
     share = "" if r.of_ceiling is None else f"{r.of_ceiling:.2f}"
     print(f"{r.name:<10}{r.threads:>8}{r.images_per_s:>10.0f}{r.cores:>7.2f}{r.per_core:>10.0f}"
           f"{share:>12}")
-  print(f"\nper image, one thread ({args.size} px, grey JPEGs; in brackets: alternatives)")
+  print(f"\nper image, one thread ({args.size} px, mostly grey JPEGs; in brackets: alternatives)")
   for name, us in stages.items():
-    print(f"  {name:<26}{us:>7.1f} us")
+    print(f"  {name:<28}{us:>7.1f} us")
+  print(f"\nmoved to the device: crop + resize + flip (device.crop_resize_flip, jit, batch "
+        f"{resample['batch']} at {args.size} px) on {resample['backend']}: "
+        f"{resample['wall_us']:.1f} us wall, {resample['cpu_us']:.1f} us CPU per image")
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"header": header, "rows": [dataclasses.asdict(r) for r in rows],
-                 "stages_us": stages}, f, indent=1)
+                 "stages_us": stages, "device_resample": resample}, f, indent=1)
   return rows
 
 

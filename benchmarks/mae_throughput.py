@@ -24,6 +24,7 @@ import numpy as np
 
 from configs import pretrain_mae
 from ssfer_jax import sharding
+from ssfer_jax.input import pipeline
 from ssfer_jax.trainers import loop, pretrain
 
 # Dense bf16 peak per device, TFLOP/s (vendor figures; measure with --measure_peak).
@@ -63,9 +64,13 @@ def bench(variant: str, batch: int, image_size: int | None, steps: int, peak_tfl
   abstract, shardings = loop.state_layout(config, stage, mesh)
   state = jax.jit(lambda r: nn.meta.unbox(stage.init(r)), out_shardings=shardings)(jax.random.key(0))
   s = config.data.image_size
-  images = np.random.default_rng(0).integers(0, 256, (batch, s, s, 3), dtype=np.uint8)
-  batch_arr = {"image": jax.device_put(images, sharding.batch_sharding(mesh))}
-  spec = {"image": jax.ShapeDtypeStruct(images.shape, jnp.uint8, sharding=sharding.batch_sharding(mesh))}
+  rng = np.random.default_rng(0)
+  # The step resamples a crop window per image on device, as in training.
+  host = {"image": rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8),
+          "crop": np.tile(np.float32([0.1, 0.1, 0.9, 0.9]), (batch, 1)),
+          "flip": rng.random(batch) < 0.5, "index": np.arange(batch, dtype=np.int32)}
+  batch_arr = jax.device_put(host, sharding.batch_sharding(mesh))
+  spec = pipeline.batch_spec(stage.batch_kind, batch, s, sharding.batch_sharding(mesh))
   t = time.perf_counter()
   step = jax.jit(loop.make_train_step(stage.loss_fn, stage.tx, stage.schedule, 0),
                  in_shardings=(shardings, sharding.batch_sharding(mesh)),

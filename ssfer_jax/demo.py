@@ -21,7 +21,7 @@ import sys
 import numpy as np
 
 from ssfer_jax import sharding, viz, writers
-from ssfer_jax.input import pipeline, records
+from ssfer_jax.input import device, pipeline, records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "data_prep", "demo_data")
@@ -66,7 +66,10 @@ def look_at_batches(data_dir: str, figures: str) -> None:
     counts = collections.Counter(classes[j] for j in batch["label"])
     print(f"batch {i}: " + ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in arrays.items())
           + f"; labels {dict(counts)}")
-  drawn = viz.draw_boxes(batch["image"], batch["box"])
+  # What the model sees: the device resamples the host's crop windows and flips.
+  seen = device.crop_resize_flip(batch["image"], batch["crop"], batch["flip"], IMAGE_SIZE)
+  seen = np.clip(np.round(np.asarray(seen)), 0, 255).astype(np.uint8)
+  drawn = viz.draw_boxes(seen, batch["box"])
   grid = viz.image_grid([drawn[i::4] for i in range(4)], ["weak aug + face box", "", "", ""])
   print("a batch with its face boxes:", viz.write_png(os.path.join(figures, "batch.png"), grid))
 

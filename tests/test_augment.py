@@ -1,5 +1,6 @@
-"""Host-side transforms: decoding real JPEGs, counter-based uniforms, the crop sampler, and exact
-box bookkeeping of the path that writes into batch rows."""
+"""Host-side transforms: decoding real JPEGs, counter-based uniforms, the crop sampler, exact box
+bookkeeping, and what the transforms write into batch rows (the resample itself is on device:
+tests/test_device_augment.py)."""
 
 import cv2
 import numpy as np
@@ -51,54 +52,13 @@ def test_decode_rejects_non_jpeg_bytes():
     augment.decode(b"not a jpeg at all")
 
 
-# A box with integer pixel edges in an image, a crop window inside it, a flip and an output size.
+# An image size, a crop window inside it and a flip.
 @st.composite
 def _scenes(draw):
   height, width = draw(st.integers(4, 48)), draw(st.integers(4, 48))
-  bx0, bx1 = sorted(draw(st.lists(st.integers(0, width), min_size=2, max_size=2, unique=True)))
-  by0, by1 = sorted(draw(st.lists(st.integers(0, height), min_size=2, max_size=2, unique=True)))
   h, w = draw(st.integers(1, height)), draw(st.integers(1, width))
   window = augment.Window(draw(st.integers(0, height - h)), draw(st.integers(0, width - w)), h, w)
-  return (height, width, (bx0, by0, bx1, by1), window, draw(st.booleans()),
-          draw(st.integers(4, 48)), draw(st.sampled_from([(), (3,)])))
-
-
-@settings(max_examples=300, deadline=None)
-@given(_scenes())
-def test_box_follows_crop_flip_resize_of_a_rendered_mask(scene):
-  height, width, (bx0, by0, bx1, by1), window, flip, size, channels = scene
-  mask = np.zeros((height, width, *channels), np.uint8)  # grey or RGB
-  mask[by0:by1, bx0:bx1] = 255
-  box = (bx0 / width, by0 / height, bx1 / width, by1 / height)
-  # Into a row of a batch, as the pipeline writes it; nearest sampling at pixel centres, so
-  # the mask's extent is exact up to half a pixel.
-  batch = np.full((2, size, size, 3), 7, np.uint8)
-  out_box = augment.crop_flip_resize(mask, box, window, flip, batch[1],
-                                     interpolation=cv2.INTER_NEAREST_EXACT)
-  assert np.all(batch[0] == 7)  # only its row written
-  out = batch[1]
-  np.testing.assert_array_equal(out[..., 0], out[..., 2])
-  ys, xs = np.nonzero(out[..., 0])
-  if not len(xs):  # the box left the window, or is thinner than an output pixel
-    assert (out_box[2] - out_box[0]) * size <= 1 or (out_box[3] - out_box[1]) * size <= 1
-    return
-  seen = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) / size
-  np.testing.assert_allclose(out_box, seen, atol=1 / size + 1e-6)
-
-
-def test_crop_flip_resize_matches_flip_then_resize(demo_data_dir):
-  # The bilinear path the pipeline uses: resize into the row, then mirror it in place.
-  for grey in (True, False):
-    image = augment.decode(_demo_jpeg(demo_data_dir, grey), rgb=False)
-    window = augment.Window(5, 9, image.shape[0] // 2, image.shape[1] // 3)
-    for flip, size in [(False, 40), (True, 40), (True, 224)]:
-      out = np.empty((size, size, 3), np.uint8)
-      augment.crop_flip_resize(image, (0, 0, 1, 1), window, flip, out)
-      crop = augment.to_rgb(image)[window.y:window.y + window.h, window.x:window.x + window.w]
-      expected = cv2.resize(crop[:, ::-1] if flip else crop, (size, size),
-                            interpolation=cv2.INTER_LINEAR)
-      # Mirroring before or after the resize differs only by rounding of the filter weights.
-      assert np.abs(out.astype(int) - expected).max() <= 1
+  return height, width, window, draw(st.booleans())
 
 
 @st.composite
@@ -112,7 +72,7 @@ def _boxes(draw):
 @settings(max_examples=300, deadline=None)
 @given(_boxes(), _scenes())
 def test_box_invariants(box, scene):
-  height, width, _, window, flip, _, _ = scene
+  height, width, window, flip = scene
   out = augment.crop_box(box, window, height, width)
   if flip:
     out = augment.flip_box(out)
@@ -177,13 +137,39 @@ def test_weak_is_a_function_of_its_uniforms(demo_data_dir):
   draws = augment.TRANSFORMS["weak"].draws
   u = augment.uniforms(0, [7, 7, 8], draws).tolist()
   out = np.empty((3, 32, 32, 3), np.uint8)
-  boxes = [augment.weak(image, box, u[i], out[i]) for i in range(3)]
-  assert boxes[0].dtype == np.float32 and boxes[0].shape == (4,)
-  np.testing.assert_array_equal(out[0], out[1])
-  np.testing.assert_array_equal(boxes[0], boxes[1])
-  assert not np.array_equal(out[0], out[2])
+  views = [augment.weak(image, box, u[i], out[i]) for i in range(3)]
+  assert views[0].box.dtype == np.float32 and views[0].box.shape == (4,)
+  np.testing.assert_array_equal(views[0].box, views[1].box)
+  assert (views[0].crop, views[0].flip) == (views[1].crop, views[1].flip)
+  assert views[0].crop != views[2].crop
+  np.testing.assert_array_equal(out[0], out[2])  # the image is written whole either way
   flips = [u[augment.CROP_DRAWS] < 0.5 for u in augment.uniforms(0, np.arange(1000), draws)]
   assert 0.45 < np.mean(flips) < 0.55
+
+
+@pytest.mark.parametrize("grey", [True, False])
+@pytest.mark.parametrize("size", [None, 24])  # the stored height, or another size
+def test_weak_writes_the_image_whole_and_returns_its_window(demo_data_dir, grey, size):
+  image = augment.decode(_demo_jpeg(demo_data_dir, grey), rgb=False)
+  height, width = image.shape[:2]
+  size = size or height
+  box = (0.2, 0.1, 0.8, 0.9)
+  for position in range(20):
+    u = augment.uniforms(3, [position], augment.TRANSFORMS["weak"].draws)[0].tolist()
+    batch = np.full((2, size, size, 3), 7, np.uint8)
+    view = augment.weak(image, box, u, batch[1])
+    assert np.all(batch[0] == 7)  # only its row written
+    out = batch[1]
+    expected = augment.to_rgb(image if image.shape[:2] == (size, size) else cv2.resize(
+        image, (size, size), interpolation=cv2.INTER_LINEAR))
+    np.testing.assert_array_equal(out, expected)
+    y, x, h, w = window = augment.sample_crop(u, height, width)
+    flip = u[augment.CROP_DRAWS] < 0.5
+    assert view.flip == flip
+    # Normalised to the stored image, hence to the row whatever its size.
+    np.testing.assert_allclose(view.crop, (y / height, x / width, (y + h) / height,
+                                           (x + w) / width))
+    np.testing.assert_array_equal(view.box, augment.crop_box(box, window, height, width, flip))
 
 
 def test_eval_transform_resizes_and_keeps_the_box(demo_data_dir):
@@ -191,10 +177,11 @@ def test_eval_transform_resizes_and_keeps_the_box(demo_data_dir):
   assert augment.TRANSFORMS["eval"].draws == 0
   image = augment.decode(_demo_jpeg(demo_data_dir, grey=True), rgb=False)
   same = np.empty((*image.shape, 3), np.uint8)
-  box = fn(image, (0.1, 0.2, 0.9, 0.8), [], same)
+  view = fn(image, (0.1, 0.2, 0.9, 0.8), [], same)
   np.testing.assert_array_equal(same, augment.to_rgb(image))
-  np.testing.assert_allclose(box, (0.1, 0.2, 0.9, 0.8), atol=1e-7)
+  np.testing.assert_allclose(view.box, (0.1, 0.2, 0.9, 0.8), atol=1e-7)
+  assert (view.crop, view.flip) == (augment.FULL_CROP, False)
   small = np.empty((24, 24, 3), np.uint8)
-  fn(image, box, [], small)
+  fn(image, view.box, [], small)
   np.testing.assert_array_equal(small, augment.to_rgb(cv2.resize(image, (24, 24),
                                                                  interpolation=cv2.INTER_LINEAR)))

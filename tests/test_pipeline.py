@@ -1,4 +1,5 @@
-"""grain pipelines over a small real-face dataset: shapes, determinism, sharding, resume, eval."""
+"""grain pipelines over a small real-face dataset: shapes, determinism, sharding, resume, eval,
+and what the weak transform leaves in a batch for the device (images whole, window, flip)."""
 
 import collections
 
@@ -12,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import dataset_fixture
-from ssfer_jax.input import pipeline, records
+from ssfer_jax.input import augment, pipeline, records
 
 SIZE = 32
 
@@ -39,6 +40,10 @@ def _train(data_dir, **kw):
 
 def _take(it, n):
   return [next(it) for _ in range(n)]
+
+
+def _stored_rgb(rec):
+  return cv2.imdecode(np.frombuffer(rec["image"], np.uint8), cv2.IMREAD_COLOR_RGB)
 
 
 def _assert_same_batches(a, b):
@@ -94,8 +99,7 @@ def test_eval_rows_are_the_stored_records(data_dir, stored):
       assert batch["label"][row] == rec["label"]
       np.testing.assert_allclose(batch["box"][row], rec["box"], atol=1e-6)
       image = batch["image"][row]
-      np.testing.assert_array_equal(image, cv2.imdecode(np.frombuffer(rec["image"], np.uint8),
-                                                        cv2.IMREAD_COLOR_RGB))
+      np.testing.assert_array_equal(image, _stored_rgb(rec))
       grey += np.array_equal(image[..., 0], image[..., 2])
   assert 0 < grey < 36  # both grey and colour records went through
 
@@ -107,12 +111,35 @@ def test_train_stream_with_the_eval_transform_is_shuffled_and_unaugmented(data_d
   assert not np.array_equal(a["index"], np.sort(a["index"]))
   for row, index in enumerate(a["index"]):
     rec = stored[index]
-    np.testing.assert_array_equal(a["image"][row], cv2.imdecode(
-        np.frombuffer(rec["image"], np.uint8), cv2.IMREAD_COLOR_RGB))
+    np.testing.assert_array_equal(a["image"][row], _stored_rgb(rec))
     np.testing.assert_allclose(a["box"][row], rec["box"], atol=1e-6)
+  np.testing.assert_array_equal(a["crop"], np.tile(np.float32(augment.FULL_CROP), (8, 1)))
+  assert not a["flip"].any()
   weak = next(_train(data_dir, seed=5))
   np.testing.assert_array_equal(weak["index"], a["index"])  # same stream, other transform
-  assert not np.array_equal(weak["image"], a["image"])
+  np.testing.assert_array_equal(weak["image"], a["image"])  # the device crops and flips
+  assert (weak["crop"] != a["crop"]).any() and weak["flip"].any()
+
+
+def test_weak_batches_carry_the_hosts_window_flip_and_box(data_dir, stored):
+  # Rows are the stored images; crop, flip and box are the draws of each stream position.
+  batch = next(_train(data_dir, seed=2))
+  u = augment.uniforms(2, np.arange(8), augment.TRANSFORMS["weak"].draws).tolist()
+  for row, index in enumerate(batch["index"]):
+    rec = stored[index]
+    np.testing.assert_array_equal(batch["image"][row], _stored_rgb(rec))
+    y, x, h, w = window = augment.sample_crop(u[row], SIZE, SIZE)
+    flip = u[row][augment.CROP_DRAWS] < 0.5
+    np.testing.assert_array_equal(
+        batch["crop"][row], np.float32([y / SIZE, x / SIZE, (y + h) / SIZE, (x + w) / SIZE]))
+    assert batch["flip"][row] == flip
+    np.testing.assert_array_equal(batch["box"][row],
+                                  augment.crop_box(rec["box"], window, SIZE, SIZE, flip))
+  # At another image size the rows are resized; window, flip and box are the same.
+  other = next(_train(data_dir, seed=2, image_size=24))
+  assert other["image"].shape == (8, 24, 24, 3)
+  for k in ("crop", "flip", "box", "index"):
+    np.testing.assert_array_equal(other[k], batch[k], err_msg=k)
 
 
 def test_labeled_kind_rejects_unlabeled_records(data_dir):

@@ -1,15 +1,23 @@
 """Host-side image transforms (numpy + cv2, uint8) that carry the face box along.
 
 Every geometric transform also maps the face box (normalised x0, y0, x1, y1 in the frame of
-its input image) into the frame of its output image, exactly: FaceMix computes the IoU of the
-boxes of the images the model sees. A box with no area left (cropped away) is always
-`EMPTY_BOX`, so its IoU with anything is 0.
+its input image) into the frame of the image the model sees, exactly: FaceMix computes the
+IoU of the boxes of the images the model sees. A box with no area left (cropped away) is
+always `EMPTY_BOX`, so its IoU with anything is 0.
+
+The work is split with the device. The host decodes, writes the image into its batch row as
+stored and draws the geometry: the random-resized-crop window and the flip, which it returns
+with the box mapped through them. `device.crop_resize_flip` then resamples the window inside
+the jitted step: the bilinear resize cost ~37 us an image on the host, 0.30 of the decode
+ceiling the pipeline is held to (benchmarks/input_pipeline.py), and could get no cheaper
+there; on an accelerator it is two small matmuls an image.
 
 Transforms are looked up by name in `TRANSFORMS` (the strong RandAugment view slots in there)
-and share one signature, `fn(image, box, u, out) -> box`: they write the output image straight
-into `out`, a uint8 [S, S, 3] row of the batch (no intermediate images to allocate and copy),
-and return its box. They take grey [H, W] or RGB [H, W, 3] images alike: grey JPEGs stay one
-channel through the resize (a third of the pixel work) and become RGB last, in the row.
+and share one signature, `fn(image, box, u, out) -> View`: they write the image straight into
+`out`, a uint8 [S, S, 3] row of the batch (no intermediate images to allocate and copy), and
+return its `View`: the box, the crop window normalised to `out`'s frame, the flip. They take
+grey [H, W] or RGB [H, W, 3] images alike: grey JPEGs stay one channel through any resize (a
+third of the pixel work) and become RGB last, in the row.
 
 Randomness is counter-based: `uniforms(seed, positions, draws)` hashes (seed, global stream
 position, draw number) into the `u` of every example of a batch in a few numpy calls. An
@@ -17,14 +25,11 @@ example's crop and flip then depend only on the seed and its stream position (no
 process count, the batch or the thread that made it), and no generator is built per example
 (`np.random.default_rng` alone costs ~8 us, a tenth of decoding the JPEG).
 
-Interpolation: bilinear, for speed. The MAE reference uses bicubic; bilinear vs bicubic was
-within noise for this project's quality purposes. Measured on this project's 2-core CPU
-machine (benchmarks/input_pipeline.py stage table: RRC crops of 224 px grey faces to 224 px):
-bilinear ~38 us, bicubic ~45 us a resize, against ~90-110 us to decode the JPEG; bicubic costs
-the weak pipeline ~0.02-0.03 of the ceiling. `cv2.warpAffine` (crop, flip and resize as one
-affine map) costs ~90-100 us, so the crop is a view, the resize writes into a scratch (grey)
-or the row, and the flip mirrors it in place (~1.5 us). Grey is resized before it is expanded
-to RGB: expanding first makes the resize ~75 us.
+Interpolation: bilinear, both for the crop on the device and here, where only images stored
+at another size than the batch's are resized (`cv2.resize` maps pixel centres, so normalised
+boxes and windows carry over unchanged). The MAE reference uses bicubic; bilinear vs bicubic
+was within noise for this project's quality purposes, and on the device bicubic would cost
+the same (its weights are dense matrices either way).
 """
 
 from __future__ import annotations
@@ -55,9 +60,21 @@ class Window(NamedTuple):
   w: int
 
 
+class View(NamedTuple):
+  """What a transform tells the device and FaceMix about the image it wrote: the box in the
+  frame the model sees, the window to resample (normalised y0, x0, y1, x1 of the written
+  image: the array axis order `device.crop_resize_flip` works in) and the flip."""
+  box: np.ndarray
+  crop: tuple[float, float, float, float]
+  flip: bool
+
+
+FULL_CROP = (0.0, 0.0, 1.0, 1.0)
+
+
 class Transform(NamedTuple):
-  """`fn(image, box, u, out) -> box` with `draws` uniforms in `u`, its only randomness."""
-  fn: Callable[[np.ndarray, Sequence[float], Sequence[float], np.ndarray], np.ndarray]
+  """`fn(image, box, u, out) -> View` with `draws` uniforms in `u`, its only randomness."""
+  fn: Callable[[np.ndarray, Sequence[float], Sequence[float], np.ndarray], View]
   draws: int
 
 
@@ -173,49 +190,36 @@ def flip_box(box) -> np.ndarray:
   return crop_box(box, Window(0, 0, 1, 1), 1, 1, flip=True)
 
 
-def _write_rgb(image: np.ndarray, out: np.ndarray, flip: bool, interpolation: int):
-  """Writes `image` resized to `out`'s size, mirrored if `flip`, into `out` as RGB.
-
-  cv2.resize maps pixel centres ((x + 0.5) * in / out - 0.5), so normalised coordinates carry
-  over unchanged: the box needs only the crop and the mirror.
-  """
-  grey = image.ndim == 2
-  dst = np.empty(out.shape[:2], np.uint8) if grey else out
+def _write_rgb(image: np.ndarray, out: np.ndarray):
+  """Writes `image` into `out` as RGB, resized to `out`'s size only where it differs."""
   if image.shape[:2] != out.shape[:2]:
-    cv2.resize(image, out.shape[1::-1], dst=dst, interpolation=interpolation)
-    if flip:
-      cv2.flip(dst, 1, dst=dst)
-  elif flip:
-    cv2.flip(image, 1, dst=dst)
-  elif grey:
-    dst = image
+    if image.ndim == 3:
+      cv2.resize(image, out.shape[1::-1], dst=out, interpolation=INTERPOLATION)
+      return
+    image = cv2.resize(image, out.shape[1::-1], interpolation=INTERPOLATION)
+  if image.ndim == 2:
+    cv2.cvtColor(image, cv2.COLOR_GRAY2RGB, dst=out)
   else:
     np.copyto(out, image)
-  if grey:
-    cv2.cvtColor(dst, cv2.COLOR_GRAY2RGB, dst=out)
 
 
-def crop_flip_resize(image: np.ndarray, box, window: Window, flip: bool, out: np.ndarray,
-                     interpolation: int = INTERPOLATION) -> np.ndarray:
-  """Crops `window`, resizes it into `out` (uint8 [S, S, 3]), mirrors it if `flip`; returns
-  the box in `out`'s frame."""
-  y, x, h, w = window
-  _write_rgb(image[y:y + h, x:x + w], out, flip, interpolation)
-  return crop_box(box, window, *image.shape[:2], flip=flip)
+def weak(image: np.ndarray, box, u: Sequence[float], out: np.ndarray) -> View:
+  """Random resized crop + horizontal flip (p=0.5): the image is written whole, the window
+  and flip are drawn for the device to apply, the box is mapped through both."""
+  height, width = image.shape[:2]
+  y, x, h, w = window = sample_crop(u, height, width)
+  flip = u[CROP_DRAWS] < 0.5
+  _write_rgb(image, out)
+  return View(crop_box(box, window, height, width, flip),
+              (y / height, x / width, (y + h) / height, (x + w) / width), flip)
 
 
-def weak(image: np.ndarray, box, u: Sequence[float], out: np.ndarray) -> np.ndarray:
-  """Random resized crop + horizontal flip (p=0.5)."""
-  window = sample_crop(u, *image.shape[:2])
-  return crop_flip_resize(image, box, window, u[CROP_DRAWS] < 0.5, out)
-
-
-def resize(image: np.ndarray, box, u: Sequence[float], out: np.ndarray) -> np.ndarray:
-  """The eval view: the whole image resized to `out` (a copy when stored at that size);
+def resize(image: np.ndarray, box, u: Sequence[float], out: np.ndarray) -> View:
+  """The eval view: the whole image in `out` (resized when stored at another size);
   normalised boxes keep."""
   del u  # no randomness
-  _write_rgb(image, out, False, INTERPOLATION)
-  return _canonical(*(float(v) for v in box))
+  _write_rgb(image, out)
+  return View(_canonical(*(float(v) for v in box)), FULL_CROP, False)
 
 
 TRANSFORMS: dict[str, Transform] = {

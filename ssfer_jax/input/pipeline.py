@@ -5,6 +5,12 @@ mapped by `_Batch`, which reads the batch's records, decodes them and has the tr
 each image straight into a preallocated uint8 [b, S, S, 3] array. grain and Python overhead
 (element bookkeeping, dicts, stacking) is paid once a batch, not once an example.
 
+Train images go into the batch whole; the random-resized-crop window and flip travel beside
+them (`crop`, `flip`) and `device.crop_resize_flip` applies them in the jitted step. The
+bilinear resize was 0.30 of the decode ceiling on the host and is nearly free on an
+accelerator; the host still draws the window and maps the face box through it, so the box
+in the batch is the box of the image the model sees.
+
 Train (`make_train_iterator`), per process, batch number n:
   global stream positions (n * b + j) * process_count + process_index, j < b
   -> record indices: a seeded permutation of the split per epoch (`_Epochs`), endless
@@ -19,15 +25,19 @@ Eval (`make_eval_iterator`): one pass in record order, each process's slice padd
 batches and to the same batch count on every process (collectives need that); padding rows
 have `valid` False, index -1 and zero pixels.
 
-Threads by default, not worker processes: cv2 releases the GIL while it decodes and resizes
-(most of the work), and on a few cores processes lose (REFERENCE.md section 4); `worker_count`
+Threads by default, not worker processes: cv2 releases the GIL while it decodes (most of
+the work), and on a few cores processes lose (REFERENCE.md section 4); `worker_count`
 adds grain worker processes for hosts with many cores. Each thread builds whole batches, so
 the prefetch buffer counts batches.
 
 Batch kinds (process-local dicts of numpy arrays; `batch_spec` gives global shapes):
-  unlabeled  image uint8[b, S, S, 3], index int32[b] (global record index)
-  labeled    + label int32[b], box float32[b, 4] (normalised xyxy in the output image)
-  eval       labeled + valid bool[b]
+  unlabeled  image uint8[b, S, S, 3] (as stored, resized only if stored at another size),
+             crop float32[b, 4] (the window, normalised y0, x0, y1, x1 in `image`; the whole
+             image for transform "eval"), flip bool[b] (mirror after the resize),
+             index int32[b] (global record index)
+  labeled    + label int32[b], box float32[b, 4] (normalised xyxy in the image the model
+             sees: `crop_resize_flip` of `image`)
+  eval       image, label, box (in `image`: no crop or flip to apply), index, valid bool[b]
 """
 
 from __future__ import annotations
@@ -51,11 +61,13 @@ FIELDS = {  # name -> (shape after the batch dim, given the image size; dtype)
     "index": (lambda s: (), np.int32),
     "label": (lambda s: (), np.int32),
     "box": (lambda s: (4,), np.float32),
+    "crop": (lambda s: (4,), np.float32),
+    "flip": (lambda s: (), np.bool_),
     "valid": (lambda s: (), np.bool_),
 }
 KINDS = {
-    "unlabeled": ("image", "index"),
-    "labeled": ("image", "label", "box", "index"),
+    "unlabeled": ("image", "crop", "flip", "index"),
+    "labeled": ("image", "crop", "flip", "label", "box", "index"),
     "eval": ("image", "label", "box", "index", "valid"),
 }
 DEFAULT_THREADS = min(os.cpu_count() or 1, 16)
@@ -126,7 +138,8 @@ class _EvalRows:
 @dataclasses.dataclass(frozen=True)
 class _Batch:
   """Batch number -> the batch of its kind: records read and decoded one by one, each image
-  written into its row by `transform`, its randomness drawn for the whole batch at once."""
+  written into its row by `transform` (train kinds also keep its crop and flip), its
+  randomness drawn for the whole batch at once."""
   source: grain.sources.ArrayRecordDataSource
   kind: str
   image_size: int
@@ -143,15 +156,17 @@ class _Batch:
         (len(indices), *FIELDS[name][0](self.image_size)), FIELDS[name][1])
            for name in KINDS[self.kind]}
     out["index"][:] = indices
-    image = out["image"]
+    image, train = out["image"], "crop" in out
     draws = augment.uniforms(self.seed, positions, self.transform.draws).tolist()
     for row, (index, u) in enumerate(zip(indices.tolist(), draws)):
       if index < 0:  # an eval pad
         image[row] = 0
         continue
       rec = records.decode(self.source[index])
-      box = self.transform.fn(augment.decode(rec["image"], rgb=False), rec["box"], u,
-                              image[row])
+      view = self.transform.fn(augment.decode(rec["image"], rgb=False), rec["box"], u,
+                               image[row])
+      if train:
+        out["crop"][row], out["flip"][row] = view.crop, view.flip
       if self.kind != "unlabeled":
         label = rec["label"]
         if not 0 <= label < self.num_classes:
@@ -159,7 +174,7 @@ class _Batch:
               f"{self.where}: record {rec['id']!r} (index {index}) has label {label}, not one "
               f"of the {self.num_classes} classes; a {self.kind} pipeline needs labeled lists "
               "(train_labeled, val, test) or use kind='unlabeled'.")
-        out["label"][row], out["box"][row] = label, box
+        out["label"][row], out["box"][row] = label, view.box
     if self.kind == "eval":
       out["valid"][:] = indices >= 0
     return out
@@ -212,7 +227,8 @@ def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind
   """An endless iterator of this process's train batches.
 
   `transform` names an `augment.TRANSFORMS` entry; "eval" gives a shuffled stream of un-augmented
-  images (e.g. a diverse fixed set of faces for figures). `num_threads` threads build whole
+  images (e.g. a diverse fixed set of faces for figures), with whole-image crops and no flips,
+  so the same device preparation serves both. `num_threads` threads build whole
   batches, `prefetch_batches` (default 2 * num_threads) ahead. `worker_count` > 0 runs that
   many grain worker processes, each with those threads, for hosts where the GIL-bound share of
   the work limits threads; the batches are the same. Close an iterator with workers

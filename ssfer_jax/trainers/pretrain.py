@@ -38,8 +38,8 @@ def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
   model = mae.MAE(**kwargs)
   tx, schedule = optim.make_optimizer(config.optim, config.batch_size, plan.total_steps,
                                       plan.steps_per_epoch)
-  prepare = lambda images: device.normalize(images, config.data.mean, config.data.std,
-                                            kwargs["dtype"])
+  prepare = lambda batch: device.prepare_train_images(batch, size, config.data.mean,
+                                                      config.data.std, kwargs["dtype"])
 
   def init(rng):
     params_rng, mask_rng = jax.random.split(rng)
@@ -49,7 +49,7 @@ def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
 
   def loss_fn(params, batch, rng):
     mask_rng, drop_rng = jax.random.split(rng)
-    loss, _ = model.apply({"params": params}, prepare(batch["image"]), train=True,
+    loss, _ = model.apply({"params": params}, prepare(batch), train=True,
                           rngs={"mask": mask_rng, "dropout": drop_rng})
     return loss, {}
 
@@ -65,24 +65,28 @@ class ReconstructionFigure:
 
   The faces, the mask and hence the figure depend only on the seed, so figures from
   different steps of a run are directly comparable. Pretraining never sees val/test,
-  so the faces come from the training lists.
+  so the faces come from the training lists. They go through the train step's device
+  preparation (whole-image crops, no flips), so the model sees them as it sees training.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, mesh, model: mae.MAE, workdir: str):
     self._dir = os.path.join(workdir, FIGURES_DIR)
     self._patch = config.model.patch_size
     self._mean, self._std = config.data.mean, config.data.std
+    size = config.data.image_size
     # A seeded shuffle with the eval transform: diverse faces, the same in every run.
     it = pipeline.make_train_iterator(
         config.data.dir, config.data.split, config.data.train_lists, kind="unlabeled",
-        global_batch_size=config.viz_examples, image_size=config.data.image_size,
+        global_batch_size=config.viz_examples, image_size=size,
         seed=config.seed, transform="eval", process_index=0, process_count=1, num_threads=1)
-    images = next(it)["image"]
-    self._images = jax.make_array_from_process_local_data(sharding.replicated(mesh), images)
+    batch = next(it)
+    self._images = batch["image"]
+    self._batch = jax.make_array_from_process_local_data(
+        sharding.replicated(mesh), {k: batch[k] for k in ("image", "crop", "flip")})
     self._rng = jax.random.key(config.seed + 1)
 
-    def reconstruct(params, images, rng):
-      x = device.normalize(images, self._mean, self._std, model.dtype)
+    def reconstruct(params, batch, rng):
+      x = device.prepare_train_images(batch, size, self._mean, self._std, model.dtype)
       loss, aux = model.apply({"params": params}, x, train=False, rngs={"mask": rng})
       views = mae.reconstruct_images(aux["pred"], x, aux["mask"], model.norm_pix_loss, self._patch)
       return loss, aux["mask"], device.denormalize(views["reconstruction"], self._mean, self._std)
@@ -90,9 +94,9 @@ class ReconstructionFigure:
     self._reconstruct = jax.jit(reconstruct)
 
   def __call__(self, state: loop.TrainState, step: int) -> dict:
-    loss, mask, recon = self._reconstruct(state.params, self._images, self._rng)
+    loss, mask, recon = self._reconstruct(state.params, self._batch, self._rng)
     if jax.process_index() == 0:
-      grid = viz.reconstruction_figure(np.asarray(self._images), np.asarray(mask),
+      grid = viz.reconstruction_figure(self._images, np.asarray(mask),
                                        np.asarray(recon), self._patch)
       viz.write_png(os.path.join(self._dir, f"reconstruction_{step:07d}.png"), grid)
     return {"figure_loss": float(loss)}
