@@ -13,7 +13,6 @@ import os
 from typing import Mapping
 
 import jax
-import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -25,7 +24,7 @@ def _fmt(v: float) -> str:
 
 
 class MetricWriter:
-  """Writes scalars and images to every enabled sink."""
+  """Writes scalars to every enabled sink."""
 
   def __init__(self, workdir: str, *, tensorboard: bool = True, console: bool = True):
     self._active = jax.process_index() == 0
@@ -52,10 +51,6 @@ class MetricWriter:
     if self._tb is not None:
       for k, v in scalars.items():
         self._tb.add_scalar(f"{prefix}/{k}", v, step)
-
-  def write_image(self, step: int, name: str, image_hwc_uint8: np.ndarray) -> None:
-    if self._active and self._tb is not None:
-      self._tb.add_image(name, image_hwc_uint8, step, dataformats="HWC")
 
   def close(self) -> None:
     if self._jsonl is not None:
