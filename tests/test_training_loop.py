@@ -2,6 +2,7 @@
 
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,7 +89,7 @@ def test_nan_before_any_checkpoint_still_leaves_a_loadable_one(data_dir, tmp_pat
   stage = pretrain.make_stage(config, plan, None)
   abstract, _ = loop.state_layout(config, stage, plan.mesh)
   restored = jax.device_get(ckpt.restore(step, abstract, None, pretrain.STAGE).params)
-  fresh = jax.device_get(jax.jit(lambda r: __import__("flax").linen.meta.unbox(stage.init(r)))(
+  fresh = jax.device_get(jax.jit(lambda r: nn.meta.unbox(stage.init(r)))(
       jax.random.key(config.seed)).params)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(fresh)):   # the update was skipped
     np.testing.assert_array_equal(a, b)

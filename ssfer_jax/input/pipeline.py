@@ -54,6 +54,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ssfer_jax import sharding as sharding_lib
 from ssfer_jax.input import augment, records
 
 FIELDS = {  # name -> (shape after the batch dim, given the image size; dtype)
@@ -268,7 +269,7 @@ def make_eval_iterator(data_dir: str, split: str, names: Sequence[str], *,
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
-              batch_axes: Sequence[str] = ("data", "fsdp")) -> dict[str, jax.Array]:
+              batch_axes: Sequence[str] = sharding_lib.BATCH_AXES) -> dict[str, jax.Array]:
   """Process-local batch -> global arrays, the batch dim sharded over `batch_axes` of `mesh`."""
   unknown = [a for a in batch_axes if a not in mesh.shape]
   if unknown:

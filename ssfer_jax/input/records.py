@@ -15,6 +15,7 @@ A built dataset directory holds:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -102,6 +103,19 @@ def load_ids(data_dir: str) -> list[str]:
     return f.read().splitlines()
 
 
+def _index_of(data_dir: str) -> dict[str, int]:
+  """Record id -> global index. Cached per ids.txt version: a run asks for several lists
+  (planning, the train iterator, figures), and at 1.2M records each map costs seconds."""
+  st = os.stat(os.path.join(data_dir, IDS_FILE))
+  return _index_of_version(os.path.abspath(data_dir), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _index_of_version(data_dir: str, mtime_ns: int, size: int) -> dict[str, int]:
+  del mtime_ns, size  # the cache key: a rebuilt dataset is read afresh
+  return {rid: i for i, rid in enumerate(load_ids(data_dir))}
+
+
 def load_split(data_dir: str, split_file: str, names: Sequence[str]) -> np.ndarray:
   """Global record indices (sorted) of the union of the named lists of a split file.
 
@@ -122,7 +136,7 @@ def load_split(data_dir: str, split_file: str, names: Sequence[str]) -> np.ndarr
   unknown = [n for n in names if n not in split["lists"]]
   if unknown:
     raise DatasetError(f"{path}: no list named {unknown}; it has {sorted(split['lists'])}.")
-  index_of = {rid: i for i, rid in enumerate(load_ids(data_dir))}
+  index_of = _index_of(data_dir)
   out = []
   for name in names:
     for rid in split["lists"][name]:
