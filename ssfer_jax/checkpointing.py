@@ -1,6 +1,8 @@
 """Orbax checkpoints holding the train state, the data iterator state and the resolved config.
 
-Async and atomic (orbax commits a step directory only when every item is written), keep-N,
+Async and atomic (orbax commits a step directory only when every item is written), keep the
+latest N plus, for stages that evaluate, the best on val (orbax preservation policies: a
+save that carries metrics competes for "best"; resume always takes the latest step),
 restored straight into the concrete shardings of the running mesh. A format version
 guards against loading checkpoints from an incompatible layout.
 """
@@ -15,7 +17,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: TrainState.extra (stage state)
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -25,25 +27,41 @@ class CheckpointError(RuntimeError):
 
 class Checkpointer:
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, keep_best: bool = False,
+               async_save: bool = True):
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
+    if keep_best:
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=_select, n=1, keep_checkpoints_without_metrics=False))
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                             enable_async_checkpointing=async_save, create=True))
+        options=ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            # Needed for orbax to store and rank the metrics saved with a step.
+            best_fn=_select if keep_best else None, best_mode="max",
+            enable_async_checkpointing=async_save, create=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def best_step(self) -> int | None:
+    """The step with the highest `select` metric (the latest step without evaluations)."""
+    return self._manager.best_step()
+
+  def metrics(self, step: int) -> dict | None:
+    """The metrics saved with `step` ({"select": float, "report": {...}}), if any."""
+    return self._manager.metrics(step)
+
   def save(self, step: int, state: Any, data_iterator: Any | None, config_json: dict,
-           stage: str) -> None:
+           stage: str, metrics: dict | None = None) -> None:
     items = dict(
         state=ocp.args.StandardSave(state),
         config=ocp.args.JsonSave(config_json),
         meta=ocp.args.JsonSave({"format_version": FORMAT_VERSION, "stage": stage, "step": step}))
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any | None,
               stage: str) -> Any:
@@ -71,6 +89,10 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _select(metrics: dict) -> float:
+  return metrics["select"]
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

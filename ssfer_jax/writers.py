@@ -13,6 +13,7 @@ import os
 from typing import Mapping
 
 import jax
+import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -51,6 +52,14 @@ class MetricWriter:
     if self._tb is not None:
       for k, v in scalars.items():
         self._tb.add_scalar(f"{prefix}/{k}", v, step)
+
+  def write_histograms(self, step: int, arrays: Mapping[str, np.ndarray],
+                       prefix: str = "train") -> None:
+    """TensorBoard histograms of per-example values (e.g. FaceMix's kappa)."""
+    if self._tb is None:
+      return
+    for k, v in arrays.items():
+      self._tb.add_histogram(f"{prefix}/{k}", np.asarray(v, np.float64).ravel(), step)
 
   def close(self) -> None:
     if self._jsonl is not None:

@@ -58,7 +58,7 @@ def test_resume_continues_with_the_same_losses(data_dir, tmp_path):
 
 def nan_stage(config, plan, workdir):
   stage = pretrain.make_stage(config, plan, workdir)
-  poisoned = lambda p, b, r: (stage.loss_fn(p, b, r)[0] * jnp.nan, {})
+  poisoned = lambda p, e, b, r: (stage.loss_fn(p, e, b, r)[0] * jnp.nan, {})
   return loop.Stage(stage.name, stage.batch_kind, stage.init, poisoned, stage.tx,
                     stage.schedule, stage.train_flops_per_example)
 

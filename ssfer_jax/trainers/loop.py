@@ -1,11 +1,14 @@
 """The one training loop every stage runs.
 
 A stage contributes a `Stage`: how to build its (boxed) train state, a pure loss function,
-the batch kind it eats, its FLOPs per example and optional hooks (figures, evaluations).
-The loop owns everything else, in big_vision's order: mesh and input; shapes via
-`jax.eval_shape`; a jitted init straight into the inferred shardings (or a restore into
-them); the step compiled ahead of time with donated state; then the loop with logging,
-hooks, checkpoints and a guard against non-finite losses.
+the batch kind it eats, its FLOPs per example, optional stage state kept beside the params
+(`TrainState.extra`: EMA weights, threshold statistics), an optional warm start, an
+optional evaluator and hooks (figures, per-epoch state updates). The loop owns everything
+else, in big_vision's order: mesh and input; shapes via `jax.eval_shape`; a jitted init
+straight into the inferred shardings (or a restore into them); the step compiled ahead of
+time with donated state; then the loop with logging, evaluation, hooks, checkpoints (the
+latest N plus the best on val), a guard against non-finite values, and the stage's result
+file (`result.json`) at the end.
 """
 
 from __future__ import annotations
@@ -29,7 +32,13 @@ from clu import metrics as clu_metrics
 from ssfer_jax import checkpointing, sharding, writers
 from ssfer_jax.input import pipeline, records
 
-LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
+RESULT_FILE = "result.json"
+LOG_FILE = "log.txt"
+
+# (params, extra, batch, rng) -> (loss, aux). aux's scalars are logged as metrics, its
+# arrays as histograms; aux["extra"], if present, is the input of `Stage.update_extra`
+# and is neither logged nor returned.
+LossFn = Callable[[Any, Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
 
 
 @flax.struct.dataclass
@@ -37,13 +46,36 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  extra: Any = None   # the stage's own state (a pytree; boxed like params where sharded)
+
+
+@dataclasses.dataclass(frozen=True)
+class StateUpdate:
+  """What a hook returns to change the train state between steps (e.g. once per epoch)."""
+  state: TrainState
+  metrics: Mapping[str, float] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Hook:
-  """Host-side work every `every` steps (and after the last step): figures, evaluations."""
+  """Host-side work every `every` steps (and after the last step): figures, state updates.
+
+  `fn` returns metrics to log, None, or a `StateUpdate`.
+  """
   every: int
-  fn: Callable[[TrainState, int], Mapping[str, float] | None]
+  fn: Callable[[TrainState, int], Mapping[str, float] | StateUpdate | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """One evaluation of the train state on held-out data.
+
+  `select` ranks checkpoints (higher is better); `report` (JSON) is what the stage's
+  result records for the best one, e.g. which weights (raw or EMA) won and their metrics.
+  """
+  metrics: Mapping[str, float]
+  select: float
+  report: Mapping[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +83,19 @@ class Stage:
   name: str
   batch_kind: str                      # a kind of `ssfer_jax.input.pipeline`
   init: Callable[[jax.Array], TrainState]  # returns boxed (logically annotated) params
-  loss_fn: LossFn                      # (params, batch, rng) -> (loss, aux scalars)
+  loss_fn: LossFn
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   train_flops_per_example: float
   hooks: Sequence[Hook] = ()
+  # (extra, new params, aux["extra"], step) -> new extra, inside the jitted step.
+  update_extra: Callable[[Any, Any, Any, jax.Array], Any] | None = None
+  # A fresh state -> the state training starts from (pretrained weights); never on resume.
+  warm_start: Callable[[TrainState], TrainState] | None = None
+  evaluate: Callable[[TrainState, int], Evaluation] | None = None
+  eval_every: int = 0
+  # What `result.json` records beside the best checkpoint: class names, preprocessing.
+  result_info: Mapping[str, Any] | None = None
 
 
 StageFactory = Callable[[ml_collections.ConfigDict, "RunPlan", str], Stage]
@@ -80,25 +120,40 @@ def metrics_collection(names: Sequence[str]) -> type[clu_metrics.Collection]:
          for n in names})
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """True when every inexact leaf of `tree` is finite (integer leaves always are)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, seed: int) -> Callable:
+                    schedule: optax.Schedule, seed: int,
+                    update_extra: Callable | None = None) -> Callable:
   """The pure update shared by all stages.
 
   Per-step randomness is `fold_in(seed, step)`, so a resumed run draws the same masks and
-  augmentations. A non-finite loss or gradient leaves params and optimiser state untouched
-  and raises the `finite` flag the loop stops on.
+  augmentations. A non-finite loss, gradient or stage state leaves params, optimiser state
+  and stage state untouched and lowers the `finite` flag the loop stops on.
   """
 
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.extra, batch, rng)
+    aux = dict(aux)
+    extra_input = aux.pop("extra", None)
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    extra = state.extra
+    if update_extra is not None:
+      extra = update_extra(state.extra, params, extra_input, state.step)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(extra)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              opt_state=keep(opt_state, state.opt_state))
+                              opt_state=keep(opt_state, state.opt_state),
+                              extra=keep(extra, state.extra))
     outputs = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step), **aux)
     return new_state, outputs, finite
 
@@ -140,6 +195,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
   """Trains `config.stage` in `workdir`, resuming from its latest checkpoint if any.
 
   `stop_at` ends the run early at that step (with a checkpoint), as a preemption would.
+  A stage with an evaluator leaves `result.json` (its best checkpoint on val) when done.
   """
   plan = plan_run(config)
   mesh = plan.mesh
@@ -159,13 +215,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
 
   # State: shapes first, then a jitted init into the shardings, or a restore into them.
   abstract_state, state_shardings = state_layout(config, stage, mesh)
-  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
+                                    keep_best=stage.evaluate is not None)
   start = ckpt.latest_step()
   if start is not None:
     state = ckpt.restore(start, abstract_state, train_iter, stage.name)
   else:
     init = jax.jit(lambda r: nn.meta.unbox(stage.init(r)), out_shardings=state_shardings)
     state = init(jax.random.key(config.seed))
+    if stage.warm_start is not None:
+      state = stage.warm_start(state)
     start = 0
   n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
   logging.info("stage %s: %.2fM parameters, starting at step %d", stage.name, n_params / 1e6, start)
@@ -173,7 +232,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
   # The step, compiled ahead of time against the batch spec (no batch needs to be pulled).
   batch_spec = pipeline.batch_spec(stage.batch_kind, config.batch_size, config.data.image_size)
   batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch_spec)
-  step_fn = make_train_step(stage.loss_fn, stage.tx, stage.schedule, config.seed)
+  step_fn = make_train_step(stage.loss_fn, stage.tx, stage.schedule, config.seed,
+                            stage.update_extra)
   t0 = time.perf_counter()
   compiled = jax.jit(
       step_fn, in_shardings=(state_shardings, batch_shardings),
@@ -186,7 +246,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
   flops_per_step = stage.train_flops_per_example * config.batch_size
   peak = _peak_flops(config, mesh)
   end = min(plan.total_steps, stop_at) if stop_at else plan.total_steps
-  metrics_cls, collection = None, None
+  metrics_cls, collection, histograms = None, None, {}
   pending = None       # (step, finite flag) of the previous step, checked one step late
   last_log_t, data_wait, steps_since_log = time.perf_counter(), 0.0, 0
 
@@ -200,8 +260,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
       ckpt.save(int(state.step), state, train_iter, config_json, stage.name)
       ckpt.wait()
     raise NonFiniteError(
-        f"non-finite loss or gradient at step {step_done}; its update was skipped and the run "
-        f"stopped. Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+        f"non-finite loss, gradient or stage state at step {step_done}; its update was "
+        f"skipped and the run stopped. Last good checkpoint: step {ckpt.latest_step()} in "
+        f"{ckpt.directory}")
 
   try:
     for step in range(start + 1, end + 1):
@@ -212,8 +273,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
       if pending is not None:
         finish_checks(pending)
       pending = (step, finite)
-      metrics_cls = metrics_cls or metrics_collection(sorted(outputs))
-      single = metrics_cls.single_from_model_output(**outputs)
+      scalars = {k: v for k, v in outputs.items() if v.ndim == 0}
+      metrics_cls = metrics_cls or metrics_collection(sorted(scalars))
+      single = metrics_cls.single_from_model_output(**scalars)
       collection = single if collection is None else collection.merge(single)
       steps_since_log += 1
 
@@ -227,23 +289,63 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
         if peak:
           scalars["mfu"] = flops_per_step / dt / peak
         writer.write_scalars(step, scalars)
+        writer.write_histograms(step, {k: v for k, v in outputs.items() if v.ndim > 0})
         logging.info("step %d/%d (%.0f%%), ETA %s", step, plan.total_steps,
                      100 * step / plan.total_steps, _duration((plan.total_steps - step) * dt))
         collection, data_wait, steps_since_log = None, 0.0, 0
         last_log_t = time.perf_counter()
       for hook in stage.hooks:
         if step % hook.every == 0 or step == end:
-          out = hook.fn(state, step)
-          if out:
-            writer.write_scalars(step, out, prefix="eval")
-      if step % config.checkpoint_every == 0 or step == end:
-        ckpt.save(step, state, train_iter, config_json, stage.name)
+          state = _run_hook(hook, state, step, writer)
+      evaluation = None
+      if stage.evaluate is not None and (step == end or (stage.eval_every and
+                                                        step % stage.eval_every == 0)):
+        t = time.perf_counter()
+        evaluation = stage.evaluate(state, step)
+        writer.write_scalars(step, evaluation.metrics, prefix="val")
+        last_log_t += time.perf_counter() - t   # evaluation time is not step time
+      if evaluation is not None or step % config.checkpoint_every == 0 or step == end:
+        ckpt.save(step, state, train_iter, config_json, stage.name,
+                  metrics=None if evaluation is None else
+                  {"select": evaluation.select, "report": dict(evaluation.report)})
     if pending is not None:
       finish_checks(pending)
+    if stage.evaluate is not None and end == plan.total_steps:
+      ckpt.wait()
+      write_result(workdir, stage, ckpt, config_json)
   finally:
     writer.close()
     ckpt.close()
   return state
+
+
+def _run_hook(hook: Hook, state: TrainState, step: int, writer: writers.MetricWriter):
+  out = hook.fn(state, step)
+  if isinstance(out, StateUpdate):
+    if not bool(all_finite(out.state.extra)):
+      raise NonFiniteError(f"a hook left non-finite stage state at step {step}; the run "
+                           "stopped before saving it.")
+    state, out = out.state, out.metrics
+  if out:
+    writer.write_scalars(step, out, prefix="eval")
+  return state
+
+
+def write_result(workdir: str, stage: Stage, ckpt: checkpointing.Checkpointer,
+                 config_json: dict) -> dict:
+  """`result.json`: the best checkpoint on val and all a later stage needs to use it."""
+  step = ckpt.best_step()
+  best = ckpt.metrics(step) or {}
+  result = {"stage": stage.name, "step": step, "checkpoint_dir": ckpt.directory,
+            **best.get("report", {}), **(stage.result_info or {}), "config": config_json}
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, RESULT_FILE)
+    with open(path + ".tmp", "w") as f:
+      json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)
+    logging.info("result: step %d (%s) -> %s", step, best.get("report", {}).get("weights", ""),
+                 path)
+  return result
 
 
 def run_hooks(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFactory) -> int:
@@ -259,9 +361,7 @@ def run_hooks(config: ml_collections.ConfigDict, workdir: str, make_stage: Stage
   ckpt.close()
   writer = writers.MetricWriter(workdir, tensorboard=False)
   for hook in stage.hooks:
-    out = hook.fn(state, step)
-    if out:
-      writer.write_scalars(step, out, prefix="eval")
+    _run_hook(hook, state, step, writer)
   writer.close()
   return step
 

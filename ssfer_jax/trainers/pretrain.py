@@ -47,7 +47,8 @@ def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
     params = model.init({"params": params_rng, "mask": mask_rng}, dummy, train=False)["params"]
     return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  def loss_fn(params, batch, rng):
+  def loss_fn(params, extra, batch, rng):
+    del extra  # MAE keeps no stage state
     mask_rng, drop_rng = jax.random.split(rng)
     loss, _ = model.apply({"params": params}, prepare(batch), train=True,
                           rngs={"mask": mask_rng, "dropout": drop_rng})
