@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from data_prep import build, faces, images, sources, split
 from ssfer_jax.input.records import DatasetError
@@ -44,6 +45,11 @@ SPLIT_EPILOG = r"""examples:
   # 25 labels per class, the test set is a whole source
   python -m data_prep split --data data/mix --name l25 --labels-per-class 25 \
       --test-source rafdb_test
+
+  # 5-fold cross-validation: writes splits/cv5_fold0.json ... cv5_fold4.json; fold k tests
+  # fold k, val is 10% per class of the other four folds, train_labeled the rest
+  python -m data_prep split --data data/fe112 --name cv5 --folds 5 \
+      --group-by '^(.*)_\d+\.\w+$' --seed 0
 """
 
 
@@ -94,17 +100,26 @@ def _split_parser(sub):
       "split", help="record-id lists (train_labeled/train_unlabeled/val/test) over a build",
       description="Write DATA/splits/NAME.json: four disjoint record-id lists covering the\n"
       "build, stratified per class, optionally identity-grouped, seeded. Both fine-tuning\n"
-      "stages read train_labeled from this one file.",
+      "stages read train_labeled from this one file. With --folds K: K such files,\n"
+      "NAME_fold0.json ... NAME_fold{K-1}.json, for K-fold cross-validation.",
       epilog=SPLIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--data", required=True, help="a built dataset directory")
-  p.add_argument("--name", required=True, help="split name: writes DATA/splits/NAME.json")
+  p.add_argument("--name", required=True, help="split name: writes DATA/splits/NAME.json "
+                 "(with --folds K: NAME_fold0.json ... NAME_fold{K-1}.json)")
   how = p.add_mutually_exclusive_group(required=True)
   how.add_argument("--labeled-fraction", type=float,
                    help="per class max(1, round(p * n_c)) of the training pool is labeled")
   how.add_argument("--labels-per-class", type=int, help="N labeled per class (or all it has)")
   how.add_argument("--labels-total", type=int,
                    help="N labeled in total, proportional per class, at least 1 each")
-  p.add_argument("--val-fraction", type=float, default=0.1, help="per class (default %(default)s)")
+  how.add_argument("--folds", type=int, metavar="K",
+                   help="K-fold cross-validation over the labeled records (stratified, whole "
+                   "identities with --group-by): fold k's file tests fold k, val is "
+                   "--val-fraction per class of the other folds, train_labeled the rest; "
+                   "warns when a class is missing from some fold's test or train_labeled; "
+                   "excludes --test-fraction/--test-source")
+  p.add_argument("--val-fraction", type=float, default=0.1,
+                 help="per class (with --folds: of the K-1 training folds) (default %(default)s)")
   test = p.add_mutually_exclusive_group()
   test.add_argument("--test-fraction", type=float, help="per class (default 0.1)")
   test.add_argument("--test-source", help="every labeled record of this source is test")
@@ -112,7 +127,8 @@ def _split_parser(sub):
                  help="capture group 1 on the file's basename is the identity; an identity "
                  "never spans two lists (non-matching files are their own group)")
   p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing split NAME")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing split NAME (or fold set NAME_fold*)")
 
 
 def _run_build(args) -> str:
@@ -152,12 +168,32 @@ def _alias(text: str) -> tuple[str, str]:
 
 
 def _run_split(args) -> str:
+  if args.folds is not None:
+    return _run_folds(args)
   opts = split.Options(labeled_fraction=args.labeled_fraction,
                        labels_per_class=args.labels_per_class, labels_total=args.labels_total,
                        val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                        test_source=args.test_source, group_by=args.group_by, seed=args.seed)
   result = split.split(args.data, args.name, opts, overwrite=args.overwrite)
   return f"wrote {args.data}/splits/{args.name}.json\n" + split.table(result)
+
+
+def _run_folds(args) -> str:
+  given = [f for f, v in (("--test-fraction", args.test_fraction),
+                          ("--test-source", args.test_source)) if v is not None]
+  if given:
+    raise ValueError(f"--folds excludes {' and '.join(given)}: fold k's test list is fold k "
+                     "(every labeled record is tested once); drop them, or drop --folds")
+  opts = split.FoldOptions(folds=args.folds, val_fraction=args.val_fraction,
+                           group_by=args.group_by, seed=args.seed)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", split.FoldWarning)
+    results = split.kfold(args.data, args.name, opts, overwrite=args.overwrite)
+  for w in caught:
+    print(f"warning: {w.message}", file=sys.stderr)
+  last = split.fold_name(args.name, args.folds - 1)
+  return (f"wrote {args.data}/splits/{split.fold_name(args.name, 0)}.json ... {last}.json\n"
+          + "\n".join(f"{r['name']}:\n{split.table(r)}" for r in results))
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,7 @@ Both fine-tuning stages read train_labeled from the same file, so the labeled su
 fixed per split name (the published SSFER code re-draws it per stage; we do not).
 Lists are chosen per class (stratified) and, with `group_by`, whole identities at a time,
 so one person never appears in two lists. Same build + same options = identical file.
+`kfold` writes K such files, NAME_fold0.json ... NAME_fold{K-1}.json, for cross-validation.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import os
 import random
 import re
+import warnings
 
 from array_record.python.array_record_module import ArrayRecordReader
 
@@ -52,19 +54,43 @@ class Options:
     if min(self.val_fraction, self.test_frac) < 0 or self.val_fraction + self.test_frac >= 1:
       raise ValueError(f"--val-fraction {self.val_fraction} + --test-fraction {self.test_frac} "
                        "must each be >= 0 and sum to less than 1")
-    if self.group_by is not None:
-      try:
-        if re.compile(self.group_by).groups < 1:
-          raise ValueError(f"--group-by {self.group_by!r}: needs a capture group, e.g. "
-                           r"'^(.*)_\d+\.\w+$'")
-      except re.error as e:
-        raise ValueError(f"--group-by {self.group_by!r}: not a regular expression ({e})") from e
+    _check_group_by(self.group_by)
 
   @property
   def test_frac(self) -> float:
     if self.test_fraction is not None:
       return self.test_fraction
     return 0.0 if self.test_source is not None else 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldOptions:
+  """K-fold cross-validation (SSFER Table 5: K models, mean +- std). Fold k's test list is
+  fold k, so every labeled record is tested exactly once; val is a per-class fraction of the
+  other K-1 folds and train_labeled the rest of them (all labeled: no labeled-subset option)."""
+  folds: int
+  val_fraction: float = 0.1
+  group_by: str | None = None         # regex on the basename; group 1 is the identity
+  seed: int = 0
+
+  def check(self):
+    if self.folds < 2:
+      raise ValueError(f"--folds {self.folds}: want >= 2")
+    if not 0 <= self.val_fraction < 1:
+      raise ValueError(f"--val-fraction {self.val_fraction}: want 0 <= f < 1 (of the K-1 "
+                       "training folds)")
+    _check_group_by(self.group_by)
+
+
+def _check_group_by(pattern: str | None):
+  if pattern is None:
+    return
+  try:
+    if re.compile(pattern).groups < 1:
+      raise ValueError(f"--group-by {pattern!r}: needs a capture group, e.g. "
+                       r"'^(.*)_\d+\.\w+$'")
+  except re.error as e:
+    raise ValueError(f"--group-by {pattern!r}: not a regular expression ({e})") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +121,7 @@ def read_records(data_dir: str) -> list[RecordInfo]:
 def split(data_dir: str, name: str, opts: Options, *, overwrite: bool = False) -> dict:
   """Writes DATA_DIR/splits/NAME.json and returns its content."""
   opts.check()
-  if not name or os.sep in name or name.startswith("."):
-    raise ValueError(f"split name {name!r}: want a plain file name such as 'p10_seed0'")
-  path = os.path.join(data_dir, records.SPLITS_DIR, name + ".json")
+  path = _split_path(data_dir, name)
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"{path} exists; pass --overwrite to replace it, or choose another "
                           "--name (training runs may depend on this one).")
@@ -106,34 +130,170 @@ def split(data_dir: str, name: str, opts: Options, *, overwrite: bool = False) -
   if opts.test_source is not None and opts.test_source not in manifest["sources"]:
     raise ValueError(f"--test-source {opts.test_source!r}: the build has sources "
                      f"{sorted(manifest['sources'])}")
-  lists = assign(recs, opts)
+  result = _content(manifest, recs, name,
+                    dict(dataclasses.asdict(opts), test_fraction=opts.test_frac),
+                    assign(recs, opts))
+  _write(path, result)
+  return result
+
+
+def fold_name(name: str, fold: int) -> str:
+  """The split name of fold `fold` of the K-fold set NAME (pass it to records.load_split)."""
+  return f"{name}_fold{fold}"
+
+
+class FoldWarning(UserWarning):
+  """A class that some fold tests none of, or trains on none of."""
+
+
+def kfold(data_dir: str, name: str, opts: FoldOptions, *, overwrite: bool = False) -> list[dict]:
+  """Writes DATA_DIR/splits/NAME_fold{k}.json for k < K and returns their content.
+
+  The K files are one set: any existing NAME_fold*.json blocks the write unless `overwrite`,
+  which also deletes the set's leftover files (from a run with more folds).
+  """
+  opts.check()
+  paths = [_split_path(data_dir, fold_name(name, k)) for k in range(opts.folds)]
+  old = _fold_files(data_dir, name)
+  if old and not overwrite:
+    raise FileExistsError(f"{old[0]} exists; pass --overwrite to replace the fold set {name!r}, "
+                          "or choose another --name (training runs may depend on this one).")
+  manifest = records.load_manifest(data_dir)
+  recs = read_records(data_dir)
+  results = [_content(manifest, recs, fold_name(name, k),
+                      dict(dataclasses.asdict(opts), fold=k), lists)
+             for k, lists in enumerate(assign_folds(recs, opts))]
+  for msg in _thin_classes(results, opts):
+    warnings.warn(msg, FoldWarning, stacklevel=2)
+  for path, result in zip(paths, results):
+    _write(path, result)
+  for path in old:
+    if path not in paths:
+      os.remove(path)
+  return results
+
+
+def fold_names(data_dir: str, name: str) -> list[str]:
+  """The split names NAME_fold0 ... NAME_fold{K-1} of a K-fold set, K read from fold 0;
+  checks that all K files exist and come from one `kfold` call."""
+  first = _split_path(data_dir, fold_name(name, 0))
+  if not os.path.exists(first):
+    raise DatasetError(f"{first} not found; write the fold set with `python -m data_prep split "
+                       f"--data {data_dir} --name {name} --folds K`.")
+  with open(first) as f:
+    want = json.load(f)
+  if "folds" not in want.get("options", {}):
+    raise DatasetError(f"{first} is not a fold file (no options.folds); was it written by "
+                       "`python -m data_prep split --folds`?")
+  out = []
+  for k in range(want["options"]["folds"]):
+    path = _split_path(data_dir, fold_name(name, k))
+    if not os.path.exists(path):
+      raise DatasetError(f"{path} not found but {first} says {want['options']['folds']} folds; "
+                         "rewrite the set with `python -m data_prep split ... --overwrite`.")
+    with open(path) as f:
+      got = json.load(f)
+    if (got["manifest_sha256"] != want["manifest_sha256"]
+        or dict(got["options"], fold=0) != want["options"] or got["options"]["fold"] != k):
+      raise DatasetError(f"{path} and {first} come from different `split --folds` runs; "
+                         "rewrite the set with `--overwrite`.")
+    out.append(fold_name(name, k))
+  return out
+
+
+def _fold_files(data_dir: str, name: str) -> list[str]:
+  """Existing files of the fold set NAME, in fold order."""
+  d = os.path.join(data_dir, records.SPLITS_DIR)
+  pattern = re.compile(re.escape(name) + r"_fold(\d+)\.json")
+  found = [(int(m.group(1)), f) for f in (os.listdir(d) if os.path.isdir(d) else [])
+           for m in [pattern.fullmatch(f)] if m]
+  return [os.path.join(d, f) for _, f in sorted(found)]
+
+
+def _split_path(data_dir: str, name: str) -> str:
+  if not name or os.sep in name or name.startswith("."):
+    raise ValueError(f"split name {name!r}: want a plain file name such as 'p10_seed0'")
+  return os.path.join(data_dir, records.SPLITS_DIR, name + ".json")
+
+
+def _content(manifest: dict, recs: list[RecordInfo], name: str, options: dict,
+             lists: dict[str, list[str]]) -> dict:
+  """A split file: the lists, pinned to the build, with per-list per-class counts."""
   names = manifest["classes"] + [UNLABELED_KEY]  # label -1 indexes the last entry
   label_of = {r.id: r.label for r in recs}
   counts = {ln: dict.fromkeys(names, 0) for ln in lists}
   for ln, ids in lists.items():
     for i in ids:
       counts[ln][names[label_of[i]]] += 1
-  result = {"manifest_sha256": manifest["manifest_sha256"], "name": name,
-            "options": dict(dataclasses.asdict(opts), test_fraction=opts.test_frac),
-            "lists": lists, "counts": counts}
+  return {"manifest_sha256": manifest["manifest_sha256"], "name": name, "options": options,
+          "lists": lists, "counts": counts}
+
+
+def _write(path: str, result: dict):
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.partial-{os.getpid()}"
   with open(tmp, "w") as f:
     json.dump(result, f, indent=1, sort_keys=True)
     f.write("\n")
   os.replace(tmp, path)
-  return result
 
 
 def assign(recs: list[RecordInfo], opts: Options) -> dict[str, list[str]]:
   """The four disjoint lists (ids in global record order) that together cover `recs`."""
   rng = random.Random(opts.seed)
   group_of = _grouper(opts.group_by)
+  where, labeled = _settled(recs, group_of, opts.test_source)
+  held = {"test": opts.test_frac if opts.test_source is None else 0.0, "val": opts.val_fraction}
+  per_class = collections.Counter(r.label for r in labeled)
+  targets = {ln: {c: round(f * n) for c, n in per_class.items()} for ln, f in held.items()}
+  pool = _fill(_groups(labeled, group_of), targets, "train", rng, where)
+  pool_counts = collections.Counter(r.label for r in pool)
+  _fill(_groups(pool, group_of), {"train_labeled": labeled_targets(pool_counts, opts)},
+        "train_unlabeled", rng, where)
+  return _lists(recs, where)
+
+
+def assign_folds(recs: list[RecordInfo], opts: FoldOptions) -> list[dict[str, list[str]]]:
+  """Fold k's four disjoint lists (ids in global record order) for every k; each covers `recs`.
+
+  The labeled records are dealt into K folds (`_deal`); fold k is test, val is drawn per
+  class (and per identity) from the other folds like `assign`'s val, train_labeled is the
+  rest. train_unlabeled is the same in every fold: the unlabeled records, plus (with
+  group_by) the labeled records of identities that also have unlabeled ones, as in `assign`.
+  """
+  group_of = _grouper(opts.group_by)
+  fixed, labeled = _settled(recs, group_of)
+  groups = _groups(labeled, group_of)
+  if len(groups) < opts.folds:
+    what = "identities" if opts.group_by else "records"
+    raise ValueError(f"--folds {opts.folds}: only {len(groups)} labeled {what} to split "
+                     "(outside identities seen unlabeled); want --folds <= that")
+  fold_of = _deal(groups, opts.folds, random.Random(opts.seed))
+  out = []
+  for k in range(opts.folds):
+    where = dict(fixed)
+    pool = []
+    for g, rs in groups.items():
+      if fold_of[g] == k:
+        where.update((r.id, "test") for r in rs)
+      else:
+        pool.extend(rs)
+    per_class = collections.Counter(r.label for r in pool)
+    targets = {c: round(opts.val_fraction * n) for c, n in per_class.items()}
+    _fill(_groups(pool, group_of), {"val": targets}, "train_labeled",
+          random.Random(f"{opts.seed}/fold{k}"), where)
+    out.append(_lists(recs, where))
+  return out
+
+
+def _settled(recs: list[RecordInfo], group_of, test_source: str | None = None
+             ) -> tuple[dict[str, str], list[RecordInfo]]:
+  """The list of every record that needs no drawing (id -> list), and the labeled rest."""
   where = {r.id: "train_unlabeled" for r in recs if r.label == records.UNLABELED}
   # Identities already committed to a list pull their labeled records along: those of the
   # test source into test, those seen unlabeled into train_unlabeled (without group_by
   # every record is its own identity, so this only moves the test source's records).
-  test_groups = {group_of(r) for r in recs if r.source == opts.test_source and
+  test_groups = {group_of(r) for r in recs if r.source == test_source and
                  r.label != records.UNLABELED}
   unlabeled_groups = {group_of(r) for r in recs if r.label == records.UNLABELED}
   labeled = []
@@ -145,17 +305,62 @@ def assign(recs: list[RecordInfo], opts: Options) -> dict[str, list[str]]:
       where[r.id] = "test" if g in test_groups else "train_unlabeled"
     else:
       labeled.append(r)
-  held = {"test": opts.test_frac if opts.test_source is None else 0.0, "val": opts.val_fraction}
-  per_class = collections.Counter(r.label for r in labeled)
-  targets = {ln: {c: round(f * n) for c, n in per_class.items()} for ln, f in held.items()}
-  pool = _fill(_groups(labeled, group_of), targets, "train", rng, where)
-  pool_counts = collections.Counter(r.label for r in pool)
-  _fill(_groups(pool, group_of), {"train_labeled": labeled_targets(pool_counts, opts)},
-        "train_unlabeled", rng, where)
+  return where, labeled
+
+
+def _lists(recs: list[RecordInfo], where: dict[str, str]) -> dict[str, list[str]]:
   lists = {ln: [] for ln in records.SPLIT_NAMES}
   for r in recs:
     lists[where[r.id]].append(r.id)
   return lists
+
+
+def _deal(groups: dict[str, list[RecordInfo]], k: int, rng: random.Random) -> dict[str, int]:
+  """The fold of every group. Largest groups first (ties in seeded random order), each to the
+  fold it unbalances least (the rise of sum_c (n_fc - n_c/K)^2 / (n_c/K)), then the smaller
+  fold, then the lower index.
+
+  A one-record group thus goes to a fold holding the fewest of its class, so without
+  grouping per-class fold counts differ by at most 1; with identities they are close, not
+  exact. Each of the first K groups lands in an empty fold, so no fold is empty.
+  """
+  share = {c: n / k for c, n in
+           collections.Counter(r.label for rs in groups.values() for r in rs).items()}
+  load = [collections.Counter() for _ in range(k)]
+  size = [0] * k
+  order = sorted(groups)
+  rng.shuffle(order)
+  order.sort(key=lambda g: -len(groups[g]))  # stable: equal sizes keep the random order
+  fold_of = {}
+  for g in order:
+    count = collections.Counter(r.label for r in groups[g])
+
+    def cost(f):
+      return sum(m * (2 * (load[f][c] - share[c]) + m) / share[c] for c, m in count.items())
+    f = min(range(k), key=lambda f: (cost(f), size[f], f))
+    fold_of[g] = f
+    load[f].update(count)
+    size[f] += len(groups[g])
+  return fold_of
+
+
+def _thin_classes(results: list[dict], opts: FoldOptions) -> list[str]:
+  """Why some folds cannot score a class: it is in no test list, or in no train_labeled."""
+  msgs = []
+  k = len(results)
+  for c in results[0]["counts"]["test"]:
+    n = sum(r["counts"]["test"][c] for r in results)
+    if n == 0:
+      continue  # unlabeled, or a class with no records to deal
+    for ln, what in (("test", "score no"), ("train_labeled", "learn no")):
+      none = [f for f, r in enumerate(results) if r["counts"][ln][c] == 0]
+      if none:
+        msgs.append(f"class {c!r} ({n} labeled records) is in no {ln} list of fold(s) "
+                    f"{', '.join(map(str, none))} of --folds {k}"
+                    + (" (identities stay whole)" if opts.group_by else "")
+                    + f": those folds {what} {c}. Use fewer --folds, or more data of that "
+                    "class, if per-class figures matter.")
+  return msgs
 
 
 def labeled_targets(counts: dict[int, int], opts: Options) -> dict[int, int]:

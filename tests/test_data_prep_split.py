@@ -2,6 +2,7 @@
 
 import collections
 import json
+import pathlib
 import re
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import hypothesis
 import pytest
 from hypothesis import strategies as st
 
+from data_prep import __main__ as cli
 from data_prep import build, sources, split
 from ssfer_jax.input import records
 
@@ -168,6 +170,123 @@ def test_cli_prints_the_count_table(data):
   assert [ln.split()[0] for ln in lines[2:6]] == list(records.SPLIT_NAMES)
   saved = json.load(open(f"{data}/splits/cli.json"))
   assert saved["options"]["group_by"] == IDENTITY and saved["options"]["seed"] == 7
+
+
+def _identity(rid):
+  m = re.search(IDENTITY, rid.rsplit("/", 1)[-1])
+  return m.group(1) if m else rid
+
+
+def _labeled(recs):
+  return {i for i, rec in recs.items() if rec.label != records.UNLABELED}
+
+
+def test_folds_partition_the_labeled_records_stratified(data):
+  manifest, recs = _info(data)
+  rs = split.kfold(data, "cv5", split.FoldOptions(folds=5, seed=2))
+  assert [r["name"] for r in rs] == [f"cv5_fold{k}" for k in range(5)]
+  assert split.fold_names(data, "cv5") == [r["name"] for r in rs]
+  tested = [i for r in rs for i in r["lists"]["test"]]
+  assert len(tested) == len(set(tested)) and set(tested) == _labeled(recs)  # each once
+  unlabeled = set(recs) - _labeled(recs)
+  for k, r in enumerate(rs):
+    _check_partition(r, recs)
+    assert r["manifest_sha256"] == manifest["manifest_sha256"] and r["options"]["fold"] == k
+    assert set(r["lists"]["train_unlabeled"]) == unlabeled
+    pool = _per_class(r["lists"]["val"] + r["lists"]["train_labeled"], recs)
+    assert _per_class(r["lists"]["val"], recs) == {c: round(0.1 * n) for c, n in pool.items()
+                                                   if round(0.1 * n)}
+    ids = records.load_ids(data)
+    got = records.load_split(data, split.fold_name("cv5", k), ["test"])
+    assert sorted(ids[i] for i in got) == sorted(r["lists"]["test"])
+  per_fold = [_per_class(r["lists"]["test"], recs) for r in rs]
+  for c in {rec.label for rec in recs.values()} - {records.UNLABELED}:
+    counts = [f[c] for f in per_fold]
+    assert max(counts) - min(counts) <= 1, (c, counts)
+
+
+def test_grouped_folds_keep_identities_whole(data):
+  _, recs = _info(data)
+  with pytest.warns(split.FoldWarning, match="'disgust'.*identities stay whole"):
+    rs = split.kfold(data, "cvg", split.FoldOptions(folds=5, group_by=IDENTITY, seed=1))
+  test_fold = {}
+  for k, r in enumerate(rs):
+    _check_partition(r, recs)
+    owner = {}
+    for ln, ids in r["lists"].items():
+      for i in ids:
+        key = _identity(i)
+        assert owner.setdefault(key, ln) == ln, f"fold {k}: {key} in {owner[key]} and {ln}"
+        if ln == "test":
+          assert test_fold.setdefault(key, k) == k, f"{key} tested in folds {test_fold[key]}, {k}"
+    assert r["lists"]["val"] and r["lists"]["train_labeled"]
+  # identities seen unlabeled stay in train_unlabeled (as in `split`); the rest is tested once
+  seen = {_identity(i) for i in recs if recs[i].label == records.UNLABELED}
+  assert seen
+  tested = [i for r in rs for i in r["lists"]["test"]]
+  assert len(tested) == len(set(tested))
+  assert set(tested) == {i for i in _labeled(recs) if _identity(i) not in seen}
+
+
+def test_folds_are_seeded_reproducible_and_one_set(data):
+  opts = split.FoldOptions(folds=3, seed=5)
+  a = split.kfold(data, "cva", opts)
+  b = split.kfold(data, "cvb", opts)
+  assert [r["lists"] for r in a] == [r["lists"] for r in b]
+  before = [open(f"{data}/splits/cva_fold{k}.json", "rb").read() for k in range(3)]
+  with pytest.raises(FileExistsError, match="cva_fold0.json exists.*--overwrite"):
+    split.kfold(data, "cva", opts)
+  split.kfold(data, "cva", opts, overwrite=True)
+  assert [open(f"{data}/splits/cva_fold{k}.json", "rb").read() for k in range(3)] == before
+  c = split.kfold(data, "cvc", split.FoldOptions(folds=3, seed=6))
+  assert c[0]["lists"]["test"] != a[0]["lists"]["test"]
+  split.kfold(data, "cva", split.FoldOptions(folds=2, seed=5), overwrite=True)
+  assert split.fold_names(data, "cva") == ["cva_fold0", "cva_fold1"]
+  assert not (pathlib.Path(data) / "splits" / "cva_fold2.json").exists()  # no stale fold
+  with pytest.raises(records.DatasetError, match="nope_fold0.json not found.*--folds K"):
+    split.fold_names(data, "nope")
+
+
+def test_folds_reject_bad_options_and_warn_on_thin_classes(data):
+  with pytest.raises(ValueError, match="--folds 1: want >= 2"):
+    split.kfold(data, "x", split.FoldOptions(folds=1))
+  with pytest.raises(ValueError, match="--val-fraction 1.0"):
+    split.kfold(data, "x", split.FoldOptions(folds=3, val_fraction=1.0))
+  with pytest.raises(ValueError, match="capture group"):
+    split.kfold(data, "x", split.FoldOptions(folds=3, group_by=r"\d+"))
+  with pytest.raises(ValueError, match="--folds 99: only .* labeled identities"):
+    split.kfold(data, "x", split.FoldOptions(folds=99, group_by=r"^(\w)"))
+  with pytest.warns(split.FoldWarning, match=r"'contempt' \(6 labeled records\) is in no test"):
+    rs = split.kfold(data, "cv7", split.FoldOptions(folds=7))  # contempt has 6 < 7
+  assert sum(1 for r in rs if r["counts"]["test"]["contempt"]) == 6
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--labeled-fraction", "0.1"], "not allowed with"),
+    (["--labels-total", "20"], "not allowed with"),
+    (["--test-fraction", "0.2"], "--folds excludes --test-fraction"),
+    (["--test-source", "held"], "--folds excludes --test-source"),
+    (["--folds", "1"], "--folds 1: want >= 2"),
+])
+def test_folds_cli_rejects_conflicting_options(data, capsys, extra, message):
+  argv = ["split", "--data", data, "--name", "bad", "--folds", "3", *extra]
+  try:
+    rc = cli.main(argv)
+  except SystemExit as e:  # argparse's own mutually-exclusive check
+    rc = e.code
+  assert rc == 2 and message in capsys.readouterr().err
+  assert not list((pathlib.Path(data) / "splits").glob("bad_fold*.json"))
+
+
+def test_folds_cli_writes_the_set_and_prints_warnings(data, capsys):
+  assert cli.main(["split", "--data", data, "--name", "cvcli", "--folds", "7", "--seed", "1"]) == 0
+  out, err = capsys.readouterr()
+  assert f"wrote {data}/splits/cvcli_fold0.json ... cvcli_fold6.json" in out
+  assert out.count("list ") == 7 and "cvcli_fold6:" in out
+  assert "warning: class 'contempt'" in err
+  assert split.fold_names(data, "cvcli") == [f"cvcli_fold{k}" for k in range(7)]
+  assert json.load(open(f"{data}/splits/cvcli_fold3.json"))["options"] == {
+      "folds": 7, "fold": 3, "val_fraction": 0.1, "group_by": None, "seed": 1}
 
 
 @hypothesis.given(st.lists(st.integers(1, 500), min_size=1, max_size=9), st.data())
