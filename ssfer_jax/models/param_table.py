@@ -12,13 +12,17 @@ pretraining checkpoint (`models_mae.MaskedAutoencoderViT`). Layouts:
   Dense kernel     [in, out]           Linear weight [out, in]
   LayerNorm scale/bias                 weight/bias
 
-Position embeddings are fixed sin-cos tables here, parameters in torch: export writes
-our table; import checks the checkpoint's against it (a learned table would be lost).
+Position embeddings are parameters in torch, and here too with ViT(pos_embed="learned"):
+`pos_embed` [1, 1+L, D] then maps one to one, and a checkpoint's table for another grid
+is resampled to ours (`vit.resample_pos_embed`, as MAE's fine-tuning). Otherwise ours are
+fixed sin-cos tables: export writes the table; import checks the checkpoint's against it
+(a learned table would be lost).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from typing import Callable
@@ -27,7 +31,7 @@ import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 
-from ssfer_jax.models.vit import sincos_pos_embed
+from ssfer_jax.models.vit import resample_pos_embed, sincos_pos_embed
 
 Path = tuple[str, ...]
 
@@ -125,6 +129,8 @@ def param_table(params: dict, kind: str) -> list[Entry]:
   table = [Entry(("embedding", "kernel"), "patch_embed.proj.weight", _patch_to_oihw, _patch_from_oihw),
            Entry(("embedding", "bias"), "patch_embed.proj.bias", _copy, _copy),
            Entry(("cls",), "cls_token", _copy, _copy)]
+  if ("pos_embed",) in flat:
+    table.append(Entry(("pos_embed",), "pos_embed", _copy, _copy))
   table += _blocks(("encoder",), "blocks", _depth(flat, "encoder"))
   if "encoder_norm" in tops:
     table += _norm(("encoder_norm",), "norm")
@@ -142,15 +148,18 @@ def param_table(params: dict, kind: str) -> list[Entry]:
 
 
 def _pos_keys(flat: dict, kind: str) -> dict[str, int]:
-  """Position-table keys and their widths."""
-  keys = {"pos_embed": flat[("cls",)].shape[-1]}
+  """Keys of the fixed (sin-cos) position tables, which no parameter holds, and their widths."""
+  keys = {} if ("pos_embed",) in flat else {"pos_embed": flat[("cls",)].shape[-1]}
   if kind == "mae":
     keys["decoder_pos_embed"] = flat[("mask_token",)].shape[-1]
   return keys
 
 
 def to_state_dict(params: dict, kind: str = "vit", *, image_size: int | tuple[int, int] = 224) -> dict[str, np.ndarray]:
-  """Our 'params' tree (boxed or not) -> a torch-layout state dict of numpy arrays."""
+  """Our 'params' tree (boxed or not) -> a torch-layout state dict of numpy arrays.
+
+  image_size sets the grid of the fixed sin-cos tables written; a learned one goes as it is.
+  """
   flat = traverse_util.flatten_dict(nn.meta.unbox(params))
   table = param_table(flat, kind)
   unmapped = set(flat) - {e.ours for e in table}
@@ -168,7 +177,8 @@ def from_state_dict(sd: dict, params_template: dict, kind: str = "vit", *, check
   """A torch-layout state dict -> our 'params' tree shaped (and boxed) like the template.
 
   The template may hold arrays or ShapeDtypeStructs (jax.eval_shape of init); boxed
-  leaves come back boxed with the same logical names.
+  leaves come back boxed with the same logical names. A learned pos_embed for another
+  grid is resampled to the template's; both grids are taken as square (timm's are).
   """
   flat_t = traverse_util.flatten_dict(params_template)  # boxes are leaves (not dicts)
   flat_u = {k: nn.meta.unbox(v) for k, v in flat_t.items()}
@@ -182,6 +192,8 @@ def from_state_dict(sd: dict, params_template: dict, kind: str = "vit", *, check
   unexpected = sorted(set(sd) - expected - set(pos))
   if missing or unexpected:
     raise KeyError(f"state dict does not match the {kind} model: missing {missing}, unexpected {unexpected}")
+  if ("pos_embed",) in flat_u:
+    sd = sd | {"pos_embed": _fit_grid(np.asarray(sd["pos_embed"]), tuple(flat_u[("pos_embed",)].shape))}
   out, bad = {}, []
   for e in table:
     shape = tuple(flat_u[e.ours].shape)
@@ -200,6 +212,17 @@ def from_state_dict(sd: dict, params_template: dict, kind: str = "vit", *, check
   leaves = {k: (flat_t[k].replace_boxed(v) if isinstance(flat_t[k], nn.meta.AxisMetadata) else v)
             for k, v in out.items()}
   return traverse_util.unflatten_dict(leaves)
+
+
+def _fit_grid(table: np.ndarray, shape: tuple) -> np.ndarray:
+  """A learned table resampled to the (square) grid of `shape` where only the grid differs."""
+  if table.shape == shape or table.ndim != 3 or table.shape[::2] != shape[::2]:
+    return table  # equal, or not [1, 1+L', D]: the shape check reports that
+  g = math.isqrt(shape[1] - 1)
+  if g * g != shape[1] - 1:
+    raise ValueError(f"pos_embed {table.shape} cannot be resampled to {shape}: not a square grid")
+  logging.info("pos_embed: resampling the checkpoint's %d grid rows to a %dx%d grid", table.shape[1] - 1, g, g)
+  return resample_pos_embed(table, (g, g))
 
 
 def _check_pos(key: str, table: np.ndarray, width: int):

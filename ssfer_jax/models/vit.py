@@ -13,6 +13,7 @@ by name and structure with `mae.MAE`, so pretrained encoder weights drop into a 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -90,7 +91,50 @@ def sincos_pos_embed(dim: int, grid_h: int, grid_w: int, cls_token: bool = False
   return emb.astype(np.float32)
 
 
-def prepend_cls(x: jax.Array, cls: jax.Array, cls_pos: np.ndarray) -> jax.Array:
+def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] weights of torch's 1-D bicubic resize (upsample_bicubic2d)."""
+  a = -0.75
+  src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5  # align_corners=False
+  i0 = np.floor(src)
+  offsets = np.arange(-1, 3)
+  d = np.abs((src - i0)[:, None] - offsets)  # distances to the taps i0-1 .. i0+2
+  w = np.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1, ((a * d - 5 * a) * d + 8 * a) * d - 4 * a)
+  taps = np.clip(i0.astype(int)[:, None] + offsets, 0, n_in - 1)  # off-grid taps repeat the edge
+  m = np.zeros((n_out, n_in))
+  np.add.at(m, (np.arange(n_out)[:, None], taps), w)
+  return m
+
+
+def resample_pos_embed(table: np.ndarray, new_grid: tuple[int, int],
+                       old_grid: tuple[int, int] | None = None) -> np.ndarray:
+  """A learned position table [(1,) 1+L, D] (cls row first) moved to another patch grid.
+
+  MAE's `interpolate_pos_embed`: the cls row is kept and the grid resized as torch's
+  interpolate(mode="bicubic", align_corners=False) does (cubic kernel a=-0.75, taps
+  clamped to the border; jax.image.resize uses a=-0.5), so fine-tuning at another
+  resolution starts from the same table as in PyTorch. old_grid defaults to a square.
+  """
+  table = np.asarray(table)
+  if table.ndim not in (2, 3) or table.shape[:-2] not in ((), (1,)):
+    raise ValueError(f"position table has shape {table.shape}; expected [1, 1+L, D] or [1+L, D]")
+  rows, d = table.shape[-2:]
+  if old_grid is None:
+    g = math.isqrt(rows - 1)
+    if g * g != rows - 1:
+      raise ValueError(f"position table has {rows - 1} grid rows, not a square grid: pass old_grid")
+    old_grid = (g, g)
+  if old_grid[0] * old_grid[1] != rows - 1:
+    raise ValueError(f"old_grid {old_grid} does not hold the table's {rows - 1} grid rows")
+  if tuple(new_grid) == tuple(old_grid):
+    return table.copy()
+  flat = table.reshape(rows, d).astype(np.float64)
+  grid = np.einsum("ih,jw,hwd->ijd", _bicubic_matrix(old_grid[0], new_grid[0]),
+                   _bicubic_matrix(old_grid[1], new_grid[1]), flat[1:].reshape(*old_grid, d))
+  out = np.concatenate([flat[:1], grid.reshape(-1, d)])
+  return out.reshape(table.shape[:-2] + out.shape).astype(table.dtype)
+
+
+def prepend_cls(x: jax.Array, cls: jax.Array, cls_pos: jax.Array | np.ndarray) -> jax.Array:
   """cls (with its position row) + tokens; MAE adds the other rows before masking."""
   tok = (cls + cls_pos).astype(x.dtype)
   return jnp.concatenate([jnp.broadcast_to(tok, (x.shape[0], 1, x.shape[2])), x], axis=1)
@@ -215,6 +259,9 @@ class ViT(nn.Module):
   pool="gap": mean of the patch tokens then 'fc_norm' (MAE fine-tuning; no encoder_norm).
   num_classes=0 returns the pooled features. head_init: "zeros" or "trunc_normal"
   (std 2e-5, MAE fine-tuning). attention_impl: see `Attention`.
+  pos_embed="sincos": the fixed 2-D sin-cos table (SSFER, MAE pretraining), no parameter;
+  "learned": a parameter 'pos_embed' [1, 1+L, D] for the init images' grid, starting as
+  that table (MAE fine-tuning learns it); `resample_pos_embed` moves it to another grid.
   """
   num_classes: int = 0
   width: int = 768
@@ -228,10 +275,13 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   attention_impl: str | None = None
+  pos_embed: str = "sincos"
 
   def setup(self):
     if self.pool not in ("cls", "gap"):
       raise ValueError(f"pool must be 'cls' or 'gap', got {self.pool!r}")
+    if self.pos_embed not in ("sincos", "learned"):
+      raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {self.pos_embed!r}")
     self.embedding = PatchEmbed(self.patch_size, self.width, self.dtype)
     self.cls = self.param("cls", boxed(nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, self.width))
     self.encoder = Encoder(self.depth, self.num_heads, self.mlp_dim, self.drop_path_rate, self.dtype, self.remat,
@@ -248,12 +298,16 @@ class ViT(nn.Module):
                            kernel_init=boxed(inits[self.head_init], ("embed", "classes")),
                            bias_init=boxed(_zeros, ("classes",)))
 
+  @nn.compact  # only for the learned table, whose shape comes from the images
   def encode(self, images, *, train: bool):
     """All tokens [B, 1+L, D] (cls first); after encoder_norm when pool="cls"."""
     x = self.embedding(images)
     p = self.patch_size
-    pos = sincos_pos_embed(self.width, images.shape[1] // p, images.shape[2] // p, cls_token=True)
-    x = prepend_cls(x + pos[1:].astype(x.dtype), self.cls, pos[:1])
+    gh, gw = images.shape[1] // p, images.shape[2] // p
+    pos = sincos_pos_embed(self.width, gh, gw, cls_token=True)[None]
+    if self.pos_embed == "learned":
+      pos = self.param("pos_embed", boxed(nn.initializers.constant(pos), (None, None, "embed")), pos.shape)
+    x = prepend_cls(x + pos[:, 1:].astype(x.dtype), self.cls, pos[0, :1])
     x = self.encoder(x, train)
     return self.encoder_norm(x) if self.pool == "cls" else x
 
