@@ -83,6 +83,11 @@ class Checkpointer:
   def read_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+  def read_config(self, step: int) -> dict:
+    """The resolved config the run that wrote `step` trained with."""
+    return self._manager.restore(
+        step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

@@ -18,11 +18,11 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from ssfer_jax import checkpointing, distributed, sharding
+from ssfer_jax import checkpointing, distributed, logs, sharding
 from ssfer_jax.input import records
-from ssfer_jax.trainers import loop, pretrain
+from ssfer_jax.trainers import finetune, loop, pretrain
 
-STAGES = {pretrain.STAGE: pretrain.make_stage}
+STAGES = {pretrain.STAGE: pretrain.make_stage, finetune.STAGE: finetune.make_stage}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file, with :VARIANT.",
                                           lock_config=True)
@@ -42,6 +42,9 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          _INIT_TIMEOUT.value)
+  index = jax.process_index()
+  log_file = logs.setup(_WORKDIR.value, "log.txt" if index == 0 else f"log.process{index}.txt")
+  logging.info("library logs: %s", log_file)
   # Masking noise and dropout keys then shard instead of being replicated and sliced.
   jax.config.update("jax_threefry_partitionable", True)
   config = _CONFIG.value
@@ -57,7 +60,7 @@ def main(argv):
       step = loop.run_hooks(config, _WORKDIR.value, make_stage)
       logging.info("figures for step %d written under %s", step, _WORKDIR.value)
   except (sharding.ConfigError, records.DatasetError, checkpointing.CheckpointError,
-          loop.NonFiniteError) as e:
+          loop.NonFiniteError, finetune.InitError) as e:
     logging.error("%s: %s", type(e).__name__, e)
     sys.exit(1)
 

@@ -1,10 +1,13 @@
-"""Optimiser and learning-rate schedule, built from the config's `optim` block with optax."""
+"""Optimiser, learning-rate schedule, layer-wise lr decay and weight EMA (the config's `optim`
+block, with optax)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -15,8 +18,9 @@ _NO_DECAY_PREFIXES = ("cls", "mask_token", "pos_embed")
 
 
 def peak_learning_rate(cfg: ml_collections.ConfigDict, global_batch_size: int) -> float:
-  """The linear scaling rule of MAE: lr = base_lr * batch / 256."""
-  return cfg.base_lr * global_batch_size / 256
+  """The linear scaling rule: lr = base_lr * batch / reference_batch (MAE: 256). SSFER's paper
+  states absolute rates at batch 32: its recipe sets reference_batch = 32."""
+  return cfg.base_lr * global_batch_size / cfg.get("reference_batch", 256)
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, global_batch_size: int,
@@ -43,11 +47,52 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def layer_id(path: tuple[str, ...], depth: int) -> int:
+  """MAE's `get_layer_id_for_vit`: patch embedding, cls and pos_embed are layer 0, block i is
+  i + 1, everything after the blocks (norms, head) is depth + 1."""
+  top = path[0]
+  if top in ("embedding", "cls") or top.startswith("pos_embed"):
+    return 0
+  if top == "encoder":
+    return int(re.fullmatch(r"block_(\d+)", path[1]).group(1)) + 1
+  return depth + 1
+
+
+def layer_decay_scales(params: Any, depth: int, decay: float) -> Any:
+  """lr scale per parameter: decay ** (depth + 1 - layer_id) (MAE's `param_groups_lrd`)."""
+
+  def scale(path, _):
+    names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    return decay ** (depth + 1 - layer_id(names, depth))
+
+  return jax.tree_util.tree_map_with_path(scale, params)
+
+
+def scale_by_tree(scales: Any) -> optax.GradientTransformation:
+  """Multiplies each update by its constant in `scales` (a tree shaped like the params)."""
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, global_batch_size: int, total_steps: int,
-                   steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+                   steps_per_epoch: int, lr_scales: Any | None = None,
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW on the schedule; `lr_scales` (e.g. `layer_decay_scales`) scales each parameter's
+  whole update, weight decay included, as MAE's per-group learning rates do."""
   schedule = learning_rate_schedule(cfg, global_batch_size, total_steps, steps_per_epoch)
   adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.get("eps", 1e-8),
                       weight_decay=cfg.weight_decay, mask=decay_mask)
+  parts = [adamw] if lr_scales is None else [adamw, scale_by_tree(lr_scales)]
   clip = cfg.get("clip_grad_norm")
-  tx = optax.chain(optax.clip_by_global_norm(clip), adamw) if clip else adamw
-  return tx, schedule
+  if clip:
+    parts.insert(0, optax.clip_by_global_norm(clip))
+  return (optax.chain(*parts) if len(parts) > 1 else adamw), schedule
+
+
+def ema_update(ema: Any, params: Any, decay: float) -> Any:
+  """One step of a weight EMA (timm's ModelEmaV2, no warm-up): decay e + (1 - decay) p."""
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)

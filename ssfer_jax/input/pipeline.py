@@ -37,7 +37,8 @@ Batch kinds (process-local dicts of numpy arrays; `batch_spec` gives global shap
              index int32[b] (global record index)
   labeled    + label int32[b], box float32[b, 4] (normalised xyxy in the image the model
              sees: `crop_resize_flip` of `image`)
-  eval       image, label, box (in `image`: no crop or flip to apply), index, valid bool[b]
+  eval       image, label (-1 where unlabeled), box (in `image`: no crop or flip to apply),
+             index, valid bool[b]
 """
 
 from __future__ import annotations
@@ -170,7 +171,9 @@ class _Batch:
         out["crop"][row], out["flip"][row] = view.crop, view.flip
       if self.kind != "unlabeled":
         label = rec["label"]
-        if not 0 <= label < self.num_classes:
+        # Evaluation may read unlabeled records (label -1): it skips and counts them.
+        lowest = records.UNLABELED if self.kind == "eval" else 0
+        if not lowest <= label < self.num_classes:
           raise records.DatasetError(
               f"{self.where}: record {rec['id']!r} (index {index}) has label {label}, not one "
               f"of the {self.num_classes} classes; a {self.kind} pipeline needs labeled lists "
@@ -196,10 +199,15 @@ def _processes(global_batch_size, process_index, process_count):
 
 
 def _open(data_dir, split, names, kind, image_size):
-  """The split's sorted record indices and the `_Batch` fields that do not depend on it."""
+  """The split's sorted record indices and the `_Batch` fields that do not depend on it.
+  `split` None means every record of the build."""
   manifest = records.load_manifest(data_dir)
-  indices = records.load_split(data_dir, split, names)
-  where = f"{data_dir} (split {split!r}, lists {list(names)})"
+  if split is None:
+    indices = np.arange(manifest["num_records"], dtype=np.int64)
+    where = f"{data_dir} (every record)"
+  else:
+    indices = records.load_split(data_dir, split, names)
+    where = f"{data_dir} (split {split!r}, lists {list(names)})"
   if not len(indices):
     raise records.DatasetError(f"{where}: no records; name lists that are not empty.")
   source = grain.sources.ArrayRecordDataSource(records.shard_paths(data_dir, manifest))
@@ -246,12 +254,13 @@ def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind
   return _iterate(ds, num_threads, prefetch_batches, worker_count)
 
 
-def make_eval_iterator(data_dir: str, split: str, names: Sequence[str], *,
+def make_eval_iterator(data_dir: str, split: str | None, names: Sequence[str], *,
                        global_batch_size: int, image_size: int,
                        process_index: int | None = None, process_count: int | None = None,
                        num_threads: int = DEFAULT_THREADS, prefetch_batches: int | None = None,
                        worker_count: int = 0) -> grain.DatasetIterator:
-  """One pass over the named lists; every process yields the same number of batches.
+  """One pass over the named lists (every record of the build when `split` is None); every
+  process yields the same number of batches. Labels may be -1 (unlabeled records).
 
   Threads, prefetch and workers as in `make_train_iterator`.
   """

@@ -153,3 +153,12 @@ def manifest_digest(manifest: dict) -> str:
   fields = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
   canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
   return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def read_labels(data_dir: str, indices: np.ndarray) -> np.ndarray:
+  """The labels of the records at `indices` (reads each record once; the JPEGs stay encoded)."""
+  from array_record.python.array_record_data_source import ArrayRecordDataSource  # pylint: disable=g-import-not-at-top
+
+  source = ArrayRecordDataSource(shard_paths(data_dir, load_manifest(data_dir)))
+  return np.asarray([decode(raw)["label"] for raw in source.__getitems__(list(map(int, indices)))],
+                    np.int64)

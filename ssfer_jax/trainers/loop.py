@@ -170,7 +170,11 @@ def plan_run(config: ml_collections.ConfigDict, mesh_devices=None) -> RunPlan:
         f"{config.data.dir}: lists {tuple(config.data.train_lists)} of split "
         f"'{config.data.split}' hold {n} records, fewer than batch_size={config.batch_size}.")
   steps_per_epoch = n // config.batch_size
-  total = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
+  epochs = config.num_epochs
+  if config.get("few_labels", 0) and n < config.few_labels:   # SSFER: longer on few labels
+    epochs = config.few_labels_epochs
+    logging.info("%d training records < few_labels=%d: %d epochs", n, config.few_labels, epochs)
+  total = config.total_steps if config.total_steps > 0 else epochs * steps_per_epoch
   if total <= 0:
     raise sharding.ConfigError("set total_steps > 0 or num_epochs > 0.")
   return RunPlan(mesh, n, int(total), steps_per_epoch)

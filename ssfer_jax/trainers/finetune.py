@@ -1,0 +1,342 @@
+"""Stage 2: supervised fine-tuning with FaceMix (or Mixup, CutMix, no mixing) on the labeled few.
+
+The classifier is a ViT whose encoder starts from a stage-1 MAE checkpoint (`init_from`) or
+from scratch; its position embeddings are learned from the sin-cos table, as in MAE's
+fine-tuning. The stage keeps a weight EMA beside the params (`TrainState.extra["ema"]`),
+evaluates raw and EMA weights on val, and its result (`result.json`) names the better one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ssfer_jax import checkpointing, evaluate, facemix, optim, sharding
+from ssfer_jax.input import device, records
+from ssfer_jax.models import flops, vit
+from ssfer_jax.trainers import loop, pretrain
+
+STAGE = "finetune"
+CLASS_WEIGHTINGS = ("none", "balanced", "sqrt")
+
+
+class InitError(ValueError):
+  """`init_from` or a run to load from cannot be used; the message says why and what to do."""
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict:
+  m = config.model
+  return vit.vit_kwargs(
+      m.size, patch_size=m.patch_size, pool=m.pool, pos_embed=m.pos_embed,
+      head_init=m.head_init, drop_path_rate=m.drop_path_rate, dtype=jnp.dtype(m.dtype),
+      remat=m.remat, attention_impl=m.attention_impl)
+
+
+def make_model(config: ml_collections.ConfigDict, num_classes: int) -> vit.ViT:
+  return vit.ViT(num_classes=num_classes, **model_kwargs(config))
+
+
+def class_weights(labels: np.ndarray, num_classes: int, kind: str) -> np.ndarray | None:
+  """Loss weights per class: "balanced" ~ 1 / n_c, "sqrt" ~ 1 / sqrt(n_c), scaled so that the
+  mean weight over the training records is 1 (the loss keeps its scale). Classes absent from
+  the labeled list get weight 0."""
+  if kind not in CLASS_WEIGHTINGS:
+    raise sharding.ConfigError(f"loss.class_weighting={kind!r}; use one of {CLASS_WEIGHTINGS}.")
+  if kind == "none":
+    return None
+  counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+  w = np.where(counts > 0, 1.0 / np.maximum(counts, 1) ** (1.0 if kind == "balanced" else 0.5), 0)
+  return (w * counts.sum() / (w * counts).sum()).astype(np.float32)
+
+
+def check_mixing(config: ml_collections.ConfigDict, mesh) -> None:
+  mix = config.mix
+  for field, allowed in (("kind", facemix.MIXINGS), ("pairing", facemix.PAIRINGS),
+                         ("kappa", facemix.KAPPAS), ("variant", facemix.VARIANTS),
+                         ("lambda_mode", facemix.LAMBDA_MODES)):
+    if mix[field] not in allowed:
+      raise sharding.ConfigError(f"mix.{field}={mix[field]!r}; use one of {allowed}.")
+  per_shard = config.batch_size // sharding.num_batch_shards(mesh)
+  if mix.kind != "none" and mix.pairing == "swap" and per_shard % 2:
+    raise sharding.ConfigError(
+        f"mix.pairing='swap' pairs neighbouring rows within a device: batch_size="
+        f"{config.batch_size} leaves {per_shard} rows per batch shard; make it even.")
+
+
+def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
+               workdir: str | None) -> loop.Stage:
+  manifest = records.load_manifest(config.data.dir)
+  classes = list(manifest["classes"])
+  size = config.data.image_size
+  if size % config.model.patch_size:
+    raise sharding.ConfigError(f"data.image_size={size} is not divisible by "
+                               f"model.patch_size={config.model.patch_size}.")
+  check_mixing(config, plan.mesh)
+  model = make_model(config, len(classes))
+  kwargs = model_kwargs(config)
+  tx, schedule = make_tx(config, model, plan.total_steps, plan.steps_per_epoch)
+  labels = records.read_labels(config.data.dir, records.load_split(
+      config.data.dir, config.data.split, config.data.train_lists))
+  weights = class_weights(labels, len(classes), config.loss.class_weighting)
+  if weights is not None:
+    logging.info("class weights: %s", dict(zip(classes, np.round(weights, 3).tolist())))
+  ema_decay = config.ema_decay
+  init = make_init(config, model, tx)
+  loss_fn = make_loss(config, model, len(classes), weights)
+
+  def update_extra(extra, params, _, step):
+    del step
+    return {"ema": optim.ema_update(extra["ema"], params, ema_decay)} if extra else extra
+
+  evaluate_fn = None
+  if config.eval.every_steps >= 0 and config.data.eval_lists:
+    evaluate_fn = ValEvaluation(config, plan.mesh, model, classes)
+  passes = 2 if config.mix.kind == "facemix" else 1   # FaceMix also runs the real images
+  return loop.Stage(
+      name=STAGE, batch_kind="labeled", init=init, loss_fn=loss_fn, tx=tx, schedule=schedule,
+      train_flops_per_example=passes * flops.vit_train_flops(
+          dict(kwargs, num_classes=len(classes)), size, 1),
+      update_extra=update_extra if ema_decay > 0 else None,
+      warm_start=(lambda state: warm_start(config, plan.mesh, state)) if config.init_from else None,
+      evaluate=evaluate_fn,
+      eval_every=config.eval.every_steps or plan.steps_per_epoch,
+      result_info=result_info(config, manifest))
+
+
+def make_tx(config, model: vit.ViT, total_steps: int, steps_per_epoch: int):
+  scales = None
+  if config.optim.layer_decay < 1.0:
+    size = config.data.image_size
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(
+        jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)["params"]))
+    scales = optim.layer_decay_scales(shapes, model.depth, config.optim.layer_decay)
+  return optim.make_optimizer(config.optim, config.batch_size, total_steps, steps_per_epoch,
+                              lr_scales=scales)
+
+
+def make_init(config, model: vit.ViT, tx):
+  size = config.data.image_size
+
+  def init(rng):
+    params = model.init(rng, jnp.zeros((1, size, size, 3)), train=False)["params"]
+    extra = {"ema": params} if config.ema_decay > 0 else {}
+    return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=tx.init(params), extra=extra)
+
+  return init
+
+
+def make_loss(config, model: vit.ViT, num_classes: int, weights: np.ndarray | None):
+  """The pure loss of one labeled batch under `config.mix`; see `ssfer_jax.facemix`."""
+  size, mix, smoothing = config.data.image_size, config.mix, config.loss.label_smoothing
+  mean, std, dtype = config.data.mean, config.data.std, model.dtype
+  w = None if weights is None else jnp.asarray(weights)
+
+  def targets(labels):
+    return optax_smooth(jax.nn.one_hot(labels, num_classes), smoothing)
+
+  def loss_fn(params, extra, batch, rng):
+    del extra
+    drop_rng, lam_rng, pair_rng, cut_rng = jax.random.split(rng, 4)
+    pixels = device.crop_resize_flip(batch["image"], batch["crop"], batch["flip"], size)
+    x = device.normalize(pixels, mean, std, dtype)
+    y = targets(batch["label"])
+    n = x.shape[0]
+    forward = lambda images, r: model.apply({"params": params}, images, train=True,
+                                            rngs={"dropout": r})
+    if mix.kind == "none":
+      return jnp.mean(facemix.soft_cross_entropy(forward(x, drop_rng), y, w)), {}
+    partner = facemix.partner_fn(mix.pairing, n, pair_rng)
+    lam = facemix.sample_lambda(lam_rng, mix.alpha, n, mix.lambda_mode)
+    if mix.kind == "cutmix":
+      masks, lam = facemix.cutmix_masks(cut_rng, lam, size, size)
+      xm = (x * (1 - masks) + partner(x) * masks).astype(dtype)
+    else:
+      xm = (lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * partner(x)).astype(dtype)
+    ym = lam[:, None] * y + (1 - lam[:, None]) * partner(y)
+    if mix.kind != "facemix":
+      return jnp.mean(facemix.soft_cross_entropy(forward(xm, drop_rng), ym, w)), {}
+    # FaceMix: mixed and real images in one pass, interleaved so rows stay on their device.
+    logits = forward(facemix.interleave(xm, x), drop_rng).reshape(n, 2, -1)
+    lv = facemix.soft_cross_entropy(logits[:, 0], ym, w)
+    ce_i = facemix.soft_cross_entropy(logits[:, 1], y, w)
+    k = facemix.kappa(mix.kappa, batch["box"], partner(batch["box"]), pixels / 255.0,
+                      partner(pixels) / 255.0)
+    loss = jnp.mean(facemix.combine(mix.variant, lv, ce_i, partner(ce_i), k))
+    q = jnp.quantile(k, jnp.array([0.1, 0.5, 0.9]))
+    return loss, {"kappa_mean": jnp.mean(k), "kappa_p10": q[0], "kappa_p50": q[1],
+                  "kappa_p90": q[2], "loss_virtual": jnp.mean(lv), "loss_real": jnp.mean(ce_i),
+                  "kappa": k}
+
+  return loss_fn
+
+
+def optax_smooth(one_hot: jax.Array, smoothing: float) -> jax.Array:
+  return one_hot * (1.0 - smoothing) + smoothing / one_hot.shape[-1]
+
+
+def result_info(config: ml_collections.ConfigDict, manifest: dict) -> dict:
+  """What predict/export/stage 3 need to use the weights: classes and preprocessing."""
+  return {
+      "classes": list(manifest["classes"]),
+      "preprocessing": {
+          "image_size": config.data.image_size, "mean": list(config.data.mean),
+          "std": list(config.data.std), "stored_size": manifest["image_size"],
+          "crop": manifest.get("crop"), "margin": manifest.get("margin"),
+          "detector": manifest.get("detector"),
+          "detector_params": manifest.get("detector_params")},
+      "model": {k: (str(v) if k == "dtype" else v) for k, v in model_kwargs(config).items()},
+      "data": {"dir": os.path.abspath(config.data.dir), "split": config.data.split,
+               "manifest_sha256": manifest["manifest_sha256"]},
+  }
+
+
+class ValEvaluation:
+  """The in-training evaluator: raw and (when kept) EMA weights on val; the better one wins."""
+
+  def __init__(self, config, mesh, model: vit.ViT, classes):
+    batch = config.eval.batch_size - config.eval.batch_size % sharding.num_batch_shards(mesh)
+    self._select = config.eval.select
+    self._evaluator = evaluate.Evaluator(
+        data_dir=config.data.dir, split=config.data.split, lists=config.data.eval_lists,
+        model_classes=classes, image_size=config.data.image_size, mean=config.data.mean,
+        std=config.data.std, dtype=model.dtype, batch_size=batch, mesh=mesh,
+        apply_fn=lambda p, x: model.apply({"params": p}, x, train=False),
+        num_threads=config.data.num_threads)
+
+  def __call__(self, state: loop.TrainState, step: int) -> loop.Evaluation:
+    reports = {"raw": self._evaluator(state.params)}
+    if state.extra:
+      reports["ema"] = self._evaluator(state.extra["ema"])
+    value = lambda w: reports[w][self._select] or 0.0
+    best = max(reports, key=value)
+    metrics = {}
+    for w, r in reports.items():
+      metrics.update(evaluate.scalars(r, f"{w}_"))
+    return loop.Evaluation(metrics=metrics, select=value(best),
+                           report={"weights": best, "select_metric": self._select,
+                                   "val": reports[best]})
+
+
+# ---- Loading weights: the MAE encoder for a warm start, a fine-tuned classifier to use. ----
+
+def _resolve_checkpoint(path: str, what: str) -> tuple[checkpointing.Checkpointer, int]:
+  """A run's workdir (its latest step) or one step directory inside its checkpoints/."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, checkpointing.CHECKPOINT_DIR)):
+    workdir, step = path, None
+  elif os.path.basename(os.path.dirname(path)) == checkpointing.CHECKPOINT_DIR and \
+      os.path.basename(path).isdigit():
+    workdir, step = os.path.dirname(os.path.dirname(path)), int(os.path.basename(path))
+  else:
+    raise InitError(f"{what} {path}: not a run directory (no {checkpointing.CHECKPOINT_DIR}/ "
+                    "inside) nor a checkpoint step directory (RUN/checkpoints/STEP).")
+  ckpt = checkpointing.Checkpointer(workdir)
+  steps = ckpt._manager.all_steps()  # pylint: disable=protected-access
+  step = ckpt.latest_step() if step is None else step
+  if step is None or step not in steps:
+    ckpt.close()
+    raise InitError(f"{what} {path}: no checkpoint {'' if step is None else step} there "
+                    f"(steps: {sorted(steps)}); train that stage first.")
+  return ckpt, step
+
+
+def warm_start(config, mesh, state: loop.TrainState) -> loop.TrainState:
+  """Puts a stage-1 MAE encoder into a fresh classifier state (and its EMA)."""
+  ckpt, step = _resolve_checkpoint(config.init_from, "init_from")
+  try:
+    meta = ckpt.read_meta(step)
+    if meta.get("stage") != pretrain.STAGE:
+      raise InitError(f"init_from {config.init_from}: step {step} is a '{meta.get('stage')}' "
+                      f"checkpoint; stage 2 starts from a '{pretrain.STAGE}' (stage 1) run.")
+    src = ml_collections.ConfigDict(ckpt.read_config(step))
+    ours, theirs = model_kwargs(config), pretrain.model_kwargs(src)
+    diff = {k: (theirs[k], ours[k]) for k in ("width", "depth", "num_heads", "mlp_dim",
+                                               "patch_size") if theirs[k] != ours[k]}
+    if diff:
+      raise InitError(f"init_from {config.init_from}: the pretrained encoder differs from this "
+                      f"model in {', '.join(f'{k} ({a} there, {b} here)' for k, (a, b) in diff.items())}; "
+                      "set --config.model.size/patch_size to the pretrained model's.")
+    src_plan = loop.RunPlan(mesh, 0, 1, 1)
+    abstract, _ = loop.state_layout(src, pretrain.make_stage(src, src_plan, None), mesh)
+    restored = ckpt.restore(step, abstract, None, pretrain.STAGE)
+  finally:
+    ckpt.close()
+  encoder = vit.encoder_params_from_mae(restored.params, pool=config.model.pool)
+  target = {k: state.params[k] for k in encoder}
+  encoder = jax.tree.map(lambda s, t: jax.device_put(s, t.sharding), encoder, target)
+  params = {**state.params, **encoder}
+  logging.info("warm start: MAE encoder (%s) from %s step %d",
+               ", ".join(sorted(encoder)), ckpt.directory, step)
+  # Its own buffers: the step donates the state, and a buffer may be donated only once.
+  extra = {"ema": jax.tree.map(jnp.copy, params)} if state.extra else state.extra
+  return state.replace(params=params, extra=extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class Classifier:
+  """Fine-tuned weights ready to apply, with what the result says about them."""
+  apply: Any          # (params, normalised images) -> logits
+  params: Any
+  classes: list[str]
+  preprocessing: Mapping[str, Any]
+  step: int
+  weights: str        # "raw" or "ema"
+
+
+def read_result(run_dir: str) -> dict:
+  path = os.path.join(run_dir, loop.RESULT_FILE)
+  if not os.path.exists(path):
+    raise InitError(f"{path} not found: {run_dir} has no finished fine-tuning run (the stage "
+                    "writes it at its last step); finish the run or pass --step.")
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_classifier(run_dir: str, *, step: int | None = None, weights: str = "best",
+                    mesh=None) -> Classifier:
+  """The weights of a fine-tuning run: its result's choice, or `weights` at `step`."""
+  result = read_result(run_dir)
+  if result.get("stage") != STAGE:
+    raise InitError(f"{run_dir}: its result is of stage '{result.get('stage')}', not '{STAGE}'.")
+  config = ml_collections.ConfigDict(result["config"])
+  step = result["step"] if step is None else step
+  which = result["weights"] if weights == "best" else weights
+  mesh = mesh or sharding.make_mesh((-1, 1))
+  model = make_model(config, len(result["classes"]))
+  tx, _ = make_tx(config, model, 1, 1)
+  stage = loop.Stage(STAGE, "labeled", make_init(config, model, tx), None, tx, None, 0.0)
+  abstract, _ = loop.state_layout(config, stage, mesh)
+  ckpt, step = _resolve_checkpoint(os.path.join(run_dir, checkpointing.CHECKPOINT_DIR, str(step)),
+                                   "run")
+  try:
+    state = ckpt.restore(step, abstract, None, STAGE)
+  finally:
+    ckpt.close()
+  if which == "ema" and not state.extra:
+    raise InitError(f"{run_dir} kept no EMA weights (ema_decay was 0); use --weights raw.")
+  params = state.extra["ema"] if which == "ema" else state.params
+  return Classifier(lambda p, x: model.apply({"params": p}, x, train=False), params,
+                    result["classes"], result["preprocessing"], step, which)
+
+
+def check_preprocessing(expected: Mapping[str, Any], data_dir: str) -> list[str]:
+  """Differences between how a model's training data and `data_dir` were prepared (warned)."""
+  manifest = records.load_manifest(data_dir)
+  diffs = [f"{k}: {manifest.get(k)} here, {expected.get(k)} for the model"
+           for k in ("crop", "margin", "detector") if manifest.get(k) != expected.get(k)]
+  if manifest["image_size"] != expected.get("stored_size"):
+    diffs.append(f"stored size {manifest['image_size']} px here, {expected.get('stored_size')} "
+                 "px for the model (images are resized to the model's size)")
+  for d in diffs:
+    logging.warning("%s prepared differently from the model's training data: %s", data_dir, d)
+  return diffs
