@@ -166,3 +166,15 @@ def combine(variant: str, lv: jax.Array, ce_i: jax.Array, ce_j: jax.Array,
 def interleave(a: jax.Array, b: jax.Array) -> jax.Array:
   """[B, ...] x2 -> [2B, ...] as a0, b0, a1, b1, ...: each device keeps its own rows."""
   return jnp.stack([a, b], axis=1).reshape(2 * a.shape[0], *a.shape[1:])
+
+
+def facemix_loss(logits_mixed: jax.Array, logits_real: jax.Array, targets: jax.Array,
+                 mixed_targets: jax.Array, k: jax.Array, partner: Callable[[jax.Array], jax.Array],
+                 variant: str = "L4", class_weights: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Batch mean of the FaceMix loss: L_v on the mixed images, CE_i on the real ones, CE_j
+  = CE_i of each row's partner; returns the loss and its parts (per example)."""
+  lv = soft_cross_entropy(logits_mixed, mixed_targets, class_weights)
+  ce_i = soft_cross_entropy(logits_real, targets, class_weights)
+  per_example = combine(variant, lv, ce_i, partner(ce_i), k)
+  return jnp.mean(per_example), {"loss_virtual": lv, "loss_real": ce_i}

@@ -86,6 +86,7 @@ def write_dataset(out_dir, faces: list[tuple[pathlib.Path, str]], *, size: int,
     f.write("\n".join(ids) + "\n")
   sha = hashlib.sha256("\n".join(ids + [str(size)]).encode()).hexdigest()
   manifest = {"schema_version": records.SCHEMA_VERSION, "num_shards": num_shards,
+              "num_records": len(faces),
               "manifest_sha256": sha, "classes": classes, "image_size": size}
   with open(os.path.join(out_dir, records.MANIFEST), "w") as f:
     json.dump(manifest, f, indent=1)

@@ -167,15 +167,14 @@ def make_loss(config, model: vit.ViT, num_classes: int, weights: np.ndarray | No
       return jnp.mean(facemix.soft_cross_entropy(forward(xm, drop_rng), ym, w)), {}
     # FaceMix: mixed and real images in one pass, interleaved so rows stay on their device.
     logits = forward(facemix.interleave(xm, x), drop_rng).reshape(n, 2, -1)
-    lv = facemix.soft_cross_entropy(logits[:, 0], ym, w)
-    ce_i = facemix.soft_cross_entropy(logits[:, 1], y, w)
     k = facemix.kappa(mix.kappa, batch["box"], partner(batch["box"]), pixels / 255.0,
                       partner(pixels) / 255.0)
-    loss = jnp.mean(facemix.combine(mix.variant, lv, ce_i, partner(ce_i), k))
+    loss, parts = facemix.facemix_loss(logits[:, 0], logits[:, 1], y, ym, k, partner,
+                                       mix.variant, w)
     q = jnp.quantile(k, jnp.array([0.1, 0.5, 0.9]))
     return loss, {"kappa_mean": jnp.mean(k), "kappa_p10": q[0], "kappa_p50": q[1],
-                  "kappa_p90": q[2], "loss_virtual": jnp.mean(lv), "loss_real": jnp.mean(ce_i),
-                  "kappa": k}
+                  "kappa_p90": q[2], "loss_virtual": jnp.mean(parts["loss_virtual"]),
+                  "loss_real": jnp.mean(parts["loss_real"]), "kappa": k}
 
   return loss_fn
 

@@ -1,0 +1,184 @@
+"""Does it work? Stage 2 ablations on real faces: {random init, MAE init} x {no mixing, Mixup,
+FaceMix}, paired seeds, one shared MAE pretraining; test-list metrics as mean +- std.
+
+The dataset is a `data_prep` build with a split (the protocol: the shared
+facial_expressions set, 25% of each class labeled, identity-grouped). Every cell is one
+stage-2 run selected on val (never on test), then evaluated once on test. Cells are appended
+to OUT/cells.jsonl as they finish, so an interrupted grid resumes where it stopped.
+
+  python benchmarks/ablations.py --data /work/builds/fe96_m1.6 --out runs/ablations \
+      [--seeds 0,1,2] [--mae-epochs 20] [--ft-epochs 12] [--extra balanced]
+
+Seeds are paired across arms: seed s fixes the classifier's initialisation, the batch order
+and the augmentation of every arm, so arms differ only in what the row names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import logging
+import os
+import platform
+import sys
+import time
+
+import jax
+import numpy as np
+
+from configs import finetune as finetune_config
+from configs import pretrain_mae
+from ssfer_jax import evaluate, logs, sharding
+from ssfer_jax.input import records
+from ssfer_jax.trainers import finetune, loop, pretrain
+
+MIXINGS = ("none", "mixup", "facemix")
+INITS = ("random", "mae")
+MIN_TEST_SUPPORT = 15   # mean-class accuracy over classes with at least this many test images
+
+
+def pretrain_once(args) -> str:
+  run = os.path.join(args.out, "mae")
+  c = pretrain_mae.get_config("cpu").unlock()
+  c.data.dir, c.data.split = args.data, args.split
+  c.num_epochs = args.mae_epochs
+  c.mesh.shape = (1, 1)
+  c.log_every = 50
+  c.checkpoint_every = 10_000
+  c.viz_every = 100_000
+  loop.train(c, run, pretrain.make_stage)
+  return run
+
+
+def cell_config(args, init: str, mix: str, seed: int, mae_run: str, extra: str | None):
+  c = finetune_config.get_config("cpu").unlock()
+  c.data.dir, c.data.split = args.data, args.split
+  c.seed = seed
+  c.num_epochs = c.few_labels_epochs = args.ft_epochs
+  c.mesh.shape = (1, 1)
+  c.mix.kind = mix
+  c.init_from = mae_run if init == "mae" else ""
+  c.checkpoint_every = 10_000
+  c.log_every = 50
+  if extra:
+    c.loss.class_weighting = extra
+  return c
+
+
+def test_report(run: str, args, mesh) -> dict:
+  clf = finetune.load_classifier(run, mesh=mesh)
+  ev = evaluate.Evaluator(
+      data_dir=args.data, split=args.split, lists=("test",), model_classes=clf.classes,
+      image_size=clf.preprocessing["image_size"], mean=clf.preprocessing["mean"],
+      std=clf.preprocessing["std"], dtype=np.float32, batch_size=64, mesh=mesh,
+      apply_fn=clf.apply, num_threads=2)
+  return ev(clf.params)
+
+
+def majority_baseline(args) -> dict:
+  classes = records.load_manifest(args.data)["classes"]
+  train = records.read_labels(args.data, records.load_split(args.data, args.split,
+                                                            ["train_labeled"]))
+  test = records.read_labels(args.data, records.load_split(args.data, args.split, ["test"]))
+  majority = int(np.bincount(train).argmax())
+  cm = np.zeros((len(classes), len(classes)), np.int64)
+  np.add.at(cm, (test, np.full_like(test, majority)), 1)
+  report = evaluate.metrics_from_confusion(cm, classes)
+  report["majority_class"] = classes[majority]
+  return report
+
+
+def summarise(report: dict) -> dict:
+  return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
+          "mean_class_accuracy": report["mean_class_accuracy"],
+          "mean_class_accuracy_frequent": evaluate.subset_mean_class_accuracy(
+              report, MIN_TEST_SUPPORT)}
+
+
+def print_table(cells: list[dict], baseline: dict) -> str:
+  by_arm = collections.defaultdict(list)
+  for c in cells:
+    by_arm[(c["init"], c["mix"], c.get("extra") or "")].append(c)
+  cols = ("accuracy", "macro_f1", "mean_class_accuracy_frequent", "mean_class_accuracy")
+  head = (f"| {'init':<6} | {'mixing':<8} | {'extra':<8} | seeds | accuracy | macro F1 | "
+          f"mean-class (>= {MIN_TEST_SUPPORT} test) | mean-class (all) | val acc | minutes |")
+  lines = [head, "|" + "|".join("---" for _ in range(10)) + "|"]
+  fmt = lambda xs: f"{100 * np.mean(xs):.1f} +- {100 * np.std(xs, ddof=1) if len(xs) > 1 else 0:.1f}"
+  for (init, mix, extra), group in sorted(by_arm.items(), key=lambda kv: (
+      INITS.index(kv[0][0]), MIXINGS.index(kv[0][1]), kv[0][2])):
+    vals = [fmt([g["test"][k] for g in group]) for k in cols]
+    val = fmt([g["val_select"] for g in group])
+    minutes = np.mean([g["seconds"] for g in group]) / 60
+    lines.append(f"| {init:<6} | {mix:<8} | {extra:<8} | {len(group)} | " + " | ".join(vals) +
+                 f" | {val} | {minutes:.1f} |")
+  b = summarise(baseline)
+  lines.append(f"| majority ({baseline['majority_class']}) | - | - | - | "
+               + " | ".join(f"{100 * b[k]:.1f}" for k in cols) + " | - | - |")
+  table = "\n".join(lines)
+  print(table)
+  return table
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--data", required=True)
+  ap.add_argument("--split", default="default")
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--seeds", default="0,1,2")
+  ap.add_argument("--mae-epochs", type=int, default=20)
+  ap.add_argument("--ft-epochs", type=int, default=12)
+  ap.add_argument("--extra", action="append", default=[],
+                  help="also run MAE + FaceMix with this loss.class_weighting (balanced, sqrt)")
+  args = ap.parse_args()
+  os.makedirs(args.out, exist_ok=True)
+  logs.setup(args.out, "log.txt")
+  jax.config.update("jax_threefry_partitionable", True)
+  mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+  cells_path = os.path.join(args.out, "cells.jsonl")
+  done = []
+  if os.path.exists(cells_path):
+    with open(cells_path) as f:
+      done = [json.loads(line) for line in f if line.strip()]
+  key = lambda c: (c["init"], c["mix"], c["seed"], c.get("extra") or "")
+  finished = {key(c) for c in done}
+
+  t0 = time.perf_counter()
+  mae_run = pretrain_once(args)
+  print(f"MAE pretraining ready in {mae_run} ({time.perf_counter() - t0:.0f}s)", flush=True)
+  grid = [(init, mix, seed, None) for seed in map(int, args.seeds.split(","))
+          for init in INITS for mix in MIXINGS]
+  grid += [("mae", "facemix", seed, extra) for extra in args.extra
+           for seed in map(int, args.seeds.split(","))]
+  todo = [g for g in grid if (g[0], g[1], g[2], g[3] or "") not in finished]
+  for i, (init, mix, seed, extra) in enumerate(todo):
+    run = os.path.join(args.out, "runs", f"{init}_{mix}{'_' + extra if extra else ''}_s{seed}")
+    t = time.perf_counter()
+    loop.train(cell_config(args, init, mix, seed, mae_run, extra), run, finetune.make_stage)
+    result = finetune.read_result(run)
+    test = test_report(run, args, mesh)
+    cell = {"init": init, "mix": mix, "seed": seed, "extra": extra or "",
+            "weights": result["weights"], "step": result["step"],
+            "val_select": result["val"]["accuracy"], "test": summarise(test),
+            "test_per_class": test["per_class"], "seconds": time.perf_counter() - t}
+    with open(cells_path, "a") as f:
+      f.write(json.dumps(cell) + "\n")
+    done.append(cell)
+    left = (time.perf_counter() - t0) / (i + 1) * (len(todo) - i - 1)
+    print(f"[{i + 1}/{len(todo)}] {init} {mix} {extra or ''} seed {seed}: test acc "
+          f"{cell['test']['accuracy']:.3f}, macro F1 {cell['test']['macro_f1']:.3f} "
+          f"({cell['seconds']:.0f}s; ETA {left / 60:.0f} min)", flush=True)
+
+  print(f"\n{args.data} (split {args.split}); {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, {datetime.date.today()}")
+  table = print_table(done, majority_baseline(args))
+  with open(os.path.join(args.out, "table.md"), "w") as f:
+    f.write(table + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  logging.getLogger().setLevel(logging.INFO)
+  sys.exit(main())
