@@ -29,7 +29,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/input_pipeline.py
-	$(BIN)/python benchmarks/mae_throughput.py
+	$(BIN)/python benchmarks/step_throughput.py
 
 lock:
 	$(BIN)/pip freeze --exclude-editable | grep -v -E '^(pip|setuptools|wheel)==' > /tmp/lock.txt

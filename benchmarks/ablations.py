@@ -31,7 +31,6 @@ import numpy as np
 from configs import finetune as finetune_config
 from configs import pretrain_mae
 from ssfer_jax import evaluate, logs, sharding
-from ssfer_jax.input import records
 from ssfer_jax.trainers import finetune, loop, pretrain
 
 MIXINGS = ("none", "mixup", "facemix")
@@ -56,7 +55,9 @@ def cell_config(args, init: str, mix: str, seed: int, mae_run: str, extra: str |
   c = finetune_config.get_config("cpu").unlock()
   c.data.dir, c.data.split = args.data, args.split
   c.seed = seed
+  c.batch_size = 64
   c.num_epochs = c.few_labels_epochs = args.ft_epochs
+  c.eval.every_epochs = 1
   c.mesh.shape = (1, 1)
   c.mix.kind = mix
   c.init_from = mae_run if init == "mae" else ""
@@ -75,19 +76,6 @@ def test_report(run: str, args, mesh) -> dict:
       std=clf.preprocessing["std"], dtype=np.float32, batch_size=64, mesh=mesh,
       apply_fn=clf.apply, num_threads=2)
   return ev(clf.params)
-
-
-def majority_baseline(args) -> dict:
-  classes = records.load_manifest(args.data)["classes"]
-  train = records.read_labels(args.data, records.load_split(args.data, args.split,
-                                                            ["train_labeled"]))
-  test = records.read_labels(args.data, records.load_split(args.data, args.split, ["test"]))
-  majority = int(np.bincount(train).argmax())
-  cm = np.zeros((len(classes), len(classes)), np.int64)
-  np.add.at(cm, (test, np.full_like(test, majority)), 1)
-  report = evaluate.metrics_from_confusion(cm, classes)
-  report["majority_class"] = classes[majority]
-  return report
 
 
 def summarise(report: dict) -> dict:
@@ -173,7 +161,7 @@ def main():
 
   print(f"\n{args.data} (split {args.split}); {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, {datetime.date.today()}")
-  table = print_table(done, majority_baseline(args))
+  table = print_table(done, evaluate.majority_report(args.data, args.split))
   with open(os.path.join(args.out, "table.md"), "w") as f:
     f.write(table + "\n")
   return 0

@@ -16,8 +16,9 @@ export PYTHONUNBUFFERED=1
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
-  python3 benchmarks/mae_throughput.py --variant vit_b16 --variant vit_s16 --measure_peak \
-    --json "$out/mae.jsonl"
-  python3 benchmarks/mae_throughput.py --variant vit_b16 --remat --json "$out/mae.jsonl"
+  python3 benchmarks/step_throughput.py --stage mae --variant vit_b16 --variant vit_s16 --measure_peak \
+    --json "$out/steps.jsonl"
+  python3 benchmarks/step_throughput.py --stage mae --variant vit_b16 --remat --json "$out/steps.jsonl"
+  python3 benchmarks/step_throughput.py --stage finetune --variant vit_b16 --json "$out/steps.jsonl"
   python3 benchmarks/input_pipeline.py --json "$out/input.json"
 } 2>&1 | tee "$out/bench.log"

@@ -4,9 +4,13 @@
 2. writes an identity-grouped split (25% of labels per class, 10% val, 10% test);
 3. pulls a few sharded batches and draws them with their face boxes;
 4. pretrains MAE (configs/pretrain_mae.py:cpu) on the training lists, resuming if stopped,
-   and plots the loss curve next to the reconstruction figures.
+   and plots the loss curve next to the reconstruction figures;
+5. fine-tunes with FaceMix (configs/finetune.py:cpu) twice, from scratch and from the MAE
+   encoder, selects each on val, and ends with the test-list table against the majority
+   class.
 
   python -m ssfer_jax.demo --workdir workdirs/demo [-- --config.num_epochs=5 ...]
+(the extra flags go to the pretraining run).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import sys
 
 import numpy as np
 
-from ssfer_jax import sharding, viz, writers
+from ssfer_jax import evaluate, sharding, viz, writers
 from ssfer_jax.input import device, pipeline, records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,14 +93,40 @@ def main():
        "--workdir", run_dir, f"--config.data.dir={data_dir}", *args.overrides])
   log = [r for r in writers.read_metrics(run_dir) if r["split"] == "train"]
   steps, losses = [r["step"] for r in log], [r["loss"] for r in log]
-  curve = viz.write_png(os.path.join(run_dir, "figures", "loss.png"),
-                        viz.curve_plot(steps, losses, "MAE loss (masked patches, norm-pix)"))
+  curve = viz.plot_curves(os.path.join(run_dir, "figures", "loss.png"), {"train": (steps, losses)},
+                          "MAE pretraining", "loss (masked patches, norm-pix)")
   figs = sorted(f for f in os.listdir(os.path.join(run_dir, "figures")) if f.startswith("recon"))
   print(f"\nMAE pretraining: loss {losses[0]:.3f} (step {steps[0]}) -> {losses[-1]:.3f} "
         f"(step {steps[-1]}), {np.mean([r['images_per_s'] for r in log[1:]] or [0]):.0f} images/s")
   print(f"loss curve: {curve}\nreconstructions: {os.path.join(run_dir, 'figures', figs[-1])}")
   print(f"metrics: {os.path.join(run_dir, writers.METRICS_FILE)}, TensorBoard: "
         f"{os.path.join(run_dir, 'tensorboard')}, checkpoints: {os.path.join(run_dir, 'checkpoints')}")
+
+  rows = [("majority class", evaluate.majority_report(data_dir, "default"))]
+  for name, init_from in (("from scratch", ""), ("from the MAE encoder", run_dir)):
+    ft_dir = os.path.join(workdir, "finetune_" + ("mae" if init_from else "scratch"))
+    print(f"\n== stage 2, FaceMix, {name} ==", flush=True)
+    run([sys.executable, "-m", "ssfer_jax.main", "--config", "configs/finetune.py:cpu",
+         "--workdir", ft_dir, f"--config.data.dir={data_dir}", f"--config.init_from={init_from}"])
+    run([sys.executable, "-m", "ssfer_jax.evaluate", "--run", ft_dir, "--data", data_dir,
+         "--lists", "test"])
+    with open(os.path.join(ft_dir, "eval", "test.json")) as f:
+      rows.append((f"FaceMix, {name}", json.load(f)))
+  curves = {}
+  print(f"\ntest list of {data_dir} ({rows[0][1]['count']} faces):")
+  print(f"{'':<34}{'accuracy':>10}{'mean-class':>12}{'macro F1':>10}")
+  for name, r in rows:
+    print(f"{name:<34}" + "".join(f"{100 * (r[k] or 0):>{w}.1f}" for k, w in (
+        ("accuracy", 10), ("mean_class_accuracy", 12), ("macro_f1", 10))))
+  for name in ("scratch", "mae"):
+    val = [r for r in writers.read_metrics(os.path.join(workdir, f"finetune_{name}"))
+           if r["split"] == "val"]
+    curves[f"{name}, raw"] = ([r["step"] for r in val], [r["raw_accuracy"] for r in val])
+    curves[f"{name}, EMA"] = ([r["step"] for r in val], [r["ema_accuracy"] for r in val])
+  plot = viz.plot_curves(os.path.join(workdir, "figures", "finetune_val.png"), curves,
+                         "stage 2 (FaceMix): val accuracy", "accuracy")
+  print(f"val curves: {plot}\nconfusion matrices and per-class plots: "
+        f"{workdir}/finetune_*/eval/")
 
 
 if __name__ == "__main__":

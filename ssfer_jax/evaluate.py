@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssfer_jax import sharding
+from ssfer_jax import logs, sharding
 from ssfer_jax.input import device, pipeline, records
 
 
@@ -91,6 +91,17 @@ def subset_mean_class_accuracy(report: dict, min_support: int) -> float | None:
   """Mean recall over the classes with at least `min_support` true records."""
   recalls = [v["recall"] for v in report["per_class"].values() if v["support"] >= min_support]
   return float(np.mean(recalls)) if recalls else None
+
+
+def majority_report(data_dir: str, split: str, lists: Sequence[str] = ("test",)) -> dict:
+  """The baseline: always predicting the most frequent class of train_labeled."""
+  classes = records.load_manifest(data_dir)["classes"]
+  train = records.read_labels(data_dir, records.load_split(data_dir, split, ["train_labeled"]))
+  test = records.read_labels(data_dir, records.load_split(data_dir, split, lists))
+  majority = int(np.bincount(train).argmax())
+  cm = np.zeros((len(classes), len(classes)), np.int64)
+  np.add.at(cm, (test, np.full_like(test, majority)), 1)
+  return metrics_from_confusion(cm, classes) | {"majority_class": classes[majority]}
 
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]   # (params, normalised images) -> logits
@@ -235,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--batch-size", type=int, default=64)
   ap.add_argument("--out", help="where the report goes (default RUN/eval)")
   args = ap.parse_args(argv)
-  logging.getLogger().setLevel(logging.INFO)
+  out_dir = args.out or os.path.join(args.run, "eval")
+  logs.setup(out_dir)
   try:
     clf = finetune.load_classifier(args.run, step=args.step, weights=args.weights)
     mesh = sharding.make_mesh((-1, 1))
@@ -254,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   report.update(run=os.path.abspath(args.run), step=clf.step, weights=clf.weights)
   name = "all" if args.all_records else "_".join(args.lists.split(","))
-  paths = write_report(report, args.out or os.path.join(args.run, "eval"), name)
+  paths = write_report(report, out_dir, name)
   print(format_report(report))
   print("\n".join(["written:"] + paths))
   return 0

@@ -1,4 +1,4 @@
-"""Figures people look at: the MAE reconstruction grid (as the paper's Fig. 3)."""
+"""Figures people look at: the MAE reconstruction grid (as the paper's Fig. 3), curves."""
 
 from __future__ import annotations
 
@@ -63,25 +63,24 @@ def draw_boxes(images: np.ndarray, boxes: np.ndarray, color=(0, 255, 0)) -> np.n
   return out
 
 
-def curve_plot(steps: Sequence[float], values: Sequence[float], title: str,
-               size: tuple[int, int] = (640, 360)) -> np.ndarray:
-  """A line chart as a uint8 RGB image (OpenCV only: no plotting stack to install)."""
-  width, height = size
-  left, right, top, bottom = 70, 20, 30, 40
-  img = np.full((height, width, 3), 255, np.uint8)
-  xs, ys = np.asarray(steps, float), np.asarray(values, float)
-  x_lo, x_hi = xs.min(), max(xs.max(), xs.min() + 1)
-  y_lo, y_hi = ys.min(), max(ys.max(), ys.min() + 1e-12)
-  px = left + (xs - x_lo) / (x_hi - x_lo) * (width - left - right)
-  py = height - bottom - (ys - y_lo) / (y_hi - y_lo) * (height - top - bottom)
-  cv2.rectangle(img, (left, top), (width - right, height - bottom), (0, 0, 0), 1)
-  cv2.polylines(img, [np.stack([px, py], 1).astype(np.int32)], False, (200, 60, 20), 2, cv2.LINE_AA)
-  font = cv2.FONT_HERSHEY_SIMPLEX
-  cv2.putText(img, title, (left, 20), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-  for v, y in ((y_hi, top), (y_lo, height - bottom)):
-    cv2.putText(img, f"{v:.4g}", (4, int(y) + 4), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-  for v, x in ((x_lo, left), (x_hi, width - right)):
-    cv2.putText(img, f"{v:.0f}", (int(x) - 10, height - bottom + 16), font, 0.4, (0, 0, 0), 1,
-                cv2.LINE_AA)
-  cv2.putText(img, "step", (width // 2 - 15, height - 8), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-  return img
+def plot_curves(path: str, series: dict[str, tuple[Sequence[float], Sequence[float]]],
+                title: str, ylabel: str, xlabel: str = "step") -> str:
+  """Line chart (matplotlib) of named (x, y) series, written as a PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig, ax = plt.subplots(figsize=(6.4, 3.6))
+  for name, (xs, ys) in series.items():
+    ax.plot(xs, ys, label=name)
+  ax.set_title(title)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  if len(series) > 1:
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

@@ -76,40 +76,46 @@ def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
                workdir: str | None) -> loop.Stage:
   manifest = records.load_manifest(config.data.dir)
   classes = list(manifest["classes"])
-  size = config.data.image_size
-  if size % config.model.patch_size:
-    raise sharding.ConfigError(f"data.image_size={size} is not divisible by "
-                               f"model.patch_size={config.model.patch_size}.")
-  check_mixing(config, plan.mesh)
-  model = make_model(config, len(classes))
-  kwargs = model_kwargs(config)
-  tx, schedule = make_tx(config, model, plan.total_steps, plan.steps_per_epoch)
   labels = records.read_labels(config.data.dir, records.load_split(
       config.data.dir, config.data.split, config.data.train_lists))
   weights = class_weights(labels, len(classes), config.loss.class_weighting)
   if weights is not None:
     logging.info("class weights: %s", dict(zip(classes, np.round(weights, 3).tolist())))
+  stage = training_stage(config, plan, len(classes), weights)
+  evaluate_fn = None
+  if config.eval.every_steps >= 0 and config.data.eval_lists:
+    evaluate_fn = ValEvaluation(config, plan.mesh, make_model(config, len(classes)), classes)
+  return dataclasses.replace(
+      stage,
+      warm_start=(lambda state: warm_start(config, plan.mesh, state)) if config.init_from else None,
+      evaluate=evaluate_fn,
+      eval_every=config.eval.every_steps or config.eval.every_epochs * plan.steps_per_epoch,
+      result_info=result_info(config, manifest))
+
+
+def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, num_classes: int,
+                   weights: np.ndarray | None = None) -> loop.Stage:
+  """The stage's state, loss and optimiser alone: no data read (benchmarks, loading)."""
+  size = config.data.image_size
+  if size % config.model.patch_size:
+    raise sharding.ConfigError(f"data.image_size={size} is not divisible by "
+                               f"model.patch_size={config.model.patch_size}.")
+  check_mixing(config, plan.mesh)
+  model = make_model(config, num_classes)
+  tx, schedule = make_tx(config, model, plan.total_steps, plan.steps_per_epoch)
   ema_decay = config.ema_decay
-  init = make_init(config, model, tx)
-  loss_fn = make_loss(config, model, len(classes), weights)
 
   def update_extra(extra, params, _, step):
     del step
-    return {"ema": optim.ema_update(extra["ema"], params, ema_decay)} if extra else extra
+    return {"ema": optim.ema_update(extra["ema"], params, ema_decay)}
 
-  evaluate_fn = None
-  if config.eval.every_steps >= 0 and config.data.eval_lists:
-    evaluate_fn = ValEvaluation(config, plan.mesh, model, classes)
   passes = 2 if config.mix.kind == "facemix" else 1   # FaceMix also runs the real images
   return loop.Stage(
-      name=STAGE, batch_kind="labeled", init=init, loss_fn=loss_fn, tx=tx, schedule=schedule,
+      name=STAGE, batch_kind="labeled", init=make_init(config, model, tx),
+      loss_fn=make_loss(config, model, num_classes, weights), tx=tx, schedule=schedule,
       train_flops_per_example=passes * flops.vit_train_flops(
-          dict(kwargs, num_classes=len(classes)), size, 1),
-      update_extra=update_extra if ema_decay > 0 else None,
-      warm_start=(lambda state: warm_start(config, plan.mesh, state)) if config.init_from else None,
-      evaluate=evaluate_fn,
-      eval_every=config.eval.every_steps or plan.steps_per_epoch,
-      result_info=result_info(config, manifest))
+          dict(model_kwargs(config), num_classes=num_classes), size, 1),
+      update_extra=update_extra if ema_decay > 0 else None)
 
 
 def make_tx(config, model: vit.ViT, total_steps: int, steps_per_epoch: int):
@@ -312,8 +318,7 @@ def load_classifier(run_dir: str, *, step: int | None = None, weights: str = "be
   which = result["weights"] if weights == "best" else weights
   mesh = mesh or sharding.make_mesh((-1, 1))
   model = make_model(config, len(result["classes"]))
-  tx, _ = make_tx(config, model, 1, 1)
-  stage = loop.Stage(STAGE, "labeled", make_init(config, model, tx), None, tx, None, 0.0)
+  stage = training_stage(config, loop.RunPlan(mesh, 0, 1, 1), len(result["classes"]))
   abstract, _ = loop.state_layout(config, stage, mesh)
   ckpt, step = _resolve_checkpoint(os.path.join(run_dir, checkpointing.CHECKPOINT_DIR, str(step)),
                                    "run")

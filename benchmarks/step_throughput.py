@@ -1,12 +1,16 @@
-"""MAE step throughput: images/s, step time and MFU on whatever devices are present.
+"""Training-step throughput: images/s, step time and MFU on whatever devices are present, for
+the MAE step (stage 1) and the fine-tuning step (stage 2) with plain CE, Mixup and FaceMix.
 
 Times the compiled, sharded training step alone (the batch is already on device), so the
 figure is the model's, not the input pipeline's (see input_pipeline.py for that).
 MFU = analytic matmul FLOPs (attention matmuls included, backward = 2 x forward) /
-(step time x peak); the FLOP count used is printed.
+(step time x peak); the FLOP count used is printed. Fine-tuning rows also give the cost
+of a step relative to the plain-CE step measured in the same run (FaceMix's goal: <= 2.05x,
+only the forward/backward over the real images is extra).
 
-  python benchmarks/mae_throughput.py                 # picks variants for the backend
-  python benchmarks/mae_throughput.py --variant vit_b16 --batch 256 --peak_tflops 989
+  python benchmarks/step_throughput.py                 # picks variants for the backend
+  python benchmarks/step_throughput.py --stage mae --variant vit_b16 --batch 256
+  python benchmarks/step_throughput.py --stage finetune --variant vit_b16 --peak_tflops 989
 """
 
 from __future__ import annotations
@@ -22,14 +26,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs import finetune as finetune_config
 from configs import pretrain_mae
 from ssfer_jax import sharding
 from ssfer_jax.input import pipeline
-from ssfer_jax.trainers import loop, pretrain
+from ssfer_jax.trainers import finetune, loop, pretrain
 
 # Dense bf16 peak per device, TFLOP/s (vendor figures; measure with --measure_peak).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0,
                "TPU v5 lite": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0}
+
+
+NUM_CLASSES = 8   # the paper's AffectNet-8; the head is a rounding error in the FLOPs
 
 
 def peak_for(device) -> float:
@@ -47,9 +55,18 @@ def measured_matmul_tflops(n: int = 8192, reps: int = 20) -> float:
   return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
 
 
-def bench(variant: str, batch: int, image_size: int | None, steps: int, peak_tflops: float,
-          dtype: str | None, remat: bool, attention_impl: str | None) -> dict:
-  config = pretrain_mae.get_config("cpu" if variant == "cpu" else variant).unlock()
+def make_config(stage: str, variant: str, mix: str | None):
+  if stage == "mae":
+    return pretrain_mae.get_config(variant).unlock()
+  c = finetune_config.get_config(variant).unlock()
+  c.mix.kind = mix
+  return c
+
+
+def bench(stage_name: str, variant: str, mix: str | None, batch: int, image_size: int | None,
+          steps: int, peak_tflops: float, dtype: str | None, remat: bool,
+          attention_impl: str | None) -> dict:
+  config = make_config(stage_name, variant, mix)
   config.batch_size = batch
   config.model.remat = remat
   config.model.attention_impl = attention_impl
@@ -60,19 +77,24 @@ def bench(variant: str, batch: int, image_size: int | None, steps: int, peak_tfl
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
   sharding.check_batch_size(batch, mesh)
   plan = loop.RunPlan(mesh, batch * 100, 1000, 100)
-  stage = pretrain.make_stage(config, plan, None)
+  stage = (pretrain.make_stage(config, plan, None) if stage_name == "mae" else
+           finetune.training_stage(config, plan, NUM_CLASSES))
   abstract, shardings = loop.state_layout(config, stage, mesh)
   state = jax.jit(lambda r: nn.meta.unbox(stage.init(r)), out_shardings=shardings)(jax.random.key(0))
   s = config.data.image_size
   rng = np.random.default_rng(0)
   # The step resamples a crop window per image on device, as in training.
+  lo = rng.uniform(0.0, 0.4, (batch, 2))
   host = {"image": rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8),
           "crop": np.tile(np.float32([0.1, 0.1, 0.9, 0.9]), (batch, 1)),
-          "flip": rng.random(batch) < 0.5, "index": np.arange(batch, dtype=np.int32)}
-  batch_arr = jax.device_put(host, sharding.batch_sharding(mesh))
+          "flip": rng.random(batch) < 0.5, "index": np.arange(batch, dtype=np.int32),
+          "label": rng.integers(0, NUM_CLASSES, batch).astype(np.int32),
+          "box": np.concatenate([lo, lo + rng.uniform(0.2, 0.6, (batch, 2))], 1).astype(np.float32)}
   spec = pipeline.batch_spec(stage.batch_kind, batch, s, sharding.batch_sharding(mesh))
+  batch_arr = jax.device_put({k: host[k] for k in spec}, sharding.batch_sharding(mesh))
   t = time.perf_counter()
-  step = jax.jit(loop.make_train_step(stage.loss_fn, stage.tx, stage.schedule, 0),
+  step = jax.jit(loop.make_train_step(stage.loss_fn, stage.tx, stage.schedule, 0,
+                                      stage.update_extra),
                  in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  donate_argnums=0).lower(abstract, spec).compile()
   compile_s = time.perf_counter() - t
@@ -86,7 +108,8 @@ def bench(variant: str, batch: int, image_size: int | None, steps: int, peak_tfl
   dt = (time.perf_counter() - t) / steps
   flops_step = stage.train_flops_per_example * batch
   peak = peak_tflops * 1e12 * mesh.devices.size
-  return dict(variant=variant, model=config.model.size, image=s, patch=config.model.patch_size,
+  return dict(stage=stage_name if stage_name == "mae" else f"ft:{mix}", variant=variant,
+              model=config.model.size, image=s, patch=config.model.patch_size,
               dtype=config.model.dtype, remat=remat, attention=attention_impl or "xla", batch=batch, devices=mesh.devices.size,
               device_kind=jax.devices()[0].device_kind, compile_s=round(compile_s, 1),
               step_ms=round(dt * 1e3, 2), images_per_s=round(batch / dt, 1),
@@ -97,7 +120,12 @@ def bench(variant: str, batch: int, image_size: int | None, steps: int, peak_tfl
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--variant", action="append", help="configs/pretrain_mae.py variant (repeatable)")
+  ap.add_argument("--stage", action="append", choices=("mae", "finetune"),
+                  help="which steps (repeatable; default both)")
+  ap.add_argument("--variant", action="append",
+                  help="a variant of both configs: cpu, test, vit_b16 (repeatable)")
+  ap.add_argument("--mix", action="append", choices=("none", "mixup", "cutmix", "facemix"),
+                  help="fine-tuning mixings (repeatable; default none, mixup, facemix)")
   ap.add_argument("--batch", type=int, default=0, help="global batch (default: per variant)")
   ap.add_argument("--image_size", type=int, default=0)
   ap.add_argument("--dtype", default=None)
@@ -113,16 +141,25 @@ def main():
   variants = args.variant or (["cpu"] if on_cpu else ["vit_b16", "vit_s16"])
   peak = args.peak_tflops if args.peak_tflops >= 0 else peak_for(jax.devices()[0])
   rows = []
+  impl = args.attention_impl or ("cudnn" if jax.default_backend() == "gpu" else None)
   for v in variants:
-    batch = args.batch or (64 if v == "cpu" else 8 if on_cpu else 256 * jax.device_count())
-    steps = args.steps or (5 if on_cpu else 30)
-    impl = args.attention_impl or ("cudnn" if jax.default_backend() == "gpu" else None)
-    rows.append(bench(v, batch, args.image_size or None, steps, peak, args.dtype, args.remat,
-                      None if impl == "xla" else impl))
-  head = ("variant", "model", "image", "dtype", "attention", "batch", "devices", "step_ms", "images_per_s",
-          "gflops_per_image", "tflops_per_s", "mfu", "compile_s")
-  print(f"# MAE step, {datetime.date.today()}, {platform.node()}, {jax.devices()[0].device_kind} "
-        f"x{jax.device_count()}, jax {jax.__version__}, peak/device {peak or 'unknown'} TFLOP/s")
+    for stage in args.stage or ("mae", "finetune"):
+      default_batch = {"cpu": 64, "test": 16}.get(v, 8 if on_cpu else 256 * jax.device_count())
+      mixes = [None] if stage == "mae" else args.mix or ["none", "mixup", "facemix"]
+      base = None
+      for mix in mixes:
+        r = bench(stage, v, mix, args.batch or default_batch, args.image_size or None,
+                  args.steps or (5 if on_cpu else 30), peak, args.dtype, args.remat,
+                  None if impl == "xla" else impl)
+        base = base or (r["step_ms"] if mix == "none" else None)
+        r["x_plain_ce"] = round(r["step_ms"] / base, 2) if base else None
+        rows.append(r)
+  head = ("stage", "variant", "model", "image", "dtype", "attention", "batch", "devices",
+          "step_ms", "images_per_s", "x_plain_ce", "gflops_per_image", "tflops_per_s", "mfu",
+          "compile_s")
+  print(f"# training steps, {datetime.date.today()}, {platform.node()}, "
+        f"{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
+        f"peak/device {peak or 'unknown'} TFLOP/s")
   print(" | ".join(head))
   for r in rows:
     print(" | ".join(str(r[h]) for h in head))
