@@ -48,8 +48,8 @@ def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
   c.optim.base_lr = 1e-4           # lr = base_lr * batch_size / reference_batch
   c.optim.reference_batch = 32
   c.optim.warmup_epochs = 5.0
-  c.optim.warmup_init_lr = 5e-5
-  c.optim.min_lr = 1e-5
+  c.optim.warmup_init_lr = 5e-5    # absolute (not scaled with the batch, unlike base_lr)
+  c.optim.min_lr = 1e-5            # absolute
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.weight_decay = 0.05

@@ -46,7 +46,8 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def best_step(self) -> int | None:
-    """The step with the highest `select` metric (the latest step without evaluations)."""
+    """The step with the highest `select` metric: None before any evaluated save (the
+    latest step for a Checkpointer made without keep_best)."""
     return self._manager.best_step()
 
   def metrics(self, step: int) -> dict | None:

@@ -48,7 +48,8 @@ def make_model(config: ml_collections.ConfigDict, num_classes: int) -> vit.ViT:
 def class_weights(labels: np.ndarray, num_classes: int, kind: str) -> np.ndarray | None:
   """Loss weights per class: "balanced" ~ 1 / n_c, "sqrt" ~ 1 / sqrt(n_c), scaled so that the
   mean weight over the training records is 1 (the loss keeps its scale). Classes absent from
-  the labeled list get weight 0."""
+  the labeled list get weight 0. The weights multiply soft targets, so label smoothing's
+  mass is re-weighted too."""
   if kind not in CLASS_WEIGHTINGS:
     raise sharding.ConfigError(f"loss.class_weighting={kind!r}; use one of {CLASS_WEIGHTINGS}.")
   if kind == "none":
@@ -154,20 +155,20 @@ def make_loss(config, model: vit.ViT, num_classes: int, weights: np.ndarray | No
     del extra
     drop_rng, lam_rng, pair_rng, cut_rng = jax.random.split(rng, 4)
     pixels = device.crop_resize_flip(batch["image"], batch["crop"], batch["flip"], size)
-    x = device.normalize(pixels, mean, std, dtype)
+    x = device.normalize(pixels, mean, std)   # float32: mix first, cast once
     y = targets(batch["label"])
     n = x.shape[0]
-    forward = lambda images, r: model.apply({"params": params}, images, train=True,
-                                            rngs={"dropout": r})
+    forward = lambda images, r: model.apply({"params": params}, images.astype(dtype),
+                                            train=True, rngs={"dropout": r})
     if mix.kind == "none":
       return jnp.mean(facemix.soft_cross_entropy(forward(x, drop_rng), y, w)), {}
     partner = facemix.partner_fn(mix.pairing, n, pair_rng)
     lam = facemix.sample_lambda(lam_rng, mix.alpha, n, mix.lambda_mode)
     if mix.kind == "cutmix":
       masks, lam = facemix.cutmix_masks(cut_rng, lam, size, size)
-      xm = (x * (1 - masks) + partner(x) * masks).astype(dtype)
+      xm = x * (1 - masks) + partner(x) * masks
     else:
-      xm = (lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * partner(x)).astype(dtype)
+      xm = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * partner(x)
     ym = lam[:, None] * y + (1 - lam[:, None]) * partner(y)
     if mix.kind != "facemix":
       return jnp.mean(facemix.soft_cross_entropy(forward(xm, drop_rng), ym, w)), {}
@@ -209,7 +210,8 @@ class ValEvaluation:
   """The in-training evaluator: raw and (when kept) EMA weights on val; the better one wins."""
 
   def __init__(self, config, mesh, model: vit.ViT, classes):
-    batch = config.eval.batch_size - config.eval.batch_size % sharding.num_batch_shards(mesh)
+    shards = sharding.num_batch_shards(mesh)
+    batch = max(shards, config.eval.batch_size // shards * shards)
     self._select = config.eval.select
     self._evaluator = evaluate.Evaluator(
         data_dir=config.data.dir, split=config.data.split, lists=config.data.eval_lists,
@@ -302,7 +304,8 @@ def read_result(run_dir: str) -> dict:
   path = os.path.join(run_dir, loop.RESULT_FILE)
   if not os.path.exists(path):
     raise InitError(f"{path} not found: {run_dir} has no finished fine-tuning run (the stage "
-                    "writes it at its last step); finish the run or pass --step.")
+                    "writes it at its last step); run the same training command again to "
+                    "finish it.")
   with open(path) as f:
     return json.load(f)
 
@@ -318,6 +321,9 @@ def load_classifier(run_dir: str, *, step: int | None = None, weights: str = "be
   which = result["weights"] if weights == "best" else weights
   mesh = mesh or sharding.make_mesh((-1, 1))
   model = make_model(config, len(result["classes"]))
+  # Only the state's layout matters here: the loss (and the pairing's batch check) does not.
+  config = config.copy_and_resolve_references()
+  config.unlock().mix.kind = "none"
   stage = training_stage(config, loop.RunPlan(mesh, 0, 1, 1), len(result["classes"]))
   abstract, _ = loop.state_layout(config, stage, mesh)
   ckpt, step = _resolve_checkpoint(os.path.join(run_dir, checkpointing.CHECKPOINT_DIR, str(step)),

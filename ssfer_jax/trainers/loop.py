@@ -250,7 +250,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
   flops_per_step = stage.train_flops_per_example * config.batch_size
   peak = _peak_flops(config, mesh)
   end = min(plan.total_steps, stop_at) if stop_at else plan.total_steps
-  metrics_cls, collection, histograms = None, None, {}
+  metrics_cls, collection = None, None
+  best_select = _best_select(ckpt)
   pending = None       # (step, finite flag) of the previous step, checked one step late
   last_log_t, data_wait, steps_since_log = time.perf_counter(), 0.0, 0
 
@@ -308,10 +309,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
         evaluation = stage.evaluate(state, step)
         writer.write_scalars(step, evaluation.metrics, prefix="val")
         last_log_t += time.perf_counter() - t   # evaluation time is not step time
-      if evaluation is not None or step % config.checkpoint_every == 0 or step == end:
+      # An evaluation is saved (as a candidate for "best") only when it beats the best so
+      # far: evaluating every epoch must not mean writing a checkpoint every epoch.
+      new_best = evaluation is not None and evaluation.select > best_select
+      if new_best or step % config.checkpoint_every == 0 or step == end:
         ckpt.save(step, state, train_iter, config_json, stage.name,
                   metrics=None if evaluation is None else
                   {"select": evaluation.select, "report": dict(evaluation.report)})
+        best_select = max(best_select, evaluation.select) if evaluation else best_select
     if pending is not None:
       finish_checks(pending)
     if stage.evaluate is not None and end == plan.total_steps:
@@ -321,6 +326,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
     writer.close()
     ckpt.close()
   return state
+
+
+def _best_select(ckpt: checkpointing.Checkpointer) -> float:
+  """The best `select` saved so far (a resumed run keeps competing against it)."""
+  step = ckpt.best_step()
+  metrics = ckpt.metrics(step) if step is not None else None
+  return metrics["select"] if metrics else -math.inf
 
 
 def _run_hook(hook: Hook, state: TrainState, step: int, writer: writers.MetricWriter):
