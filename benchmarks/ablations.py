@@ -25,12 +25,14 @@ import platform
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 
 from configs import finetune as finetune_config
 from configs import pretrain_mae
 from ssfer_jax import evaluate, logs, sharding
+from ssfer_jax.input import device, pipeline, records
 from ssfer_jax.trainers import finetune, loop, pretrain
 
 MIXINGS = ("none", "mixup", "facemix")
@@ -66,6 +68,46 @@ def cell_config(args, init: str, mix: str, seed: int, mae_run: str, extra: str |
   if extra:
     c.loss.class_weighting = extra
   return c
+
+
+def features(config, params, lists, args, mesh) -> tuple[np.ndarray, np.ndarray]:
+  """Frozen pooled encoder features [N, D] (cls token after the final norm) and labels."""
+  model = finetune.make_model(config, 0)
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
+  feats, labels = [], []
+  for b in pipeline.make_eval_iterator(args.data, args.split, lists, global_batch_size=64,
+                                       image_size=config.data.image_size, num_threads=2):
+    x = device.normalize(b["image"], config.data.mean, config.data.std)
+    feats.append(np.asarray(apply(params, x))[b["valid"]])
+    labels.append(b["label"][b["valid"]])
+  return np.concatenate(feats), np.concatenate(labels)
+
+
+def knn_probe(args, mae_run: str, mesh, k: int = 20) -> dict:
+  """How much expression the frozen encoders carry: cosine k-NN (k = 20) from train_labeled
+  to test, for a randomly initialised encoder and the MAE one. Says whether pretraining
+  learned anything fine-tuning could use, independently of the fine-tuning recipe."""
+  classes = records.load_manifest(args.data)["classes"]
+  out = {}
+  for init in INITS:
+    c = cell_config(args, init, "none", 0, mae_run, None)
+    stage = finetune.make_stage(c, loop.plan_run(c), None)
+    _, shardings = loop.state_layout(c, stage, mesh)
+    state = jax.jit(lambda r: nn.meta.unbox(stage.init(r)), out_shardings=shardings)(
+        jax.random.key(c.seed))
+    if stage.warm_start:
+      state = stage.warm_start(state)
+    params = {k_: v for k_, v in state.params.items() if k_ != "head"}
+    xtr, ytr = features(c, params, ("train_labeled",), args, mesh)
+    xte, yte = features(c, params, ("test",), args, mesh)
+    xtr /= np.linalg.norm(xtr, axis=1, keepdims=True) + 1e-12
+    xte /= np.linalg.norm(xte, axis=1, keepdims=True) + 1e-12
+    nearest = np.argsort(-xte @ xtr.T, axis=1)[:, :k]
+    votes = np.stack([np.bincount(row, minlength=len(classes)) for row in ytr[nearest]])
+    cm = np.zeros((len(classes), len(classes)), np.int64)
+    np.add.at(cm, (yte, votes.argmax(1)), 1)
+    out[init] = summarise(evaluate.metrics_from_confusion(cm, classes))
+  return out
 
 
 def test_report(run: str, args, mesh) -> dict:
@@ -118,6 +160,8 @@ def main():
   ap.add_argument("--seeds", default="0,1,2")
   ap.add_argument("--mae-epochs", type=int, default=20)
   ap.add_argument("--ft-epochs", type=int, default=12)
+  ap.add_argument("--probe", action="store_true",
+                  help="also a frozen-feature k-NN probe of the random and MAE encoders")
   ap.add_argument("--extra", action="append", default=[],
                   help="also run MAE + FaceMix with this loss.class_weighting (balanced, sqrt)")
   args = ap.parse_args()
@@ -162,6 +206,12 @@ def main():
   print(f"\n{args.data} (split {args.split}); {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, {datetime.date.today()}")
   table = print_table(done, evaluate.majority_report(args.data, args.split))
+  if args.probe:
+    probe = knn_probe(args, mae_run, mesh)
+    table += "\n\nfrozen encoders, cosine 20-NN from train_labeled to test:\n" + "\n".join(
+        f"  {init}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in r.items())
+        for init, r in probe.items())
+    print(table.split("\n\n")[-1])
   with open(os.path.join(args.out, "table.md"), "w") as f:
     f.write(table + "\n")
   return 0
