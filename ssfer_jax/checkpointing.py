@@ -45,6 +45,9 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
   def best_step(self) -> int | None:
     """The step with the highest `select` metric: None before any evaluated save (the
     latest step for a Checkpointer made without keep_best)."""

@@ -4,6 +4,7 @@ equations, and that the real-image terms see the unmixed images (unlike the publ
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import finetune as finetune_config
@@ -97,7 +98,7 @@ def test_facemix_loss_matches_numpy(pairing, variant):
   boxes = np.concatenate([lo, lo + rs.uniform(0.1, 0.5, (n, 2))], 1).astype(np.float32)
   partner = facemix.partner_fn(pairing, n, jax.random.key(0))
   idx = np.asarray(partner(jnp.arange(n)))
-  y = finetune.optax_smooth(jax.nn.one_hot(labels, c), 0.1)
+  y = optax.smooth_labels(jax.nn.one_hot(labels, c), 0.1)
   ym = lam[:, None] * y + (1 - lam[:, None]) * partner(y)
   k = facemix.kappa("iou", jnp.asarray(boxes), partner(jnp.asarray(boxes)), None, None)
   loss, _ = facemix.facemix_loss(jnp.asarray(lm), jnp.asarray(lr), y, ym, k, partner, variant)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from ssfer_jax import checkpointing, evaluate, facemix, optim, sharding
 from ssfer_jax.input import device, records
@@ -149,7 +150,7 @@ def make_loss(config, model: vit.ViT, num_classes: int, weights: np.ndarray | No
   w = None if weights is None else jnp.asarray(weights)
 
   def targets(labels):
-    return optax_smooth(jax.nn.one_hot(labels, num_classes), smoothing)
+    return optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
 
   def loss_fn(params, extra, batch, rng):
     del extra
@@ -184,10 +185,6 @@ def make_loss(config, model: vit.ViT, num_classes: int, weights: np.ndarray | No
                   "loss_real": jnp.mean(parts["loss_real"]), "kappa": k}
 
   return loss_fn
-
-
-def optax_smooth(one_hot: jax.Array, smoothing: float) -> jax.Array:
-  return one_hot * (1.0 - smoothing) + smoothing / one_hot.shape[-1]
 
 
 def result_info(config: ml_collections.ConfigDict, manifest: dict) -> dict:
@@ -248,12 +245,12 @@ def _resolve_checkpoint(path: str, what: str) -> tuple[checkpointing.Checkpointe
     raise InitError(f"{what} {path}: not a run directory (no {checkpointing.CHECKPOINT_DIR}/ "
                     "inside) nor a checkpoint step directory (RUN/checkpoints/STEP).")
   ckpt = checkpointing.Checkpointer(workdir)
-  steps = ckpt._manager.all_steps()  # pylint: disable=protected-access
+  steps = ckpt.all_steps()
   step = ckpt.latest_step() if step is None else step
   if step is None or step not in steps:
     ckpt.close()
     raise InitError(f"{what} {path}: no checkpoint {'' if step is None else step} there "
-                    f"(steps: {sorted(steps)}); train that stage first.")
+                    f"(steps: {steps}); train that stage first.")
   return ckpt, step
 
 
