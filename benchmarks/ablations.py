@@ -21,7 +21,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import sys
 import time
 
@@ -29,6 +28,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+import machine  # benchmarks/machine.py
 from configs import finetune as finetune_config
 from configs import pretrain_mae
 from ssfer_jax import evaluate, logs, sharding
@@ -112,12 +112,8 @@ def knn_probe(args, mae_run: str, mesh, k: int = 20) -> dict:
 
 def test_report(run: str, args, mesh) -> dict:
   clf = finetune.load_classifier(run, mesh=mesh)
-  ev = evaluate.Evaluator(
-      data_dir=args.data, split=args.split, lists=("test",), model_classes=clf.classes,
-      image_size=clf.preprocessing["image_size"], mean=clf.preprocessing["mean"],
-      std=clf.preprocessing["std"], dtype=np.float32, batch_size=64, mesh=mesh,
-      apply_fn=clf.apply, num_threads=2)
-  return ev(clf.params)
+  return evaluate.Evaluator.for_classifier(clf, data_dir=args.data, split=args.split,
+                                           lists=("test",), mesh=mesh, num_threads=2)(clf.params)
 
 
 def summarise(report: dict) -> dict:
@@ -203,7 +199,7 @@ def main():
           f"{cell['test']['accuracy']:.3f}, macro F1 {cell['test']['macro_f1']:.3f} "
           f"({cell['seconds']:.0f}s; ETA {left / 60:.0f} min)", flush=True)
 
-  print(f"\n{args.data} (split {args.split}); {platform.processor() or platform.machine()}, "
+  print(f"\n{args.data} (split {args.split}); {machine.cpu_model()}, "
         f"{os.cpu_count()} CPUs, {datetime.date.today()}")
   table = print_table(done, evaluate.majority_report(args.data, args.split))
   if args.probe:

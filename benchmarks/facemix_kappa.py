@@ -32,7 +32,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import sys
 
 import grain
@@ -41,7 +40,8 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ssfer_jax import facemix  # noqa: E402
+import machine  # noqa: E402  (benchmarks/machine.py)
+from ssfer_jax import facemix, viz  # noqa: E402
 from ssfer_jax.input import pipeline, records  # noqa: E402
 
 PERCENTILES = (10, 25, 50, 75, 90)
@@ -61,14 +61,6 @@ class Row:
   face_side: float  # median longer side of the box, fraction of the image
   no_face: float  # share of pairs with an image where no face was detected
   kappa: list[float] = dataclasses.field(repr=False)
-
-
-def _machine() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.machine()
 
 
 def draw(data_dir: str, split: str, lists, transform: str, batches: int, batch: int,
@@ -108,12 +100,7 @@ def measure(data_dir: str, split: str, lists, batches: int, batch: int, seed: in
 
 def plot(rows: list[Row], path: str):
   """Histograms of kappa, one line per dataset: weak boxes left, stored boxes right."""
-  try:
-    import matplotlib
-  except ImportError:
-    raise SystemExit("--plot needs matplotlib: .venv/bin/python -m pip install matplotlib")
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = viz.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
   bins = np.linspace(0, 1, 41)
   for ax, which in zip(axes, ("weak", "stored")):
@@ -139,7 +126,7 @@ def main(argv=None) -> list[Row]:
   parser.add_argument("--batches", type=int, default=20)
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--plot", help="write a histogram PNG here (needs matplotlib)")
+  parser.add_argument("--plot", help="write a histogram PNG here")
   parser.add_argument("--json", help="also write the header and rows here")
   args = parser.parse_args(argv)
   if args.batch % 2:
@@ -150,7 +137,7 @@ def main(argv=None) -> list[Row]:
 
   header = (f"FaceMix kappa = 1 - IoU, swap pairs, split {args.split!r} {lists}, "
             f"{args.batches} x {args.batch} weak-augmented batches (scale 0.2-1, flip), seed "
-            f"{args.seed}; {_machine()}, {os.cpu_count()} CPU cores, {datetime.date.today()}")
+            f"{args.seed}; {machine.cpu_model()}, {os.cpu_count()} CPU cores, {datetime.date.today()}")
   print(header)
   cols = ["data", "crop", "margin", "boxes", "pairs", "mean"] + [f"p{p}" for p in PERCENTILES]
   cols += [f"<{SMALL:g}", "face side", "no face"]

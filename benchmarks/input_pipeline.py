@@ -40,7 +40,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the dataset writer, until data_prep builds them
 
 import dataset_fixture  # noqa: E402
+import machine  # noqa: E402  (benchmarks/machine.py)
 from ssfer_jax.input import augment, device, pipeline, records  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "datasets" / "facial_expressions"
@@ -69,15 +69,6 @@ class Row:
   cores: float  # CPU seconds per wall second, all threads (and for data_prep, processes)
   per_core: float  # images per CPU second
   of_ceiling: float | None = None
-
-
-def _machine() -> str:
-  """The CPU model, for the header."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.machine()
 
 
 def _faces_source() -> tuple[pathlib.Path, pathlib.Path]:
@@ -311,7 +302,7 @@ def main(argv=None) -> list[Row]:
 
   header = (f"input pipeline, {args.size} px stored = output, {args.records} real faces, batch "
             f"{args.batch}, weak = host part (bilinear crop resample on device); "
-            f"{_machine()}, {os.cpu_count()} CPU cores, "
+            f"{machine.cpu_model()}, {os.cpu_count()} CPU cores, "
             f"{datetime.date.today()}; medians of {args.repeats} x {args.seconds:g} s a row; "
             f"data_prep: {args.prep_images} images, Haar")
   print(header)

@@ -19,6 +19,26 @@ FSDP_RULES = (
 )
 
 
+def shrink_for_cpu(c: ml_collections.ConfigDict, arg: str) -> None:
+  """What every stage's `cpu` and `test` variants share: the tiny "mu" ViT in float32 on a
+  2-core machine; `cpu` at 96 px (the demo), `test` at 32 px for 6 steps (unit tests).
+  Call it last: it overrides the stage's run lengths for `test`."""
+  c.model.size = "mu"
+  c.model.dtype = "float32"
+  c.data.num_threads = 2
+  c.log_every = 10
+  if arg == "cpu":
+    c.data.image_size = 96
+  else:
+    c.data.image_size = 32
+    c.batch_size = 16
+    c.total_steps = 6
+    c.optim.warmup_epochs = 0.0
+    c.log_every = 1
+    c.checkpoint_every = 3
+    c.tensorboard = False
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0

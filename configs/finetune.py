@@ -87,18 +87,13 @@ def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
     c.mix.lambda_mode = "per_batch"
     c.mix.pairing = "reverse"
   elif arg in ("cpu", "test"):
-    c.model.size = "mu"
-    c.model.dtype = "float32"
-    c.data.num_threads = 2
     c.optim.reference_batch = 256
     c.optim.base_lr = 4e-3           # chosen on val among 1e-3, 4e-3, 1.6e-2 (RESULTS.md)
     c.optim.warmup_init_lr = 0.0
     c.optim.min_lr = 1e-5
     c.loss.label_smoothing = 0.1
     c.ema_decay = 0.99
-    c.log_every = 10
     if arg == "cpu":
-      c.data.image_size = 96
       c.batch_size = 32
       c.num_epochs = 30
       c.few_labels_epochs = 60       # the demo's ~250 labels: 7 steps an epoch
@@ -106,15 +101,9 @@ def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
       c.checkpoint_every = 500
       c.eval.every_epochs = 3
     else:
-      c.data.image_size = 32
-      c.batch_size = 16
-      c.total_steps = 6
-      c.optim.warmup_epochs = 0.0
-      c.log_every = 1
-      c.checkpoint_every = 3
       c.eval.every_steps = 3
       c.eval.batch_size = 16
-      c.tensorboard = False
+    common.shrink_for_cpu(c, arg)
   else:
     raise ValueError(f"unknown variant {arg!r}; choose vit_b16, vit_b16_code, cpu or test.")
   c.lock()

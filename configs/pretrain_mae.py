@@ -54,31 +54,20 @@ def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
   elif arg == "vit_s16":
     c.model.size = "S"
   elif arg in ("cpu", "test"):
-    c.model.size = "mu"
     c.model.decoder_width = 64
     c.model.decoder_depth = 1
     c.model.decoder_heads = 4
-    c.model.dtype = "float32"
-    c.data.num_threads = 2
     c.optim.base_lr = 1.5e-3
-    c.log_every = 10
     c.checkpoint_every = 100
     c.viz_every = 100
     if arg == "cpu":
-      c.data.image_size = 96
       c.batch_size = 64
       c.num_epochs = 30
       c.optim.warmup_epochs = 3.0
     else:
-      c.data.image_size = 32
-      c.batch_size = 16
-      c.total_steps = 6
-      c.optim.warmup_epochs = 0.0
-      c.log_every = 1
-      c.checkpoint_every = 3
       c.viz_every = 1000
       c.viz_examples = 4
-      c.tensorboard = False
+    common.shrink_for_cpu(c, arg)
   else:
     raise ValueError(f"unknown variant {arg!r}; choose vit_b16, vit_s16, cpu or test.")
   c.lock()

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssfer_jax import logs, sharding
+from ssfer_jax import logs, sharding, viz
 from ssfer_jax.input import device, pipeline, records
 
 
@@ -108,12 +108,18 @@ ApplyFn = Callable[[Any, jax.Array], jax.Array]   # (params, normalised images) 
 
 
 class Evaluator:
-  """One sharded pass of a classifier over a build's lists (or every record)."""
+  """One sharded pass of a classifier over a build's lists (or every record).
+
+  `batch_size` is rounded down to a multiple of the mesh's batch shards (at least one row
+  per shard): the eval batch size is a throughput knob, never a reason to fail.
+  """
 
   def __init__(self, *, data_dir: str, split: str | None, lists: Sequence[str],
                model_classes: Sequence[str], image_size: int, mean, std, dtype,
                batch_size: int, mesh: jax.sharding.Mesh, apply_fn: ApplyFn,
                num_threads: int = pipeline.DEFAULT_THREADS):
+    shards = sharding.num_batch_shards(mesh)
+    batch_size = max(shards, batch_size // shards * shards)
     sharding.check_batch_size(batch_size, mesh, "eval batch size")
     manifest = records.load_manifest(data_dir)
     self.where = f"{data_dir}" + (f" (split {split!r}, lists {list(lists)})" if split else
@@ -136,6 +142,17 @@ class Evaluator:
       return jnp.argmax(logits, -1), target, batch["valid"]
 
     self._predict = jax.jit(predict, out_shardings=sharding.replicated(mesh))
+
+  @classmethod
+  def for_classifier(cls, clf, *, data_dir: str, split: str | None, lists: Sequence[str],
+                     mesh: jax.sharding.Mesh, batch_size: int = 64,
+                     num_threads: int = pipeline.DEFAULT_THREADS) -> "Evaluator":
+    """For a `finetune.Classifier`: its classes, preprocessing and apply function."""
+    pre = clf.preprocessing
+    return cls(data_dir=data_dir, split=split, lists=lists, model_classes=clf.classes,
+               image_size=pre["image_size"], mean=pre["mean"], std=pre["std"],
+               dtype=jnp.float32, batch_size=batch_size, mesh=mesh, apply_fn=clf.apply,
+               num_threads=num_threads)
 
   def __call__(self, params) -> dict[str, Any]:
     t0 = time.perf_counter()
@@ -167,10 +184,7 @@ def scalars(report: dict, prefix: str = "") -> dict[str, float]:
 
 def write_report(report: dict, out_dir: str, name: str = "eval") -> list[str]:
   """NAME.json, NAME_confusion.png and NAME_per_class.png in out_dir; returns the paths."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
+  plt = viz.pyplot()
   os.makedirs(out_dir, exist_ok=True)
   paths = [os.path.join(out_dir, f"{name}{s}") for s in (".json", "_confusion.png",
                                                         "_per_class.png")]
@@ -249,16 +263,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   out_dir = args.out or os.path.join(args.run, "eval")
   logs.setup(out_dir)
   try:
-    clf = finetune.load_classifier(args.run, step=args.step, weights=args.weights)
     mesh = sharding.make_mesh((-1, 1))
-    batch = args.batch_size - args.batch_size % sharding.num_batch_shards(mesh) or \
-        sharding.num_batch_shards(mesh)
-    evaluator = Evaluator(
-        data_dir=args.data, split=None if args.all_records else args.split,
-        lists=args.lists.split(","), model_classes=clf.classes,
-        image_size=clf.preprocessing["image_size"], mean=clf.preprocessing["mean"],
-        std=clf.preprocessing["std"], dtype=jnp.float32, batch_size=batch, mesh=mesh,
-        apply_fn=clf.apply)
+    clf = finetune.load_classifier(args.run, step=args.step, weights=args.weights, mesh=mesh)
+    evaluator = Evaluator.for_classifier(
+        clf, data_dir=args.data, split=None if args.all_records else args.split,
+        lists=args.lists.split(","), mesh=mesh, batch_size=args.batch_size)
     finetune.check_preprocessing(clf.preprocessing, args.data)
     report = evaluator(clf.params)
   except (records.DatasetError, finetune.InitError, sharding.ConfigError) as e:

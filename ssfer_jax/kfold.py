@@ -38,6 +38,7 @@ METRICS = ("accuracy", "mean_class_accuracy", "macro_f1")
 
 def run_folds(config, workdir: str, folds_name: str) -> dict:
   names = split_lib.fold_names(config.data.dir, folds_name)
+  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
   per_fold = []
   for k, split_name in enumerate(names):
     fold_config = config.copy_and_resolve_references().unlock()
@@ -46,16 +47,10 @@ def run_folds(config, workdir: str, folds_name: str) -> dict:
     logging.info("== fold %d/%d: split %s -> %s", k + 1, len(names), split_name, run)
     if not os.path.exists(os.path.join(run, loop.RESULT_FILE)):
       loop.train(fold_config, run, finetune.make_stage)
-    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
     clf = finetune.load_classifier(run, mesh=mesh)
-    shards = sharding.num_batch_shards(mesh)
-    ev = evaluate.Evaluator(
-        data_dir=config.data.dir, split=split_name, lists=("test",), model_classes=clf.classes,
-        image_size=clf.preprocessing["image_size"], mean=clf.preprocessing["mean"],
-        std=clf.preprocessing["std"], dtype=np.float32,
-        batch_size=max(shards, config.eval.batch_size // shards * shards), mesh=mesh,
-        apply_fn=clf.apply, num_threads=config.data.num_threads)
-    report = ev(clf.params)
+    report = evaluate.Evaluator.for_classifier(
+        clf, data_dir=config.data.dir, split=split_name, lists=("test",), mesh=mesh,
+        batch_size=config.eval.batch_size, num_threads=config.data.num_threads)(clf.params)
     evaluate.write_report(report, os.path.join(run, "eval"), "test")
     per_fold.append({"fold": k, "split": split_name, "step": clf.step, "weights": clf.weights,
                      **{m: report[m] for m in METRICS}, "count": report["count"]})

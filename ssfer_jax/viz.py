@@ -63,13 +63,19 @@ def draw_boxes(images: np.ndarray, boxes: np.ndarray, color=(0, 255, 0)) -> np.n
   return out
 
 
-def plot_curves(path: str, series: dict[str, tuple[Sequence[float], Sequence[float]]],
-                title: str, ylabel: str, xlabel: str = "step") -> str:
-  """Line chart (matplotlib) of named (x, y) series, written as a PNG."""
+def pyplot():
+  """matplotlib.pyplot on the file-only Agg backend (no display on servers), imported lazily:
+  training processes that draw nothing never load it."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
 
+
+def plot_curves(path: str, series: dict[str, tuple[Sequence[float], Sequence[float]]],
+                title: str, ylabel: str, xlabel: str = "step") -> str:
+  """Line chart of named (x, y) series, written as a PNG."""
+  plt = pyplot()
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fig, ax = plt.subplots(figsize=(6.4, 3.6))
   for name, (xs, ys) in series.items():

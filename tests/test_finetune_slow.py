@@ -38,11 +38,8 @@ def test_short_finetune_beats_the_majority_class(tmp_path):
   loop.train(c, run, finetune.make_stage)
   mesh = sharding.make_mesh((-1, 1))
   clf = finetune.load_classifier(run, mesh=mesh)
-  ev = evaluate.Evaluator(data_dir=data, split="default", lists=LISTS, model_classes=clf.classes,
-                          image_size=96, mean=c.data.mean, std=c.data.std, dtype=np.float32,
-                          batch_size=64, mesh=mesh,
-                          apply_fn=clf.apply, num_threads=2)
-  report = ev(clf.params)
+  report = evaluate.Evaluator.for_classifier(clf, data_dir=data, split="default", lists=LISTS,
+                                             mesh=mesh, num_threads=2)(clf.params)
   base = evaluate.majority_report(data, "default", LISTS)
   n, p0 = report["count"], base["accuracy"]
   assert n == base["count"] > 2000

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import msgpack
 import numpy as np
+from array_record.python.array_record_data_source import ArrayRecordDataSource
 
 SCHEMA_VERSION = 1
 UNLABELED = -1
@@ -117,17 +118,33 @@ def _index_of_version(data_dir: str, mtime_ns: int, size: int) -> dict[str, int]
 
 
 def load_split(data_dir: str, split_file: str, names: Sequence[str]) -> np.ndarray:
-  """Global record indices (sorted) of the union of the named lists of a split file.
+  """Global record indices (sorted, read-only) of the union of the named lists of a split file.
 
   `split_file` is a path, or a bare name looked up as `DATA_DIR/splits/NAME.json`.
-  The split must have been made over this exact build (manifest checksum).
+  The split must have been made over this exact build (manifest checksum). Cached per
+  version of the split, manifest and ids files: a run asks for the same lists many times
+  (planning, the iterators, every evaluation), and a split of a 1.2M-record build is
+  megabytes of JSON.
   """
-  manifest = load_manifest(data_dir)
   path = split_file if os.sep in split_file or split_file.endswith(".json") else os.path.join(
       data_dir, SPLITS_DIR, split_file + ".json")
   if not os.path.exists(path):
     raise DatasetError(f"split file {path} not found; write it with "
                        f"`python -m data_prep split --data {data_dir} ...`.")
+  manifest_path = os.path.join(data_dir, MANIFEST)
+  if not os.path.exists(manifest_path):
+    load_manifest(data_dir)  # raises the error that says how to build it
+  versions = tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in map(os.stat, (
+      path, manifest_path, os.path.join(data_dir, IDS_FILE))))
+  return _load_split_version(os.path.abspath(data_dir), os.path.abspath(path), tuple(names),
+                             versions)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_split_version(data_dir: str, path: str, names: tuple[str, ...],
+                        versions: tuple) -> np.ndarray:
+  del versions  # the cache key: a rewritten split or rebuilt dataset is read afresh
+  manifest = load_manifest(data_dir)
   with open(path) as f:
     split = json.load(f)
   if split.get("manifest_sha256") != manifest["manifest_sha256"]:
@@ -144,7 +161,9 @@ def load_split(data_dir: str, split_file: str, names: Sequence[str]) -> np.ndarr
         raise DatasetError(f"{path}: record id {rid!r} in list {name!r} is not in "
                            f"{os.path.join(data_dir, IDS_FILE)}; the split is stale.")
       out.append(index_of[rid])
-  return np.asarray(sorted(out), dtype=np.int64)
+  indices = np.asarray(sorted(out), dtype=np.int64)
+  indices.flags.writeable = False   # shared by every caller of the cache
+  return indices
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -157,8 +176,6 @@ def manifest_digest(manifest: dict) -> str:
 
 def read_labels(data_dir: str, indices: np.ndarray) -> np.ndarray:
   """The labels of the records at `indices` (reads each record once; the JPEGs stay encoded)."""
-  from array_record.python.array_record_data_source import ArrayRecordDataSource  # pylint: disable=g-import-not-at-top
-
   source = ArrayRecordDataSource(shard_paths(data_dir, load_manifest(data_dir)))
   return np.asarray([decode(raw)["label"] for raw in source.__getitems__(list(map(int, indices)))],
                     np.int64)

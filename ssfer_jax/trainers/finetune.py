@@ -207,13 +207,11 @@ class ValEvaluation:
   """The in-training evaluator: raw and (when kept) EMA weights on val; the better one wins."""
 
   def __init__(self, config, mesh, model: vit.ViT, classes):
-    shards = sharding.num_batch_shards(mesh)
-    batch = max(shards, config.eval.batch_size // shards * shards)
     self._select = config.eval.select
     self._evaluator = evaluate.Evaluator(
         data_dir=config.data.dir, split=config.data.split, lists=config.data.eval_lists,
         model_classes=classes, image_size=config.data.image_size, mean=config.data.mean,
-        std=config.data.std, dtype=model.dtype, batch_size=batch, mesh=mesh,
+        std=config.data.std, dtype=model.dtype, batch_size=config.eval.batch_size, mesh=mesh,
         apply_fn=lambda p, x: model.apply({"params": p}, x, train=False),
         num_threads=config.data.num_threads)
 

@@ -33,7 +33,6 @@ from ssfer_jax import checkpointing, sharding, writers
 from ssfer_jax.input import pipeline, records
 
 RESULT_FILE = "result.json"
-LOG_FILE = "log.txt"
 
 # (params, extra, batch, rng) -> (loss, aux). aux's scalars are logged as metrics, its
 # arrays as histograms; aux["extra"], if present, is the input of `Stage.update_extra`
@@ -316,7 +315,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
         ckpt.save(step, state, train_iter, config_json, stage.name,
                   metrics=None if evaluation is None else
                   {"select": evaluation.select, "report": dict(evaluation.report)})
-        best_select = max(best_select, evaluation.select) if evaluation else best_select
+        if new_best:
+          best_select = evaluation.select
     if pending is not None:
       finish_checks(pending)
     if stage.evaluate is not None and end == plan.total_steps:
