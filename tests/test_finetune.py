@@ -3,6 +3,7 @@ stage state (EMA) restored exactly on resume, best-on-val kept while resume take
 state updates from hooks, layer decay and class weights."""
 
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -254,3 +255,14 @@ def test_hooks_update_stage_state_and_it_is_checkpointed(small_dataset, tmp_path
   c.total_steps = 8
   with pytest.raises(loop.NonFiniteError, match="hook left non-finite stage state at step 7"):
     loop.train(c, workdir, poisoned)
+
+
+def test_facemix_logs_the_kappa_distribution(small_dataset, tmp_path):
+  config = ft_config(small_dataset, total_steps=2, tensorboard=True)
+  loop.train(config, str(tmp_path), finetune.make_stage)
+  record = [r for r in writers.read_metrics(tmp_path) if r["split"] == "train"][-1]
+  assert 0 <= record["kappa_p10"] <= record["kappa_p50"] <= record["kappa_p90"] <= 1
+  assert 0 <= record["kappa_mean"] <= 1 and "loss_real" in record and "loss_virtual" in record
+  events = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "tensorboard") for f in fs]
+  # The histogram's tag is "train/kappa"; the scalars' are "train/kappa_mean" etc.
+  assert any(re.search(rb"train/kappa(?!_)", open(p, "rb").read()) for p in events)
