@@ -23,7 +23,8 @@ def shrink_for_cpu(c: ml_collections.ConfigDict, arg: str) -> None:
   """What every stage's `cpu` and `test` variants share: the tiny "mu" ViT in float32 on a
   2-core machine; `cpu` at 96 px (the demo), `test` at 32 px for 6 steps (unit tests).
   Call it last: it overrides the stage's run lengths for `test`."""
-  c.model.size = "mu"
+  if "size" in c.model:   # stage 3 takes its architecture from the stage-2 model
+    c.model.size = "mu"
   c.model.dtype = "float32"
   c.data.num_threads = 2
   c.log_every = 10

@@ -84,6 +84,20 @@ class Checkpointer:
     logging.info("restored step %d from %s", step, self.directory)
     return restored["state"]
 
+  def restore_subtree(self, step: int, abstract_subtree: dict, stage: str) -> dict:
+    """Restores only the named parts of the saved train state, e.g. {"params": ...} or
+    {"extra": {"ema": ...}}: loading weights to use needs neither the optimiser state nor the
+    stage state, nor the config that shaped them."""
+    meta = self.read_meta(step)
+    if meta.get("format_version") != FORMAT_VERSION or meta.get("stage") != stage:
+      raise CheckpointError(f"{self.directory}/{step}: a '{meta.get('stage')}' checkpoint of "
+                            f"format {meta.get('format_version')}, expected '{stage}' of format "
+                            f"{FORMAT_VERSION}.")
+    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        abstract_subtree, restore_args=ocp.checkpoint_utils.construct_restore_args(
+            abstract_subtree), partial_restore=True)))
+    return restored["state"]
+
   def read_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 

@@ -136,10 +136,10 @@ class Evaluator:
 
     def predict(params, batch):
       x = device.normalize(batch["image"], mean, std, dtype)
-      logits = apply_fn(params, x)
+      probs = jax.nn.softmax(apply_fn(params, x).astype(jnp.float32), axis=-1)
       label = batch["label"]
       target = jnp.where(label >= 0, to_model[jnp.clip(label, 0)], -2)  # -2: unlabeled
-      return jnp.argmax(logits, -1), target, batch["valid"]
+      return probs, target, batch["valid"]
 
     self._predict = jax.jit(predict, out_shardings=sharding.replicated(mesh))
 
@@ -154,15 +154,27 @@ class Evaluator:
                dtype=jnp.float32, batch_size=batch_size, mesh=mesh, apply_fn=clf.apply,
                num_threads=num_threads)
 
+  def _batches(self, params):
+    """(probabilities [b, C], target [b]) of each batch's valid rows; target is the model's
+    class index, -1 for a class the model does not know, -2 for an unlabeled record."""
+    for local in pipeline.make_eval_iterator(**self._args):
+      batch = pipeline.to_global({k: local[k] for k in ("image", "label", "valid")}, self._mesh)
+      probs, target, valid = (np.asarray(a) for a in self._predict(params, batch))
+      yield probs[valid], target[valid]
+
+  def probabilities(self, params) -> tuple[np.ndarray, np.ndarray]:
+    """The model's softmax over every record [N, C] and the targets [N] (as `_batches`), in
+    record order: e.g. DTM's once-an-epoch pass of the teacher over train_labeled."""
+    parts = list(self._batches(params))
+    return np.concatenate([p for p, _ in parts]), np.concatenate([t for _, t in parts])
+
   def __call__(self, params) -> dict[str, Any]:
     t0 = time.perf_counter()
     n = len(self.class_map.model_classes)
     cm = np.zeros((n, n), np.int64)
     seen = unlabeled = excluded = 0
-    for local in pipeline.make_eval_iterator(**self._args):
-      batch = pipeline.to_global({k: local[k] for k in ("image", "label", "valid")}, self._mesh)
-      pred, target, valid = (np.asarray(a) for a in self._predict(params, batch))
-      target, pred = target[valid], pred[valid]
+    for probs, target in self._batches(params):
+      pred = np.argmax(probs, axis=-1)
       seen += len(target)
       unlabeled += int((target == -2).sum())
       excluded += int((target == -1).sum())

@@ -20,9 +20,10 @@ from ml_collections import config_flags
 
 from ssfer_jax import checkpointing, distributed, logs, sharding
 from ssfer_jax.input import records
-from ssfer_jax.trainers import finetune, loop, pretrain
+from ssfer_jax.trainers import finetune, loop, pretrain, semisup
 
-STAGES = {pretrain.STAGE: pretrain.make_stage, finetune.STAGE: finetune.make_stage}
+STAGES = {pretrain.STAGE: pretrain.make_stage, finetune.STAGE: finetune.make_stage,
+          semisup.STAGE: semisup.make_stage}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file, with :VARIANT.",
                                           lock_config=True)

@@ -25,11 +25,17 @@ def peak_learning_rate(cfg: ml_collections.ConfigDict, global_batch_size: int) -
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, global_batch_size: int,
                            total_steps: int, steps_per_epoch: int) -> optax.Schedule:
-  """Linear warm-up from `warmup_init_lr`, then half-cycle cosine to `min_lr`, per step.
+  """Linear warm-up from `warmup_init_lr`, then half-cycle cosine to `min_lr`, per step;
+  `schedule="constant"` holds the peak (SSFER's stage-3 code in practice).
 
   Per step rather than per epoch (as SSFER's code): the same curve, without the jumps.
   """
   peak = peak_learning_rate(cfg, global_batch_size)
+  kind = cfg.get("schedule", "cosine")
+  if kind == "constant":
+    return optax.constant_schedule(peak)
+  if kind != "cosine":
+    raise ValueError(f"optim.schedule={kind!r}; use 'cosine' or 'constant'.")
   warmup = min(round(cfg.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
       init_value=cfg.get("warmup_init_lr", 0.0), peak_value=peak, warmup_steps=warmup,

@@ -12,12 +12,14 @@ the jitted step: the bilinear resize cost ~37 us an image on the host, 0.30 of t
 ceiling the pipeline is held to (benchmarks/input_pipeline.py), and could get no cheaper
 there; on an accelerator it is two small matmuls an image.
 
-Transforms are looked up by name in `TRANSFORMS` (the strong RandAugment view slots in there)
-and share one signature, `fn(image, box, u, out) -> View`: they write the image straight into
-`out`, a uint8 [S, S, 3] row of the batch (no intermediate images to allocate and copy), and
-return its `View`: the box, the crop window normalised to `out`'s frame, the flip. They take
-grey [H, W] or RGB [H, W, 3] images alike: grey JPEGs stay one channel through any resize (a
-third of the pixel work) and become RGB last, in the row.
+Transforms are looked up by name in `TRANSFORMS` and share one signature,
+`fn(image, box, u, out) -> View`: they write the image straight into `out`, a uint8
+[S, S, 3] row of the batch (no intermediate images to allocate and copy), and return its
+`View`: the box, the crop window normalised to `out`'s frame, the flip. They take grey
+[H, W] or RGB [H, W, 3] images alike: grey JPEGs stay one channel through any resize (a
+third of the pixel work) and become RGB last, in the row. The semi-supervised batch's strong
+view is a second `weak_view` of the same row plus RandAugment on the device
+(`input/randaugment.py`).
 
 Randomness is counter-based: `uniforms(seed, positions, draws)` hashes (seed, global stream
 position, draw number) into the `u` of every example of a batch in a few numpy calls. An
@@ -203,15 +205,24 @@ def _write_rgb(image: np.ndarray, out: np.ndarray):
     np.copyto(out, image)
 
 
-def weak(image: np.ndarray, box, u: Sequence[float], out: np.ndarray) -> View:
-  """Random resized crop + horizontal flip (p=0.5): the image is written whole, the window
-  and flip are drawn for the device to apply, the box is mapped through both."""
-  height, width = image.shape[:2]
+WEAK_DRAWS = CROP_DRAWS + 1
+
+
+def weak_view(height: int, width: int, box, u: Sequence[float]) -> View:
+  """The geometry of a weak view of a [height, width] image from `WEAK_DRAWS` uniforms: a
+  random resized crop window and a flip (p=0.5), the box mapped through both. Nothing is
+  written: the semi-supervised batch draws a second view of an image already in its row."""
   y, x, h, w = window = sample_crop(u, height, width)
   flip = u[CROP_DRAWS] < 0.5
-  _write_rgb(image, out)
   return View(crop_box(box, window, height, width, flip),
               (y / height, x / width, (y + h) / height, (x + w) / width), flip)
+
+
+def weak(image: np.ndarray, box, u: Sequence[float], out: np.ndarray) -> View:
+  """Random resized crop + horizontal flip: the image is written whole, the window and flip
+  are drawn for the device to apply (`weak_view`)."""
+  _write_rgb(image, out)
+  return weak_view(*image.shape[:2], box, u)
 
 
 def resize(image: np.ndarray, box, u: Sequence[float], out: np.ndarray) -> View:
@@ -223,6 +234,6 @@ def resize(image: np.ndarray, box, u: Sequence[float], out: np.ndarray) -> View:
 
 
 TRANSFORMS: dict[str, Transform] = {
-    "weak": Transform(weak, CROP_DRAWS + 1),
+    "weak": Transform(weak, WEAK_DRAWS),
     "eval": Transform(resize, 0),
 }

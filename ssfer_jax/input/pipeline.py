@@ -39,6 +39,15 @@ Batch kinds (process-local dicts of numpy arrays; `batch_spec` gives global shap
              sees: `crop_resize_flip` of `image`)
   eval       image, label (-1 where unlabeled), box (in `image`: no crop or flip to apply),
              index, valid bool[b]
+  semisup    {"labeled": a labeled batch of b rows, "unlabeled": mu x b rows of
+             image, crop, flip (the weak view), strong_crop, strong_flip (a second, independent
+             crop and flip of the same stored image) and strong_u float32[DRAWS] (the
+             RandAugment draws the device applies on top: `input/randaugment.py`), label (-1
+             where unknown; for diagnostics only, never trained on), index and position
+             int32 (the row's place in the unlabeled list, for per-record threshold state)}.
+             The two lists are separate streams, each with its own epochs, permutations and
+             augmentation seed; both are functions of the batch number, so the iterator's
+             state is still one integer and a resumed run sees the same batches.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ import dataclasses
 import math
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 import grain
 import jax
@@ -56,7 +65,7 @@ from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ssfer_jax import sharding as sharding_lib
-from ssfer_jax.input import augment, records
+from ssfer_jax.input import augment, randaugment, records
 
 FIELDS = {  # name -> (shape after the batch dim, given the image size; dtype)
     "image": (lambda s: (s, s, 3), np.uint8),
@@ -66,22 +75,47 @@ FIELDS = {  # name -> (shape after the batch dim, given the image size; dtype)
     "crop": (lambda s: (4,), np.float32),
     "flip": (lambda s: (), np.bool_),
     "valid": (lambda s: (), np.bool_),
+    "strong_crop": (lambda s: (4,), np.float32),
+    "strong_flip": (lambda s: (), np.bool_),
+    "strong_u": (lambda s: (randaugment.DRAWS,), np.float32),
+    "position": (lambda s: (), np.int32),
 }
 KINDS = {
     "unlabeled": ("image", "crop", "flip", "index"),
     "labeled": ("image", "crop", "flip", "label", "box", "index"),
     "eval": ("image", "label", "box", "index", "valid"),
+    # The unlabeled part of a "semisup" batch.
+    "views": ("image", "crop", "flip", "strong_crop", "strong_flip", "strong_u", "label",
+              "index", "position"),
 }
+SEMISUP = "semisup"
+# uniforms per row of "views": the weak window and flip, the strong ones, RandAugment's.
+_VIEW_DRAWS = 2 * augment.WEAK_DRAWS + randaugment.DRAWS
+_UNLABELED_STREAM = 1   # `augment.uniforms` key of the unlabeled stream of a semisup batch
 DEFAULT_THREADS = min(os.cpu_count() or 1, 16)
 
 
 def batch_spec(kind: str, global_batch_size: int, image_size: int,
-               sharding: jax.sharding.Sharding | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-  """Global shapes and dtypes of a batch kind, to compile a step before any data is read."""
+               sharding: jax.sharding.Sharding | None = None,
+               unlabeled_ratio: int = 0) -> dict[str, Any]:
+  """Global shapes and dtypes of a batch kind, to compile a step before any data is read.
+  A "semisup" batch has `global_batch_size` labeled and `unlabeled_ratio` times as many
+  unlabeled rows."""
+  if kind == SEMISUP:
+    _check_ratio(unlabeled_ratio)
+    return {"labeled": batch_spec("labeled", global_batch_size, image_size, sharding),
+            "unlabeled": batch_spec("views", unlabeled_ratio * global_batch_size, image_size,
+                                    sharding)}
   _check("kind", kind, KINDS)
   return {name: jax.ShapeDtypeStruct((global_batch_size, *FIELDS[name][0](image_size)),
                                      FIELDS[name][1], sharding=sharding)
           for name in KINDS[kind]}
+
+
+def _check_ratio(unlabeled_ratio: int) -> None:
+  if not (isinstance(unlabeled_ratio, int) and unlabeled_ratio >= 1):
+    raise ValueError(f"unlabeled_ratio (mu) is {unlabeled_ratio!r}; a semi-supervised batch "
+                     "needs a whole number >= 1 of unlabeled rows per labeled row.")
 
 
 class _Epochs:
@@ -104,6 +138,10 @@ class _Epochs:
           len(self._indices))]
       self._recent = {e: o for e, o in self._recent.items() if e == epoch - 1} | {epoch: order}
     return order
+
+  def list_positions(self, indices: np.ndarray) -> np.ndarray:
+    """Record indices -> their places in the (sorted) list."""
+    return np.searchsorted(self._indices, indices)
 
   def __call__(self, positions: np.ndarray) -> np.ndarray:
     epochs, ks = np.divmod(positions, len(self._indices))
@@ -158,30 +196,50 @@ class _Batch:
         (len(indices), *FIELDS[name][0](self.image_size)), FIELDS[name][1])
            for name in KINDS[self.kind]}
     out["index"][:] = indices
-    image, train = out["image"], "crop" in out
-    draws = augment.uniforms(self.seed, positions, self.transform.draws).tolist()
-    for row, (index, u) in enumerate(zip(indices.tolist(), draws)):
+    image, train, views = out["image"], "crop" in out, self.kind == "views"
+    weak = self.transform.draws
+    draws = augment.uniforms(self.seed, positions, _VIEW_DRAWS if views else weak)
+    if views:
+      out["position"][:] = self.rows.epochs.list_positions(indices)
+      out["strong_u"][:] = draws[:, 2 * weak:]
+    # Evaluation and the unlabeled views may read unlabeled records (label -1).
+    lowest = records.UNLABELED if self.kind in ("eval", "views") else 0
+    for row, (index, u) in enumerate(zip(indices.tolist(), draws.tolist())):
       if index < 0:  # an eval pad
         image[row] = 0
         continue
       rec = records.decode(self.source[index])
-      view = self.transform.fn(augment.decode(rec["image"], rgb=False), rec["box"], u,
-                               image[row])
+      decoded = augment.decode(rec["image"], rgb=False)
+      view = self.transform.fn(decoded, rec["box"], u, image[row])
       if train:
         out["crop"][row], out["flip"][row] = view.crop, view.flip
-      if self.kind != "unlabeled":
+      if views:
+        strong = augment.weak_view(*decoded.shape[:2], rec["box"], u[weak:2 * weak])
+        out["strong_crop"][row], out["strong_flip"][row] = strong.crop, strong.flip
+      if "label" in out:
         label = rec["label"]
-        # Evaluation may read unlabeled records (label -1): it skips and counts them.
-        lowest = records.UNLABELED if self.kind == "eval" else 0
         if not lowest <= label < self.num_classes:
           raise records.DatasetError(
               f"{self.where}: record {rec['id']!r} (index {index}) has label {label}, not one "
               f"of the {self.num_classes} classes; a {self.kind} pipeline needs labeled lists "
               "(train_labeled, val, test) or use kind='unlabeled'.")
-        out["label"][row], out["box"][row] = label, view.box
+        out["label"][row] = label
+      if "box" in out:
+        out["box"][row] = view.box
     if self.kind == "eval":
       out["valid"][:] = indices >= 0
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _SemisupBatch:
+  """Batch number -> {"labeled": that batch of the labeled stream, "unlabeled": of the
+  unlabeled one}."""
+  labeled: _Batch
+  unlabeled: _Batch
+
+  def __call__(self, number: int) -> dict:
+    return {"labeled": self.labeled(number), "unlabeled": self.unlabeled(number)}
 
 
 def _check(what, value, allowed):
@@ -229,11 +287,15 @@ def _iterate(ds: grain.MapDataset, num_threads, prefetch_batches, worker_count):
 
 def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind: str,
                         global_batch_size: int, image_size: int, seed: int,
-                        transform: str = "weak", process_index: int | None = None,
+                        transform: str = "weak", unlabeled_names: Sequence[str] = (),
+                        unlabeled_ratio: int = 0, process_index: int | None = None,
                         process_count: int | None = None, num_threads: int = DEFAULT_THREADS,
                         prefetch_batches: int | None = None,
                         worker_count: int = 0) -> grain.DatasetIterator:
   """An endless iterator of this process's train batches.
+
+  kind "semisup" pairs `global_batch_size` rows of the `names` lists (labeled, weak) with
+  `unlabeled_ratio` times as many of the `unlabeled_names` lists (weak and strong views).
 
   `transform` names an `augment.TRANSFORMS` entry; "eval" gives a shuffled stream of un-augmented
   images (e.g. a diverse fixed set of faces for figures), with whole-image crops and no flips,
@@ -243,14 +305,28 @@ def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind
   the work limits threads; the batches are the same. Close an iterator with workers
   (`it.close()`) when done with it.
   """
-  _check("kind", kind, ("unlabeled", "labeled"))
+  _check("kind", kind, ("unlabeled", "labeled", SEMISUP))
   _check("transform", transform, augment.TRANSFORMS)
   process_index, process_count, batch = _processes(global_batch_size, process_index,
                                                    process_count)
-  indices, fields = _open(data_dir, split, names, kind, image_size)
-  rows = _TrainRows(_Epochs(indices, seed), batch, process_index, process_count)
-  ds = grain.MapDataset.range(sys.maxsize // global_batch_size).map(
-      _Batch(**fields, rows=rows, transform=augment.TRANSFORMS[transform], seed=seed))
+
+  def stream(lists, kind, batch, seed):
+    indices, fields = _open(data_dir, split, lists, kind, image_size)
+    rows = _TrainRows(_Epochs(indices, seed), batch, process_index, process_count)
+    return _Batch(**fields, rows=rows, transform=augment.TRANSFORMS[transform], seed=seed)
+
+  if kind == SEMISUP:
+    _check_ratio(unlabeled_ratio)
+    if not unlabeled_names:
+      raise ValueError("a semisup iterator needs unlabeled_names (e.g. ('train_unlabeled',)).")
+    # Its own seed: the two streams' permutations and augmentations are independent.
+    unlabeled_seed = int(augment.uniforms(seed, [_UNLABELED_STREAM], 1)[0, 0] * 2**53)
+    make_batch = _SemisupBatch(
+        stream(names, "labeled", batch, seed),
+        stream(unlabeled_names, "views", unlabeled_ratio * batch, unlabeled_seed))
+  else:
+    make_batch = stream(names, kind, batch, seed)
+  ds = grain.MapDataset.range(sys.maxsize // global_batch_size).map(make_batch)
   return _iterate(ds, num_threads, prefetch_batches, worker_count)
 
 
@@ -277,18 +353,23 @@ def make_eval_iterator(data_dir: str, split: str | None, names: Sequence[str], *
   return _iterate(ds, num_threads, prefetch_batches, worker_count)
 
 
-def to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
-              batch_axes: Sequence[str] = sharding_lib.BATCH_AXES) -> dict[str, jax.Array]:
-  """Process-local batch -> global arrays, the batch dim sharded over `batch_axes` of `mesh`."""
+def to_global(batch: Any, mesh: jax.sharding.Mesh,
+              batch_axes: Sequence[str] = sharding_lib.BATCH_AXES) -> Any:
+  """Process-local batch (a dict of arrays, or of such dicts) -> global arrays, the batch dim
+  sharded over `batch_axes` of `mesh`."""
   unknown = [a for a in batch_axes if a not in mesh.shape]
   if unknown:
     raise ValueError(f"batch axes {unknown} are not axes of the mesh {dict(mesh.shape)}.")
   shards = math.prod(mesh.shape[a] for a in batch_axes)
-  global_size = len(next(iter(batch.values()))) * jax.process_count()
-  if global_size % shards:
-    raise ValueError(
-        f"global batch size {global_size} is not divisible by {shards}, the product of the "
-        f"mesh axes {tuple(batch_axes)} it is split over ({dict(mesh.shape)}); pick a "
-        f"multiple of {shards}.")
   sharding = NamedSharding(mesh, P(tuple(batch_axes)))
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+  def one(path, v):
+    global_size = len(v) * jax.process_count()
+    if global_size % shards:
+      raise ValueError(
+          f"global batch size {global_size} ({jax.tree_util.keystr(path)}) is not divisible by "
+          f"{shards}, the product of the mesh axes {tuple(batch_axes)} it is split over "
+          f"({dict(mesh.shape)}); pick a multiple of {shards}.")
+    return jax.make_array_from_process_local_data(sharding, v)
+
+  return jax.tree_util.tree_map_with_path(one, batch)

@@ -187,8 +187,11 @@ def make_loss(config, model: vit.ViT, num_classes: int, weights: np.ndarray | No
   return loss_fn
 
 
-def result_info(config: ml_collections.ConfigDict, manifest: dict) -> dict:
-  """What predict/export/stage 3 need to use the weights: classes and preprocessing."""
+def result_info(config: ml_collections.ConfigDict, manifest: dict,
+                model: Mapping[str, Any] | None = None) -> dict:
+  """What predict/export/stage 3 need to use the weights: classes, preprocessing and the
+  model's resolved kwargs (`model`, default this config's)."""
+  model = model_kwargs(config) if model is None else model
   return {
       "classes": list(manifest["classes"]),
       "preprocessing": {
@@ -197,14 +200,15 @@ def result_info(config: ml_collections.ConfigDict, manifest: dict) -> dict:
           "crop": manifest.get("crop"), "margin": manifest.get("margin"),
           "detector": manifest.get("detector"),
           "detector_params": manifest.get("detector_params")},
-      "model": {k: (str(v) if k == "dtype" else v) for k, v in model_kwargs(config).items()},
+      "model": {k: (str(v) if k == "dtype" else v) for k, v in model.items()},
       "data": {"dir": os.path.abspath(config.data.dir), "split": config.data.split,
                "manifest_sha256": manifest["manifest_sha256"]},
   }
 
 
 class ValEvaluation:
-  """The in-training evaluator: raw and (when kept) EMA weights on val; the better one wins."""
+  """The in-training evaluator: raw and (when kept) EMA weights on val; the better one wins.
+  In stage 3 these are the student and the EMA teacher."""
 
   def __init__(self, config, mesh, model: vit.ViT, classes):
     self._select = config.eval.select
@@ -217,7 +221,7 @@ class ValEvaluation:
 
   def __call__(self, state: loop.TrainState, step: int) -> loop.Evaluation:
     reports = {"raw": self._evaluator(state.params)}
-    if state.extra:
+    if state.extra and "ema" in state.extra:
       reports["ema"] = self._evaluator(state.extra["ema"])
     value = lambda w: reports[w][self._select] or 0.0
     best = max(reports, key=value)
@@ -305,33 +309,62 @@ def read_result(run_dir: str) -> dict:
     return json.load(f)
 
 
+CLASSIFIER_STAGES = (STAGE, "semisup")   # stages whose result is a classifier
+
+
+def model_from_result(result: Mapping[str, Any], **overrides) -> vit.ViT:
+  """The classifier a stage result describes (its resolved model kwargs), e.g. with another
+  `drop_path_rate` or `dtype` for training on."""
+  kwargs = {**result["model"], **overrides}
+  kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+  return vit.ViT(num_classes=len(result["classes"]), **kwargs)
+
+
+def abstract_params(model: vit.ViT, image_size: int, mesh, rules) -> Any:
+  """The model's parameter shapes, carrying their shardings on `mesh` under `rules`."""
+  boxed = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=False)["params"])
+  return checkpointing.abstract_with_shardings(
+      nn.meta.unbox(boxed), sharding.logical_shardings(boxed, mesh, rules))
+
+
 def load_classifier(run_dir: str, *, step: int | None = None, weights: str = "best",
                     mesh=None) -> Classifier:
-  """The weights of a fine-tuning run: its result's choice, or `weights` at `step`."""
+  """The weights of a fine-tuning run (stage 2 or 3): its result's choice, or `weights`
+  ("raw" or "ema") at `step`. Only those weights are read from the checkpoint."""
   result = read_result(run_dir)
-  if result.get("stage") != STAGE:
-    raise InitError(f"{run_dir}: its result is of stage '{result.get('stage')}', not '{STAGE}'.")
-  config = ml_collections.ConfigDict(result["config"])
+  if result.get("stage") not in CLASSIFIER_STAGES:
+    raise InitError(f"{run_dir}: its result is of stage '{result.get('stage')}', not a "
+                    f"classifier's ({', '.join(CLASSIFIER_STAGES)}).")
   step = result["step"] if step is None else step
   which = result["weights"] if weights == "best" else weights
+  if which not in ("raw", "ema"):
+    raise InitError(f"weights={which!r}; use 'best', 'raw' or 'ema'.")
   mesh = mesh or sharding.make_mesh((-1, 1))
-  model = make_model(config, len(result["classes"]))
-  # Only the state's layout matters here: the loss (and the pairing's batch check) does not.
-  config = config.copy_and_resolve_references()
-  config.unlock().mix.kind = "none"
-  stage = training_stage(config, loop.RunPlan(mesh, 0, 1, 1), len(result["classes"]))
-  abstract, _ = loop.state_layout(config, stage, mesh)
+  model = model_from_result(result)
+  abstract = abstract_params(model, result["preprocessing"]["image_size"], mesh,
+                             result["config"]["sharding_rules"])
   ckpt, step = _resolve_checkpoint(os.path.join(run_dir, checkpointing.CHECKPOINT_DIR, str(step)),
                                    "run")
   try:
-    state = ckpt.restore(step, abstract, None, STAGE)
+    if which == "ema":
+      ema = ckpt.restore_subtree(step, {"extra": {"ema": abstract}}, result["stage"]) \
+          if _has_ema(result) else None
+      if ema is None:
+        raise InitError(f"{run_dir} kept no EMA weights (ema_decay was 0, or a FixMatch "
+                        "teacher); use --weights raw.")
+      params = ema["extra"]["ema"]
+    else:
+      params = ckpt.restore_subtree(step, {"params": abstract}, result["stage"])["params"]
   finally:
     ckpt.close()
-  if which == "ema" and not state.extra:
-    raise InitError(f"{run_dir} kept no EMA weights (ema_decay was 0); use --weights raw.")
-  params = state.extra["ema"] if which == "ema" else state.params
   return Classifier(lambda p, x: model.apply({"params": p}, x, train=False), params,
                     result["classes"], result["preprocessing"], step, which)
+
+
+def _has_ema(result: Mapping[str, Any]) -> bool:
+  config = result["config"]
+  return config.get("ema_decay", 0) > 0 and config.get("teacher", "ema") == "ema"
 
 
 def check_preprocessing(expected: Mapping[str, Any], data_dir: str) -> list[str]:

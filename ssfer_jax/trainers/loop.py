@@ -59,10 +59,11 @@ class StateUpdate:
 class Hook:
   """Host-side work every `every` steps (and after the last step): figures, state updates.
 
-  `fn` returns metrics to log, None, or a `StateUpdate`.
+  `fn` returns metrics to log (under `prefix`), None, or a `StateUpdate`.
   """
   every: int
   fn: Callable[[TrainState, int], Mapping[str, float] | StateUpdate | None]
+  prefix: str = "eval"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,11 +107,20 @@ class NonFiniteError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class RunPlan:
-  """What the loop derived from the config and the data, before anything compiles."""
+  """What the loop derived from the config and the data, before anything compiles.
+
+  With unlabeled lists (`config.data.unlabeled_lists`, the semi-supervised batch) an epoch
+  is a pass over them: `unlabeled_ratio * batch_size` rows a step.
+  """
   mesh: jax.sharding.Mesh
   train_indices_count: int
   total_steps: int
   steps_per_epoch: int
+  unlabeled_count: int = 0
+  unlabeled_ratio: int = 0
+
+  def images_per_step(self, batch_size: int) -> int:
+    return batch_size * (1 + self.unlabeled_ratio)
 
 
 def metrics_collection(names: Sequence[str]) -> type[clu_metrics.Collection]:
@@ -169,6 +179,23 @@ def plan_run(config: ml_collections.ConfigDict, mesh_devices=None) -> RunPlan:
         f"{config.data.dir}: lists {tuple(config.data.train_lists)} of split "
         f"'{config.data.split}' hold {n} records, fewer than batch_size={config.batch_size}.")
   steps_per_epoch = n // config.batch_size
+  n_unlabeled, ratio = 0, 0
+  if config.data.get("unlabeled_lists"):
+    ratio = config.data.unlabeled_ratio
+    if not (isinstance(ratio, int) and ratio >= 1):
+      raise sharding.ConfigError(f"data.unlabeled_ratio (mu) is {ratio!r}; use an integer >= 1.")
+    rows = ratio * config.batch_size
+    sharding.check_batch_size(rows, mesh, "the unlabeled batch (data.unlabeled_ratio x "
+                              "batch_size)")
+    lists = tuple(config.data.unlabeled_lists)
+    n_unlabeled = len(records.load_split(config.data.dir, config.data.split, lists))
+    if n_unlabeled < rows:
+      raise sharding.ConfigError(
+          f"{config.data.dir}: unlabeled lists {lists} of split '{config.data.split}' hold "
+          f"{n_unlabeled} records, fewer than one unlabeled batch ({ratio} x {config.batch_size}"
+          f" = {rows}); split the build with unlabeled records (`data_prep split "
+          "--labeled-fraction` below 1) or lower batch_size / data.unlabeled_ratio.")
+    steps_per_epoch = n_unlabeled // rows
   epochs = config.num_epochs
   if config.get("few_labels", 0) and n < config.few_labels:   # SSFER: longer on few labels
     epochs = config.few_labels_epochs
@@ -176,7 +203,7 @@ def plan_run(config: ml_collections.ConfigDict, mesh_devices=None) -> RunPlan:
   total = config.total_steps if config.total_steps > 0 else epochs * steps_per_epoch
   if total <= 0:
     raise sharding.ConfigError("set total_steps > 0 or num_epochs > 0.")
-  return RunPlan(mesh, n, int(total), steps_per_epoch)
+  return RunPlan(mesh, n, int(total), steps_per_epoch, n_unlabeled, ratio)
 
 
 def _peak_flops(config: ml_collections.ConfigDict, mesh) -> float | None:
@@ -214,7 +241,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
   train_iter = pipeline.make_train_iterator(
       config.data.dir, config.data.split, config.data.train_lists, kind=stage.batch_kind,
       global_batch_size=config.batch_size, image_size=config.data.image_size,
-      seed=config.seed, transform="weak", num_threads=config.data.num_threads)
+      seed=config.seed, transform="weak", unlabeled_names=config.data.get("unlabeled_lists", ()),
+      unlabeled_ratio=plan.unlabeled_ratio, num_threads=config.data.num_threads)
 
   # State: shapes first, then a jitted init into the shardings, or a restore into them.
   abstract_state, state_shardings = state_layout(config, stage, mesh)
@@ -233,7 +261,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
   logging.info("stage %s: %.2fM parameters, starting at step %d", stage.name, n_params / 1e6, start)
 
   # The step, compiled ahead of time against the batch spec (no batch needs to be pulled).
-  batch_spec = pipeline.batch_spec(stage.batch_kind, config.batch_size, config.data.image_size)
+  batch_spec = pipeline.batch_spec(stage.batch_kind, config.batch_size, config.data.image_size,
+                                   unlabeled_ratio=plan.unlabeled_ratio)
   batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch_spec)
   step_fn = make_train_step(stage.loss_fn, stage.tx, stage.schedule, config.seed,
                             stage.update_extra)
@@ -289,7 +318,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
         dt = (time.perf_counter() - last_log_t) / steps_since_log
         scalars.update(step_time_s=dt, data_wait_s=data_wait / steps_since_log,
                        compute_s=dt - data_wait / steps_since_log,
-                       images_per_s=config.batch_size / dt, epoch=step / plan.steps_per_epoch)
+                       images_per_s=plan.images_per_step(config.batch_size) / dt,
+                       epoch=step / plan.steps_per_epoch)
         if peak:
           scalars["mfu"] = flops_per_step / dt / peak
         writer.write_scalars(step, scalars)
@@ -343,7 +373,7 @@ def _run_hook(hook: Hook, state: TrainState, step: int, writer: writers.MetricWr
                            "stopped before saving it.")
     state, out = out.state, out.metrics
   if out:
-    writer.write_scalars(step, out, prefix="eval")
+    writer.write_scalars(step, out, prefix=hook.prefix)
   return state
 
 

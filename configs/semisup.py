@@ -1,0 +1,99 @@
+"""Stage 3: semi-supervised fine-tuning with an EMA teacher and confident pseudo-labels.
+
+  python -m ssfer_jax.main --config configs/semisup.py:VARIANT --workdir DIR \
+      --config.data.dir=DATA_DIR --config.init_from=STAGE2_RUN_DIR
+
+`init_from` is a finished stage-2 run: student and teacher start from its result's weights
+and the model is its model (only drop path, dtype, remat and attention are set here). The
+data must be the build and split stage 2 used (the same labeled list), at its image size
+and normalisation.
+
+Variants:
+  vit_b16   SSFER's published code (the default): EMA teacher 0.999, fixed tau 0.7, hard
+            pseudo-labels, lambda_u 5, labeled:unlabeled 1:1 at batch 64 + 64, AdamW lr 1.5e-4
+            held constant, 50 epochs over the unlabeled list. The paper states 50 epochs,
+            lr 1.5e-4 and batch 64, and leaves tau and its trade-off weight (its "mu") unstated.
+  cpu       the 96 px CPU model (pairs with finetune.py:cpu).
+  test      32 px, 6 steps, for unit tests.
+Threshold policies: --config.threshold.policy=fixed|dtm|flexmatch|freematch;
+FixMatch (the paper's Table 12): --config.teacher=student.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
+  c = common.base_config()
+  c.stage = "semisup"
+  c.init_from = ""                 # a finished stage-2 (finetune) run directory
+  c.data.train_lists = ("train_labeled",)
+  c.data.unlabeled_lists = ("train_unlabeled",)
+  c.data.unlabeled_ratio = 1       # mu: unlabeled rows per labeled row
+  c.data.eval_lists = ("val",)
+  c.batch_size = 64                # labeled rows a step; the unlabeled batch is mu x this
+  c.num_epochs = 50                # passes over the unlabeled list
+
+  c.model = ml_collections.ConfigDict()   # the architecture is the stage-2 model's
+  c.model.drop_path_rate = 0.0
+  c.model.dtype = "bfloat16"
+  c.model.remat = False
+  c.model.attention_impl = ml_collections.config_dict.placeholder(str)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.base_lr = 1.5e-4         # lr = base_lr * batch_size / reference_batch
+  c.optim.reference_batch = 64
+  c.optim.schedule = "constant"    # or "cosine" (warm-up, then cosine to min_lr)
+  c.optim.warmup_epochs = 0.0
+  c.optim.warmup_init_lr = 0.0
+  c.optim.min_lr = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.weight_decay = 0.05
+  c.optim.layer_decay = 1.0
+  c.optim.clip_grad_norm = 0.0
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.label_smoothing = 0.0     # on the labeled cross entropy
+
+  c.teacher = "ema"                # "ema" (SSFER) or "student" (FixMatch)
+  c.ema_decay = 0.999              # the teacher's momentum
+  c.lambda_u = 5.0                 # weight of the unlabeled loss (the published code)
+  c.pseudo_label = "hard"          # or "soft": the teacher's softmax at `temperature`
+  c.temperature = 1.0
+
+  c.threshold = ml_collections.ConfigDict()
+  c.threshold.policy = "fixed"     # "dtm", "flexmatch", "freematch"
+  c.threshold.tau = 0.7            # fixed: the published code's
+  c.threshold.p_cutoff = 0.95      # flexmatch
+  c.threshold.thresh_warmup = True  # flexmatch
+  c.threshold.momentum = 0.999     # freematch
+  c.threshold.init = "uniform"     # freematch: "uniform" (1/C) or "ones" (thresholds.py)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_epochs = 1
+  c.eval.every_steps = 0           # > 0: every this many steps; -1: never (no result.json)
+  c.eval.batch_size = 64
+  c.eval.select = "accuracy"
+  c.checkpoint_every = 1000
+  c.log_every = 50
+
+  if arg == "vit_b16":
+    pass
+  elif arg in ("cpu", "test"):
+    c.optim.reference_batch = 256
+    c.optim.base_lr = 1e-3
+    c.ema_decay = 0.99
+    if arg == "cpu":
+      c.batch_size = 32
+      c.num_epochs = 3
+      c.checkpoint_every = 500
+    else:
+      c.eval.every_steps = 3
+      c.eval.batch_size = 16
+    common.shrink_for_cpu(c, arg)
+  else:
+    raise ValueError(f"unknown variant {arg!r}; choose vit_b16, cpu or test.")
+  c.lock()
+  return c

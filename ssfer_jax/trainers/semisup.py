@@ -1,0 +1,384 @@
+"""Stage 3: semi-supervised fine-tuning with an EMA teacher and confident pseudo-labels.
+
+Student and teacher both start from a stage-2 result (`init_from`: its chosen weights, its
+model). Each step eats a "semisup" batch (`input/pipeline.py`): B labeled faces (weak view)
+and mu x B unlabeled ones, each as a weak and a strong view of one stored image; the strong
+view is another crop and flip plus RandAugment, applied here on the device. The teacher
+labels the weak view; pseudo-labels that clear the threshold policy (`ssfer_jax.thresholds`)
+supervise the student on the strong view:
+
+  L = CE(student(labeled), y) + lambda_u * mean_u(mask * CE(student(strong), pseudo))
+      [+ 0.01 * FreeMatch's fairness term]
+
+with hard (argmax) or soft (teacher softmax at a temperature) pseudo-labels. The mean runs
+over all unlabeled rows, masked ones included (the published code and USB).
+
+Teachers (`config.teacher`):
+  "ema"      SSFER: an EMA of the student (decay `ema_decay`, 0.999), updated after each
+             optimiser step, applied without dropout and never differentiated. It lives in
+             `TrainState.extra["ema"]`, so evaluation, `result.json` and loading call it the
+             "ema" weights and the student the "raw" ones, as in stage 2.
+  "student"  FixMatch (the paper's Table 12): the student labels its own weak view; one
+             forward pass over labeled, weak and strong rows, the weak logits stop-gradient.
+
+An epoch is a pass over the unlabeled list (the paper's 50 epochs): it sets the schedule,
+evaluation and the per-epoch work of `EpochHook` (DTM's threshold update from a teacher pass
+over train_labeled; per-class mask rates, thresholds and pseudo-label accuracy, summed over
+the epoch in `extra["counts"]`; their figure). Labels of "unlabeled" records (-1 where
+unknown) reach only those counts, never the loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ssfer_jax import evaluate, facemix, optim, sharding, thresholds, viz, writers
+from ssfer_jax.input import device, randaugment, records
+from ssfer_jax.models import flops, vit
+from ssfer_jax.trainers import finetune, loop
+
+STAGE = "semisup"
+TEACHERS = ("ema", "student")
+PSEUDO_LABELS = ("hard", "soft")
+FAIRNESS_WEIGHT = 0.01        # FreeMatch's (USB's ent_loss_ratio)
+COUNTS = ("seen", "passed", "known", "correct", "known_all", "correct_all")
+FIGURE = os.path.join("figures", "thresholds.png")
+
+InitError = finetune.InitError
+
+
+def policy(config: ml_collections.ConfigDict) -> thresholds.Policy:
+  t = config.threshold
+  try:
+    return thresholds.Policy(kind=t.policy, tau=t.tau, p_cutoff=t.p_cutoff,
+                             thresh_warmup=t.thresh_warmup, momentum=t.momentum, init=t.init)
+  except ValueError as e:
+    raise sharding.ConfigError(f"threshold: {e}") from None
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  for field, allowed in (("teacher", TEACHERS), ("pseudo_label", PSEUDO_LABELS)):
+    if config[field] not in allowed:
+      raise sharding.ConfigError(f"{field}={config[field]!r}; use one of {allowed}.")
+  if config.teacher == "ema" and not 0 < config.ema_decay < 1:
+    raise sharding.ConfigError(f"ema_decay={config.ema_decay}: the EMA teacher needs a decay "
+                               "in (0, 1) (0.999 as SSFER); teacher='student' is FixMatch.")
+  if not config.data.get("unlabeled_lists"):
+    raise sharding.ConfigError("data.unlabeled_lists is empty: stage 3 needs unlabeled faces "
+                               "(e.g. ('train_unlabeled',)).")
+
+
+# ---- Where stage 3 starts: a stage-2 result, checked against this run's data. ----
+
+def start_result(config: ml_collections.ConfigDict) -> dict:
+  """The stage-2 result stage 3 starts from; InitError if `init_from` is not one."""
+  if not config.init_from:
+    raise InitError("init_from is empty: stage 3 starts from a stage-2 (finetune) run "
+                    "directory; set --config.init_from=RUN_DIR.")
+  if not os.path.isdir(config.init_from):
+    raise InitError(f"init_from {config.init_from}: no such directory; pass the workdir of a "
+                    "finished stage-2 (finetune) run.")
+  result = finetune.read_result(config.init_from)
+  if result.get("stage") != finetune.STAGE:
+    raise InitError(f"init_from {config.init_from}: its result is of stage "
+                    f"'{result.get('stage')}'; stage 3 starts from a stage-2 ('{finetune.STAGE}')"
+                    " run.")
+  return result
+
+
+def check_data(config: ml_collections.ConfigDict, result: Mapping[str, Any],
+               manifest: Mapping[str, Any]) -> None:
+  """This run's data and preprocessing must be the stage-2 model's (and its labeled list the
+  same one: the published code re-draws another, which we do not copy)."""
+  where, start = config.data.dir, config.init_from
+  if list(manifest["classes"]) != list(result["classes"]):
+    raise records.DatasetError(
+        f"{where} has classes {list(manifest['classes'])}; the stage-2 model {start} was "
+        f"trained on {result['classes']} (names and order must match).")
+  pre = result["preprocessing"]
+  if manifest["image_size"] != pre["stored_size"]:
+    raise records.DatasetError(
+        f"{where} stores {manifest['image_size']} px images; the stage-2 model {start} was "
+        f"trained on a build stored at {pre['stored_size']} px. Use that build.")
+  for field in ("image_size", "mean", "std"):
+    ours, theirs = config.data[field], pre[field]
+    if (list(ours) if field != "image_size" else ours) != theirs:
+      raise sharding.ConfigError(
+          f"data.{field}={ours}, but the stage-2 model {start} expects {theirs}; set "
+          f"--config.data.{field} to it.")
+  if manifest["manifest_sha256"] != result["data"]["manifest_sha256"] or \
+      config.data.split != result["data"]["split"]:
+    raise records.DatasetError(
+        f"{where} (split '{config.data.split}') is not the build and split the stage-2 model "
+        f"{start} trained on ({result['data']['dir']}, split '{result['data']['split']}'): "
+        "stage 3 must use the same labeled list. Point data.dir and data.split there.")
+
+
+def model_kwargs(config: ml_collections.ConfigDict, result: Mapping[str, Any]) -> dict:
+  """The stage-2 model's architecture with this stage's training-time settings."""
+  m = config.model
+  return {**result["model"], "drop_path_rate": m.drop_path_rate, "dtype": m.dtype,
+          "remat": m.remat, "attention_impl": m.attention_impl}
+
+
+# ---- The stage. ----
+
+def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
+               workdir: str | None) -> loop.Stage:
+  check_config(config)
+  result = start_result(config)
+  manifest = records.load_manifest(config.data.dir)
+  check_data(config, result, manifest)
+  finetune.check_preprocessing(result["preprocessing"], config.data.dir)
+  classes = list(result["classes"])
+  kwargs = model_kwargs(config, result)
+  stage = training_stage(config, plan, kwargs, len(classes))
+  model = finetune.model_from_result(result, **kwargs)
+  evaluate_fn = None
+  if config.eval.every_steps >= 0 and config.data.eval_lists:
+    evaluate_fn = finetune.ValEvaluation(config, plan.mesh, model, classes)
+  info = finetune.result_info(config, manifest, kwargs)
+  info["init_from"] = os.path.abspath(config.init_from)
+  hook = EpochHook(config, plan, model, classes, workdir)
+  return dataclasses.replace(
+      stage, warm_start=lambda state: warm_start(config, plan.mesh, state),
+      evaluate=evaluate_fn,
+      eval_every=config.eval.every_steps or config.eval.every_epochs * plan.steps_per_epoch,
+      hooks=(loop.Hook(plan.steps_per_epoch, hook, prefix="epoch"),), result_info=info)
+
+
+def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, kwargs: dict,
+                   num_classes: int) -> loop.Stage:
+  """State, loss and optimiser alone (no data read, no stage-2 run): benchmarks, tests."""
+  check_config(config)
+  size = config.data.image_size
+  rule = policy(config)
+  model = vit.ViT(num_classes=num_classes, **{**kwargs, "dtype": jnp.dtype(kwargs["dtype"])})
+  tx, schedule = finetune.make_tx(config, model, plan.total_steps, plan.steps_per_epoch)
+  ema = config.teacher == "ema"
+  decay = config.ema_decay
+
+  def init(rng):
+    params = model.init(rng, jnp.zeros((1, size, size, 3)), train=False)["params"]
+    extra = {"thresholds": thresholds.init_state(rule, num_classes, plan.unlabeled_count),
+             "counts": _zero_counts(num_classes)}
+    if ema:
+      extra["ema"] = params
+    return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=tx.init(params), extra=extra)
+
+  def update_extra(extra, params, new, step):
+    del step
+    out = {"thresholds": new["thresholds"],
+           "counts": jax.tree.map(jnp.add, extra["counts"], new["counts"])}
+    if ema:
+      out["ema"] = optim.ema_update(extra["ema"], params, decay)
+    return out
+
+  # Forward-equivalents per labeled row: labeled train (3) + mu x (strong train (3) and a
+  # teacher forward (1), or FixMatch's weak rows trained alongside (3)).
+  train = flops.vit_train_flops(dict(kwargs, num_classes=num_classes), size, 1)
+  per_unlabeled = train * (4 / 3 if ema else 2)
+  return loop.Stage(
+      name=STAGE, batch_kind="semisup", init=init,
+      loss_fn=make_loss(config, model, num_classes, rule, sharding.num_batch_shards(plan.mesh)),
+      tx=tx, schedule=schedule,
+      train_flops_per_example=train + plan.unlabeled_ratio * per_unlabeled,
+      update_extra=update_extra)
+
+
+def _zero_counts(num_classes: int) -> dict[str, jax.Array]:
+  return {k: jnp.zeros((num_classes,), jnp.int32) for k in COUNTS}
+
+
+def concat_rows(arrays: Sequence[jax.Array], shards: int) -> jax.Array:
+  """Row blocks -> one batch whose every batch shard holds its own rows of each block, so the
+  concatenation moves nothing between devices (a plain concatenate of sharded blocks would)."""
+  parts = [a.reshape(shards, a.shape[0] // shards, *a.shape[1:]) for a in arrays]
+  joined = jnp.concatenate(parts, axis=1)
+  return joined.reshape(-1, *joined.shape[2:])
+
+
+def split_rows(x: jax.Array, sizes: Sequence[int], shards: int) -> list[jax.Array]:
+  """The inverse of `concat_rows`."""
+  x = x.reshape(shards, x.shape[0] // shards, *x.shape[1:])
+  bounds = np.cumsum([0] + [s // shards for s in sizes])
+  return [x[:, a:b].reshape(-1, *x.shape[2:]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def make_loss(config, model: vit.ViT, num_classes: int, rule: thresholds.Policy, shards: int):
+  """The pure loss of one semisup batch; its aux carries the threshold state after the batch
+  and this batch's per-class pseudo-label counts (`aux["extra"]`)."""
+  size, mean, std, dtype = config.data.image_size, config.data.mean, config.data.std, model.dtype
+  fill = [round(255 * m) for m in mean]   # timm's RandAugment fill: the mean colour
+  ema, hard, temperature = config.teacher == "ema", config.pseudo_label == "hard", config.temperature
+  lambda_u, smoothing = config.lambda_u, config.loss.label_smoothing
+  fairness = FAIRNESS_WEIGHT if rule.kind == "freematch" else 0.0
+
+  def loss_fn(params, extra, batch, rng):
+    lab, unl = batch["labeled"], batch["unlabeled"]
+    x = device.prepare_train_images(lab, size, mean, std)
+    weak = device.prepare_train_images(unl, size, mean, std)
+    strong = device.normalize(randaugment.rand_augment(
+        device.crop_resize_flip(unl["image"], unl["strong_crop"], unl["strong_flip"], size),
+        unl["strong_u"], fill), mean, std)
+    student = lambda images: model.apply({"params": params}, images.astype(dtype), train=True,
+                                         rngs={"dropout": rng}).astype(jnp.float32)
+    if ema:
+      teacher_logits = model.apply({"params": extra["ema"]}, weak.astype(dtype), train=False)
+      logits_x, logits_s = split_rows(student(concat_rows([x, strong], shards)),
+                                      [x.shape[0], strong.shape[0]], shards)
+    else:
+      logits_x, teacher_logits, logits_s = split_rows(
+          student(concat_rows([x, weak, strong], shards)),
+          [x.shape[0], weak.shape[0], strong.shape[0]], shards)
+    teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+    probs = jax.nn.softmax(teacher_logits, axis=-1)
+    mask, taus, state = thresholds.mask_and_update(rule, extra["thresholds"], probs,
+                                                   unl["position"])
+    pseudo = jnp.argmax(probs, axis=-1)
+    targets = (jax.nn.one_hot(pseudo, num_classes) if hard
+               else jax.nn.softmax(teacher_logits / temperature, axis=-1))
+    loss_u = jnp.mean(facemix.soft_cross_entropy(logits_s, targets) * mask)
+    y = optax.smooth_labels(jax.nn.one_hot(lab["label"], num_classes), smoothing)
+    loss_x = jnp.mean(facemix.soft_cross_entropy(logits_x, y))
+    loss = loss_x + lambda_u * loss_u
+    aux = {"loss_x": loss_x, "loss_u": loss_u, "mask_rate": jnp.mean(mask),
+           "confidence": jnp.mean(jnp.max(probs, axis=-1)), "threshold_mean": jnp.mean(taus)}
+    if fairness:
+      loss_f = thresholds.freematch_fairness_loss(state, jax.nn.softmax(logits_s, axis=-1), mask)
+      loss = loss + fairness * loss_f
+      aux["loss_fairness"] = loss_f
+    aux["extra"] = {"thresholds": state, "counts": _counts(pseudo, mask, unl["label"],
+                                                            num_classes)}
+    return loss, aux
+
+  return loss_fn
+
+
+def _counts(pseudo: jax.Array, mask: jax.Array, label: jax.Array,
+            num_classes: int) -> dict[str, jax.Array]:
+  """Per pseudo-label class: rows, rows passing the threshold, and (where the record's true
+  label is known) how many of those, and of all rows, the teacher got right."""
+  one = jax.nn.one_hot(pseudo, num_classes, dtype=jnp.int32)
+  passed = one * (mask > 0)[:, None]
+  known, right = (label >= 0)[:, None], (label == pseudo)[:, None]
+  total = lambda a: jnp.sum(a.astype(jnp.int32), axis=0)
+  return {"seen": total(one), "passed": total(passed), "known": total(passed * known),
+          "correct": total(passed * right), "known_all": total(one * known),
+          "correct_all": total(one * right)}
+
+
+# ---- Start and per-epoch work. ----
+
+def warm_start(config, mesh, state: loop.TrainState) -> loop.TrainState:
+  """Student and (EMA) teacher from the stage-2 result's chosen weights."""
+  clf = finetune.load_classifier(config.init_from, mesh=mesh)
+  params = jax.tree.map(lambda s, t: jax.device_put(s, t.sharding), clf.params, state.params)
+  logging.info("warm start: stage-2 %s weights of %s step %d", clf.weights, config.init_from,
+               clf.step)
+  extra = dict(state.extra)
+  if "ema" in extra:   # its own buffers: the step donates the state
+    extra["ema"] = jax.tree.map(jnp.copy, params)
+  return state.replace(params=params, extra=extra)
+
+
+class EpochHook:
+  """Once an epoch: DTM's threshold update, the epoch's pseudo-label diagnostics, the figure.
+
+  DTM runs the teacher over train_labeled (the eval view, every record once) and moves each
+  class's threshold by its mean confidence where it is right (`thresholds.dtm_epoch_update`).
+  The diagnostics come from `extra["counts"]`, summed in the step since the last epoch and
+  reset here: per class (by pseudo-label) the mask rate, the threshold, the pseudo-label
+  accuracy of the masked rows whose true label is known, and overall the same plus the
+  teacher's accuracy on every unlabeled row with a known label.
+  """
+
+  def __init__(self, config, plan: loop.RunPlan, model: vit.ViT, classes: Sequence[str],
+               workdir: str | None):
+    self._rule, self._classes, self._workdir = policy(config), list(classes), workdir
+    self._ema = config.teacher == "ema"
+    self._labeled = None
+    if self._rule.kind == "dtm":
+      self._labeled = evaluate.Evaluator(
+          data_dir=config.data.dir, split=config.data.split, lists=config.data.train_lists,
+          model_classes=classes, image_size=config.data.image_size, mean=config.data.mean,
+          std=config.data.std, dtype=model.dtype, batch_size=config.eval.batch_size,
+          mesh=plan.mesh, apply_fn=lambda p, x: model.apply({"params": p}, x, train=False),
+          num_threads=config.data.num_threads)
+
+  def __call__(self, state: loop.TrainState, step: int) -> loop.StateUpdate:
+    extra = dict(state.extra)
+    counts = {k: np.asarray(v, np.int64) for k, v in jax.device_get(extra["counts"]).items()}
+    if self._labeled is not None:
+      probs, target = self._labeled.probabilities(extra["ema"] if self._ema else state.params)
+      target = np.where(target >= 0, target, -1)
+      extra["thresholds"] = jax.tree.map(
+          lambda new, old: jax.device_put(new, old.sharding),
+          thresholds.dtm_epoch_update(jax.device_get(extra["thresholds"]), probs, target),
+          extra["thresholds"])
+    extra["counts"] = jax.tree.map(lambda z, old: jax.device_put(z, old.sharding),
+                                   _zero_counts(len(self._classes)), extra["counts"])
+    taus = np.asarray(thresholds.class_thresholds(
+        self._rule, jax.device_get(extra["thresholds"]), len(self._classes)))
+    metrics = diagnostics(counts, taus, self._classes)
+    if self._workdir is not None and jax.process_index() == 0:
+      plot_thresholds(self._workdir, step, metrics, self._classes)
+    return loop.StateUpdate(state.replace(extra=extra), metrics)
+
+
+def _ratio(num, den) -> float:
+  return float(num) / float(den) if den else math.nan
+
+
+def diagnostics(counts: Mapping[str, np.ndarray], taus: np.ndarray,
+                classes: Sequence[str]) -> dict[str, float]:
+  """The epoch's pseudo-label figures from its summed counts; a ratio with nothing to count
+  (0/0: no row of that class, no known label) is left out."""
+  s = {k: np.asarray(v) for k, v in counts.items()}
+  out = {"mask_rate": _ratio(s["passed"].sum(), s["seen"].sum()),
+         "pseudo_labels": float(s["passed"].sum()),
+         "pseudo_label_accuracy": _ratio(s["correct"].sum(), s["known"].sum()),
+         "teacher_accuracy_unlabeled": _ratio(s["correct_all"].sum(), s["known_all"].sum())}
+  for c, name in enumerate(classes):
+    out[f"threshold/{name}"] = float(taus[c])
+    out[f"mask_rate/{name}"] = _ratio(s["passed"][c], s["seen"][c])
+    out[f"pseudo_label_accuracy/{name}"] = _ratio(s["correct"][c], s["known"][c])
+  return {k: v for k, v in out.items() if not math.isnan(v)}
+
+
+def plot_thresholds(workdir: str, step: int, current: Mapping[str, float],
+                    classes: Sequence[str]) -> str:
+  """Per-class thresholds and mask rates over training (every epoch logged so far)."""
+  rows = [r for r in writers.read_metrics(workdir) if r.get("split") == "epoch"
+          and r["step"] < step] + [{"step": step, **current}]
+  plt = viz.pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+  for ax, what, title in ((axes[0], "threshold", "per-class threshold"),
+                          (axes[1], "mask_rate", "mask rate (by pseudo-label)")):
+    for name in classes:
+      key = f"{what}/{name}"
+      pts = [(r["step"], r[key]) for r in rows if key in r]
+      if pts:
+        ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+  axes[1].legend(fontsize=8, loc="best")
+  path = os.path.join(workdir, FIGURE)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
