@@ -7,10 +7,15 @@ stage-2 run selected on val (never on test), then evaluated once on test. Cells 
 to OUT/cells.jsonl as they finish, so an interrupted grid resumes where it stopped.
 
   python benchmarks/ablations.py --data /work/builds/fe96_m1.6 --out runs/ablations \
-      [--seeds 0,1,2] [--mae-epochs 20] [--ft-epochs 12] [--extra balanced]
+      [--seeds 0,1,2] [--mae-epochs 20] [--ft-epochs 12] [--extra balanced] [--stage3]
 
 Seeds are paired across arms: seed s fixes the classifier's initialisation, the batch order
 and the augmentation of every arm, so arms differ only in what the row names.
+
+`--stage3` adds the semi-supervised grid (`STAGE3_ARMS`): each arm starts from the same
+seed's MAE + FaceMix stage-2 run and trains `--ss-epochs` passes over train_unlabeled with
+that seed; the stage-2 run itself is the "stage 2 alone" row. The table adds the last
+epoch's pseudo-label accuracy (masked rows whose true label the build has) and mask rate.
 """
 
 from __future__ import annotations
@@ -31,11 +36,17 @@ import numpy as np
 import machine  # benchmarks/machine.py
 from configs import finetune as finetune_config
 from configs import pretrain_mae
-from ssfer_jax import evaluate, logs, sharding
+from configs import semisup as semisup_config
+from ssfer_jax import evaluate, logs, sharding, writers
 from ssfer_jax.input import device, pipeline, records
-from ssfer_jax.trainers import finetune, loop, pretrain
+from ssfer_jax.trainers import finetune, loop, pretrain, semisup
 
 MIXINGS = ("none", "mixup", "facemix")
+# name -> (teacher, threshold policy): EMA teacher with each policy, and FixMatch (the student
+# labels itself) at the same fixed tau, as the paper's Table 12 compares them.
+STAGE3_ARMS = {"ema_fixed": ("ema", "fixed"), "ema_dtm": ("ema", "dtm"),
+               "ema_flexmatch": ("ema", "flexmatch"), "ema_freematch": ("ema", "freematch"),
+               "fixmatch_fixed": ("student", "fixed")}
 INITS = ("random", "mae")
 MIN_TEST_SUPPORT = 15   # mean-class accuracy over classes with at least this many test images
 
@@ -68,6 +79,85 @@ def cell_config(args, init: str, mix: str, seed: int, mae_run: str, extra: str |
   if extra:
     c.loss.class_weighting = extra
   return c
+
+
+def stage3_config(args, arm: str, seed: int, stage2_run: str):
+  c = semisup_config.get_config("cpu").unlock()
+  c.data.dir, c.data.split = args.data, args.split
+  c.init_from = stage2_run
+  c.seed = seed
+  c.batch_size = 64
+  c.num_epochs = args.ss_epochs
+  c.mesh.shape = (1, 1)
+  c.teacher, c.threshold.policy = STAGE3_ARMS[arm]
+  c.checkpoint_every = 10_000
+  c.log_every = 50
+  return c
+
+
+def stage3_grid(args, mesh, seeds) -> str:
+  """The semi-supervised arms from each seed's MAE + FaceMix stage-2 run; the table."""
+  path = os.path.join(args.out, "stage3_cells.jsonl")
+  done = []
+  if os.path.exists(path):
+    with open(path) as f:
+      done = [json.loads(line) for line in f if line.strip()]
+  finished = {(c["arm"], c["seed"]) for c in done}
+  todo = [(arm, seed) for seed in seeds for arm in STAGE3_ARMS if (arm, seed) not in finished]
+  t0 = time.perf_counter()
+  for i, (arm, seed) in enumerate(todo):
+    stage2 = os.path.join(args.out, "runs", f"mae_facemix_s{seed}")
+    run = os.path.join(args.out, "runs", f"stage3_{arm}_s{seed}")
+    t = time.perf_counter()
+    loop.train(stage3_config(args, arm, seed, stage2), run, semisup.make_stage)
+    result = finetune.read_result(run)
+    last = [r for r in writers.read_metrics(run) if r["split"] == "epoch"][-1]
+    cell = {"arm": arm, "seed": seed, "weights": result["weights"], "step": result["step"],
+            "val_select": result["val"]["accuracy"], "test": summarise(test_report(run, args, mesh)),
+            "pseudo_label_accuracy": last.get("pseudo_label_accuracy"),
+            "mask_rate": last.get("mask_rate"),
+            "teacher_accuracy_unlabeled": last.get("teacher_accuracy_unlabeled"),
+            "seconds": time.perf_counter() - t}
+    with open(path, "a") as f:
+      f.write(json.dumps(cell) + "\n")
+    done.append(cell)
+    left = (time.perf_counter() - t0) / (i + 1) * (len(todo) - i - 1)
+    print(f"[stage 3 {i + 1}/{len(todo)}] {arm} seed {seed}: test acc "
+          f"{cell['test']['accuracy']:.3f} (stage 2 "
+          f"{finetune.read_result(stage2)['val']['accuracy']:.3f} val), mask rate "
+          f"{cell['mask_rate']}, pseudo-label acc {cell['pseudo_label_accuracy']} "
+          f"({cell['seconds']:.0f}s; ETA {left / 60:.0f} min)", flush=True)
+  return print_stage3_table(done, args, mesh, seeds)
+
+
+def print_stage3_table(cells: list[dict], args, mesh, seeds) -> str:
+  cols = ("accuracy", "macro_f1", "mean_class_accuracy_frequent", "mean_class_accuracy")
+  fmt = lambda xs: (f"{100 * np.mean(xs):.1f} +- "
+                    f"{100 * np.std(xs, ddof=1) if len(xs) > 1 else 0:.1f}") if xs else "-"
+  lines = [f"| arm | seeds | accuracy | macro F1 | mean-class (>= {MIN_TEST_SUPPORT} test) | "
+           "mean-class (all) | val acc | pseudo-label acc | mask rate | teacher acc (unlabeled) "
+           "| weights | minutes |", "|" + "|".join("---" for _ in range(12)) + "|"]
+  base = [summarise(test_report(os.path.join(args.out, "runs", f"mae_facemix_s{s}"), args, mesh))
+          for s in seeds]
+  base_val = [finetune.read_result(os.path.join(args.out, "runs", f"mae_facemix_s{s}"))["val"]
+              ["accuracy"] for s in seeds]
+  lines.append(f"| stage 2 alone (MAE + FaceMix) | {len(seeds)} | "
+               + " | ".join(fmt([b[k] for b in base]) for k in cols)
+               + f" | {fmt(base_val)} | - | - | - | - | - |")
+  for arm in STAGE3_ARMS:
+    group = [c for c in cells if c["arm"] == arm]
+    if not group:
+      continue
+    opt = lambda k: fmt([g[k] for g in group if g.get(k) is not None])
+    weights = "/".join(sorted({g["weights"] for g in group}))
+    lines.append(f"| {arm} | {len(group)} | "
+                 + " | ".join(fmt([g["test"][k] for g in group]) for k in cols)
+                 + f" | {fmt([g['val_select'] for g in group])} | {opt('pseudo_label_accuracy')} | "
+                 f"{opt('mask_rate')} | {opt('teacher_accuracy_unlabeled')} | {weights} | "
+                 f"{np.mean([g['seconds'] for g in group]) / 60:.1f} |")
+  table = "\n".join(lines)
+  print(table)
+  return table
 
 
 def features(config, params, lists, args, mesh) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +250,10 @@ def main():
                   help="also a frozen-feature k-NN probe of the random and MAE encoders")
   ap.add_argument("--extra", action="append", default=[],
                   help="also run MAE + FaceMix with this loss.class_weighting (balanced, sqrt)")
+  ap.add_argument("--stage3", action="store_true",
+                  help="also the semi-supervised grid from the MAE + FaceMix runs")
+  ap.add_argument("--ss-epochs", type=int, default=4,
+                  help="stage-3 epochs (passes over train_unlabeled)")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   logs.setup(args.out, "log.txt")
@@ -210,6 +304,10 @@ def main():
     print(table.split("\n\n")[-1])
   with open(os.path.join(args.out, "table.md"), "w") as f:
     f.write(table + "\n")
+  if args.stage3:
+    table3 = stage3_grid(args, mesh, list(map(int, args.seeds.split(","))))
+    with open(os.path.join(args.out, "stage3_table.md"), "w") as f:
+      f.write(table3 + "\n")
   return 0
 
 

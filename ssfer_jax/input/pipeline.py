@@ -367,9 +367,9 @@ def to_global(batch: Any, mesh: jax.sharding.Mesh,
     global_size = len(v) * jax.process_count()
     if global_size % shards:
       raise ValueError(
-          f"global batch size {global_size} ({jax.tree_util.keystr(path)}) is not divisible by "
-          f"{shards}, the product of the mesh axes {tuple(batch_axes)} it is split over "
-          f"({dict(mesh.shape)}); pick a multiple of {shards}.")
+          f"global batch size {global_size} is not divisible by {shards}, the product of the "
+          f"mesh axes {tuple(batch_axes)} it is split over ({dict(mesh.shape)}); pick a "
+          f"multiple of {shards} (batch field {jax.tree_util.keystr(path)}).")
     return jax.make_array_from_process_local_data(sharding, v)
 
   return jax.tree_util.tree_map_with_path(one, batch)

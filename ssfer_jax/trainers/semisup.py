@@ -216,6 +216,24 @@ def split_rows(x: jax.Array, sizes: Sequence[int], shards: int) -> list[jax.Arra
   return [x[:, a:b].reshape(-1, *x.shape[2:]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def strong_view(unlabeled: Mapping[str, jax.Array], size: int, fill: Sequence[float]) -> jax.Array:
+  """The strong view of a semisup batch's unlabeled rows: their second crop and flip of the
+  stored image, then RandAugment; float32 [N, size, size, 3] in 0..255."""
+  return randaugment.rand_augment(
+      device.crop_resize_flip(unlabeled["image"], unlabeled["strong_crop"],
+                              unlabeled["strong_flip"], size), unlabeled["strong_u"], fill)
+
+
+def unlabeled_loss(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array,
+                   hard: bool = True, temperature: float = 1.0) -> jax.Array:
+  """mean over all rows of mask x CE(student, pseudo-label): the teacher's argmax (hard) or
+  its softmax at `temperature` (soft). No gradient reaches the teacher."""
+  teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+  targets = (jax.nn.one_hot(jnp.argmax(teacher_logits, -1), teacher_logits.shape[-1]) if hard
+             else jax.nn.softmax(teacher_logits / temperature, axis=-1))
+  return jnp.mean(facemix.soft_cross_entropy(student_logits, targets) * mask)
+
+
 def make_loss(config, model: vit.ViT, num_classes: int, rule: thresholds.Policy, shards: int):
   """The pure loss of one semisup batch; its aux carries the threshold state after the batch
   and this batch's per-class pseudo-label counts (`aux["extra"]`)."""
@@ -229,9 +247,7 @@ def make_loss(config, model: vit.ViT, num_classes: int, rule: thresholds.Policy,
     lab, unl = batch["labeled"], batch["unlabeled"]
     x = device.prepare_train_images(lab, size, mean, std)
     weak = device.prepare_train_images(unl, size, mean, std)
-    strong = device.normalize(randaugment.rand_augment(
-        device.crop_resize_flip(unl["image"], unl["strong_crop"], unl["strong_flip"], size),
-        unl["strong_u"], fill), mean, std)
+    strong = device.normalize(strong_view(unl, size, fill), mean, std)
     student = lambda images: model.apply({"params": params}, images.astype(dtype), train=True,
                                          rngs={"dropout": rng}).astype(jnp.float32)
     if ema:
@@ -246,10 +262,8 @@ def make_loss(config, model: vit.ViT, num_classes: int, rule: thresholds.Policy,
     probs = jax.nn.softmax(teacher_logits, axis=-1)
     mask, taus, state = thresholds.mask_and_update(rule, extra["thresholds"], probs,
                                                    unl["position"])
+    loss_u = unlabeled_loss(logits_s, teacher_logits, mask, hard, temperature)
     pseudo = jnp.argmax(probs, axis=-1)
-    targets = (jax.nn.one_hot(pseudo, num_classes) if hard
-               else jax.nn.softmax(teacher_logits / temperature, axis=-1))
-    loss_u = jnp.mean(facemix.soft_cross_entropy(logits_s, targets) * mask)
     y = optax.smooth_labels(jax.nn.one_hot(lab["label"], num_classes), smoothing)
     loss_x = jnp.mean(facemix.soft_cross_entropy(logits_x, y))
     loss = loss_x + lambda_u * loss_u
