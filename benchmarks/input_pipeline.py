@@ -8,6 +8,9 @@ Rows, each with the stored image size equal to the output size (224 px by defaul
              read, decode, the random-resized-crop window and flip drawn and the box mapped
              through them, the image written whole into the batch, grain threads); the
              resample itself runs on the device (ssfer_jax/input/device.py), timed below;
+  semisup    the semi-supervised batch (kind "semisup", mu = 1): B labeled rows as weak, B
+             unlabeled rows each decoded once and given two views (a second window and flip,
+             and RandAugment's draws, for the device); counts every decoded image;
   eval       the full eval pipeline (make_eval_iterator), fresh passes until the time is up;
   data_prep  `data_prep.build` of --prep-images facial_expressions images (Haar detection,
              face crop, JPEG encode, one shard) with 1 and N worker processes.
@@ -26,6 +29,7 @@ measured alternatives included (the former host resample among them): it is what
 weak row's ratio. A last line times that resample where it now runs, on the present JAX
 backend: `device.crop_resize_flip` jitted on a batch of 64 host-drawn windows, after warm-up.
 It moved off the host, it did not vanish; on a CPU backend it is the costliest stage by far.
+So did the strong view: the same line times it (a second resample plus RandAugment).
 
   python benchmarks/input_pipeline.py [--records 2000] [--size 224] [--json OUT]
 """
@@ -56,7 +60,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the dataset writer, until data_prep b
 
 import dataset_fixture  # noqa: E402
 import machine  # noqa: E402  (benchmarks/machine.py)
-from ssfer_jax.input import augment, device, pipeline, records  # noqa: E402
+from ssfer_jax.input import augment, device, pipeline, randaugment, records  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "datasets" / "facial_expressions"
 
@@ -145,6 +149,13 @@ def weak(data_dir, threads, seconds, size, batch):
       image_size=size, seed=0, num_threads=threads), batch, seconds)
 
 
+def semisup(data_dir, threads, seconds, size, batch):
+  return _drain(lambda: pipeline.make_train_iterator(
+      data_dir, "default", ["train_labeled"], kind="semisup", global_batch_size=batch,
+      image_size=size, seed=0, unlabeled_names=["train_unlabeled"], unlabeled_ratio=1,
+      num_threads=threads), 2 * batch, seconds)
+
+
 def evaluate(data_dir, threads, seconds, size, batch):
   return _drain(lambda: pipeline.make_eval_iterator(
       data_dir, "default", ["train_labeled"], global_batch_size=batch, image_size=size,
@@ -210,15 +221,21 @@ def device_resample_cost(size, batch: int = 64, rounds: int = 7) -> dict[str, fl
                       for y, x, h, w in (augment.sample_crop(v, size, size) for v in u)])
   flips = np.array([v[augment.CROP_DRAWS] < 0.5 for v in u])
   args = jax.device_put((images, crops, flips))
-  device.crop_resize_flip(*args, size).block_until_ready()
-  walls, cpus = [], []
-  for _ in range(rounds):
-    wall, cpu = time.perf_counter(), time.process_time()
-    device.crop_resize_flip(*args, size).block_until_ready()
-    walls.append((time.perf_counter() - wall) / batch * 1e6)
-    cpus.append((time.process_time() - cpu) / batch * 1e6)
-  return {"backend": f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
-          "batch": batch, "wall_us": statistics.median(walls), "cpu_us": statistics.median(cpus)}
+  draws = jax.device_put(augment.uniforms(1, np.arange(batch), randaugment.DRAWS).astype(np.float32))
+  fill = [round(255 * m) for m in (0.588, 0.459, 0.402)]
+  weak_fn = lambda: device.crop_resize_flip(*args, size)
+  strong_fn = lambda: randaugment.rand_augment(device.crop_resize_flip(*args, size), draws, fill)
+  out = {"backend": f"{jax.default_backend()} ({jax.devices()[0].device_kind})", "batch": batch}
+  for name, fn in (("weak", weak_fn), ("strong", strong_fn)):
+    fn().block_until_ready()
+    walls, cpus = [], []
+    for _ in range(rounds):
+      wall, cpu = time.perf_counter(), time.process_time()
+      fn().block_until_ready()
+      walls.append((time.perf_counter() - wall) / batch * 1e6)
+      cpus.append((time.process_time() - cpu) / batch * 1e6)
+    out[f"{name}_wall_us"], out[f"{name}_cpu_us"] = statistics.median(walls), statistics.median(cpus)
+  return out
 
 
 # Spawned build workers re-import the main module: a small `-c` main keeps this script's
@@ -281,7 +298,7 @@ def main(argv=None) -> list[Row]:
   parser.add_argument("--json", help="also write the header, rows and stage costs here")
   args = parser.parse_args(argv)
   thread_counts = sorted({1, args.threads})
-  kinds = {"ceiling": ceiling, "weak": weak, "eval": evaluate}
+  kinds = {"ceiling": ceiling, "weak": weak, "semisup": semisup, "eval": evaluate}
   with tempfile.TemporaryDirectory() as tmp:
     data_dir = build_dataset(tmp, args.records, args.size)
     samples = {(k, t): [] for t in thread_counts for k in kinds}
@@ -314,9 +331,12 @@ def main(argv=None) -> list[Row]:
   print(f"\nper image, one thread ({args.size} px, mostly grey JPEGs; in brackets: alternatives)")
   for name, us in stages.items():
     print(f"  {name:<28}{us:>7.1f} us")
-  print(f"\nmoved to the device: crop + resize + flip (device.crop_resize_flip, jit, batch "
-        f"{resample['batch']} at {args.size} px) on {resample['backend']}: "
-        f"{resample['wall_us']:.1f} us wall, {resample['cpu_us']:.1f} us CPU per image")
+  print(f"\nmoved to the device (jit, batch {resample['batch']} at {args.size} px, "
+        f"{resample['backend']}), per image:\n"
+        f"  weak view (device.crop_resize_flip): {resample['weak_wall_us']:.1f} us wall, "
+        f"{resample['weak_cpu_us']:.1f} us CPU\n"
+        f"  strong view (+ randaugment.rand_augment): {resample['strong_wall_us']:.1f} us wall, "
+        f"{resample['strong_cpu_us']:.1f} us CPU")
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"header": header, "rows": [dataclasses.asdict(r) for r in rows],

@@ -1,12 +1,16 @@
 """Training-step throughput: images/s, step time and MFU on whatever devices are present, for
-the MAE step (stage 1) and the fine-tuning step (stage 2) with plain CE, Mixup and FaceMix.
+the MAE step (stage 1), the fine-tuning step (stage 2) with plain CE, Mixup and FaceMix, and
+the semi-supervised step (stage 3: EMA teacher, FixMatch).
 
 Times the compiled, sharded training step alone (the batch is already on device), so the
 figure is the model's, not the input pipeline's (see input_pipeline.py for that).
 MFU = analytic matmul FLOPs (attention matmuls included, backward = 2 x forward) /
 (step time x peak); the FLOP count used is printed. Fine-tuning rows also give the cost
 of a step relative to the plain-CE step measured in the same run (FaceMix's goal: <= 2.05x,
-only the forward/backward over the real images is extra).
+only the forward/backward over the real images is extra). Stage-3 rows run B labeled and
+mu x B unlabeled images (weak and strong views, RandAugment on the device) and compare with
+the plain-CE step at the same B: the cost per labeled image (the EMA teacher's goal at
+mu = 1: <= 2.4x, ~7 against 3 forward-equivalents); images_per_s counts every image.
 
   python benchmarks/step_throughput.py                 # picks variants for the backend
   python benchmarks/step_throughput.py --stage mae --variant vit_b16 --batch 256
@@ -28,9 +32,10 @@ import numpy as np
 
 from configs import finetune as finetune_config
 from configs import pretrain_mae
+from configs import semisup as semisup_config
 from ssfer_jax import sharding
 from ssfer_jax.input import pipeline
-from ssfer_jax.trainers import finetune, loop, pretrain
+from ssfer_jax.trainers import finetune, loop, pretrain, semisup
 
 # Dense bf16 peak per device, TFLOP/s (vendor figures; measure with --measure_peak).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0,
@@ -56,16 +61,43 @@ def measured_matmul_tflops(n: int = 8192, reps: int = 20) -> float:
 
 
 def make_config(stage: str, variant: str, mix: str | None):
+  """`mix` is the stage-2 mixing, or for stage 3 the teacher ("ema", "student")."""
   if stage == "mae":
     return pretrain_mae.get_config(variant).unlock()
+  if stage == "semisup":
+    c = semisup_config.get_config(variant).unlock()
+    c.teacher = mix
+    return c
   c = finetune_config.get_config(variant).unlock()
   c.mix.kind = mix
   return c
 
 
+def random_batch(spec, rng) -> dict:
+  """Host arrays for every field of a batch spec (nested for stage 3). The step resamples a
+  crop window per image on device, as in training."""
+  def field(path, s):
+    n, name = s.shape[0], path[-1].key
+    if name == "image":
+      return rng.integers(0, 256, s.shape, dtype=np.uint8)
+    if name in ("crop", "strong_crop"):
+      return np.tile(np.float32([0.1, 0.1, 0.9, 0.9]), (n, 1))
+    if name in ("flip", "strong_flip", "valid"):
+      return rng.random(n) < 0.5
+    if name in ("index", "position"):
+      return np.arange(n, dtype=np.int32)
+    if name == "label":
+      return rng.integers(0, NUM_CLASSES, n).astype(np.int32)
+    if name == "box":
+      lo = rng.uniform(0.0, 0.4, (n, 2))
+      return np.concatenate([lo, lo + rng.uniform(0.2, 0.6, (n, 2))], 1).astype(np.float32)
+    return rng.random(s.shape).astype(s.dtype)   # strong_u: RandAugment's uniforms
+  return jax.tree_util.tree_map_with_path(field, spec)
+
+
 def bench(stage_name: str, variant: str, mix: str | None, batch: int, image_size: int | None,
           steps: int, peak_tflops: float, dtype: str | None, remat: bool,
-          attention_impl: str | None) -> dict:
+          attention_impl: str | None, mu: int = 1) -> dict:
   config = make_config(stage_name, variant, mix)
   config.batch_size = batch
   config.model.remat = remat
@@ -76,22 +108,26 @@ def bench(stage_name: str, variant: str, mix: str | None, batch: int, image_size
     config.model.dtype = dtype
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
   sharding.check_batch_size(batch, mesh)
-  plan = loop.RunPlan(mesh, batch * 100, 1000, 100)
-  stage = (pretrain.make_stage(config, plan, None) if stage_name == "mae" else
-           finetune.training_stage(config, plan, NUM_CLASSES))
+  ratio = mu if stage_name == "semisup" else 0
+  plan = loop.RunPlan(mesh, batch * 100, 1000, 100, batch * mu * 100, ratio)
+  arch = config.model
+  if stage_name == "mae":
+    stage = pretrain.make_stage(config, plan, None)
+  elif stage_name == "semisup":   # the model of the same variant's stage-2 config
+    ft = make_config("finetune", variant, "none")
+    kwargs = dict(finetune.model_kwargs(ft), dtype=config.model.dtype, remat=remat,
+                  attention_impl=attention_impl)
+    stage = semisup.training_stage(config, plan, kwargs, NUM_CLASSES)
+    arch = ft.model
+  else:
+    stage = finetune.training_stage(config, plan, NUM_CLASSES)
   abstract, shardings = loop.state_layout(config, stage, mesh)
   state = jax.jit(lambda r: nn.meta.unbox(stage.init(r)), out_shardings=shardings)(jax.random.key(0))
   s = config.data.image_size
-  rng = np.random.default_rng(0)
-  # The step resamples a crop window per image on device, as in training.
-  lo = rng.uniform(0.0, 0.4, (batch, 2))
-  host = {"image": rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8),
-          "crop": np.tile(np.float32([0.1, 0.1, 0.9, 0.9]), (batch, 1)),
-          "flip": rng.random(batch) < 0.5, "index": np.arange(batch, dtype=np.int32),
-          "label": rng.integers(0, NUM_CLASSES, batch).astype(np.int32),
-          "box": np.concatenate([lo, lo + rng.uniform(0.2, 0.6, (batch, 2))], 1).astype(np.float32)}
-  spec = pipeline.batch_spec(stage.batch_kind, batch, s, sharding.batch_sharding(mesh))
-  batch_arr = jax.device_put({k: host[k] for k in spec}, sharding.batch_sharding(mesh))
+  spec = pipeline.batch_spec(stage.batch_kind, batch, s, sharding.batch_sharding(mesh),
+                             unlabeled_ratio=ratio)
+  batch_arr = jax.device_put(random_batch(spec, np.random.default_rng(0)),
+                             sharding.batch_sharding(mesh))
   t = time.perf_counter()
   step = jax.jit(loop.make_train_step(stage.loss_fn, stage.tx, stage.schedule, 0,
                                       stage.update_extra),
@@ -108,11 +144,13 @@ def bench(stage_name: str, variant: str, mix: str | None, batch: int, image_size
   dt = (time.perf_counter() - t) / steps
   flops_step = stage.train_flops_per_example * batch
   peak = peak_tflops * 1e12 * mesh.devices.size
-  return dict(stage=stage_name if stage_name == "mae" else f"ft:{mix}", variant=variant,
-              model=config.model.size, image=s, patch=config.model.patch_size,
+  images = plan.images_per_step(batch)
+  name = {"mae": "mae", "finetune": f"ft:{mix}"}.get(stage_name, f"ss:{mix}:mu{mu}")
+  return dict(stage=name, variant=variant,
+              model=arch.size, image=s, patch=arch.patch_size,
               dtype=config.model.dtype, remat=remat, attention=attention_impl or "xla", batch=batch, devices=mesh.devices.size,
               device_kind=jax.devices()[0].device_kind, compile_s=round(compile_s, 1),
-              step_ms=round(dt * 1e3, 2), images_per_s=round(batch / dt, 1),
+              step_ms=round(dt * 1e3, 2), images_per_s=round(images / dt, 1),
               gflops_per_image=round(stage.train_flops_per_example / 1e9, 3),
               tflops_per_s=round(flops_step / dt / 1e12, 3),
               mfu=round(flops_step / dt / peak, 4) if peak else None)
@@ -120,12 +158,15 @@ def bench(stage_name: str, variant: str, mix: str | None, batch: int, image_size
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--stage", action="append", choices=("mae", "finetune"),
-                  help="which steps (repeatable; default both)")
+  ap.add_argument("--stage", action="append", choices=("mae", "finetune", "semisup"),
+                  help="which steps (repeatable; default all three)")
   ap.add_argument("--variant", action="append",
                   help="a variant of both configs: cpu, test, vit_b16 (repeatable)")
   ap.add_argument("--mix", action="append", choices=("none", "mixup", "cutmix", "facemix"),
                   help="fine-tuning mixings (repeatable; default none, mixup, facemix)")
+  ap.add_argument("--teacher", action="append", choices=("ema", "student"),
+                  help="stage-3 teachers (repeatable; default both)")
+  ap.add_argument("--mu", type=int, default=1, help="stage 3: unlabeled rows per labeled row")
   ap.add_argument("--batch", type=int, default=0, help="global batch (default: per variant)")
   ap.add_argument("--image_size", type=int, default=0)
   ap.add_argument("--dtype", default=None)
@@ -143,16 +184,17 @@ def main():
   rows = []
   impl = args.attention_impl or ("cudnn" if jax.default_backend() == "gpu" else None)
   for v in variants:
-    for stage in args.stage or ("mae", "finetune"):
+    base = None   # the plain-CE step of this variant, once measured
+    for stage in args.stage or ("mae", "finetune", "semisup"):
       default_batch = {"cpu": 64, "test": 16}.get(v, 8 if on_cpu else 256 * jax.device_count())
-      mixes = [None] if stage == "mae" else args.mix or ["none", "mixup", "facemix"]
-      base = None
+      mixes = {"mae": [None], "finetune": args.mix or ["none", "mixup", "facemix"],
+               "semisup": args.teacher or ["ema", "student"]}[stage]
       for mix in mixes:
         r = bench(stage, v, mix, args.batch or default_batch, args.image_size or None,
                   args.steps or (5 if on_cpu else 30), peak, args.dtype, args.remat,
-                  None if impl == "xla" else impl)
-        base = base or (r["step_ms"] if mix == "none" else None)
-        r["x_plain_ce"] = round(r["step_ms"] / base, 2) if base else None
+                  None if impl == "xla" else impl, args.mu)
+        base = base or (r["step_ms"] if stage == "finetune" and mix == "none" else None)
+        r["x_plain_ce"] = round(r["step_ms"] / base, 2) if base and stage != "mae" else None
         rows.append(r)
   head = ("stage", "variant", "model", "image", "dtype", "attention", "batch", "devices",
           "step_ms", "images_per_s", "x_plain_ce", "gflops_per_image", "tflops_per_s", "mfu",

@@ -6,7 +6,9 @@
 4. pretrains MAE (configs/pretrain_mae.py:cpu) on the training lists, resuming if stopped,
    and plots the loss curve next to the reconstruction figures;
 5. fine-tunes with FaceMix (configs/finetune.py:cpu) twice, from scratch and from the MAE
-   encoder, selects each on val, and ends with the test-list table against the majority
+   encoder, selects each on val;
+6. continues the MAE + FaceMix run semi-supervised (configs/semisup.py:cpu: EMA teacher,
+   pseudo-labels on train_unlabeled) and ends with the test-list table against the majority
    class.
 
   python -m ssfer_jax.demo --workdir workdirs/demo [-- --config.num_epochs=5 ...]
@@ -112,6 +114,15 @@ def main():
          "--lists", "test"])
     with open(os.path.join(ft_dir, "eval", "test.json")) as f:
       rows.append((f"FaceMix, {name}", json.load(f)))
+  ss_dir = os.path.join(workdir, "semisup")
+  print("\n== stage 3, EMA teacher, from FaceMix on the MAE encoder ==", flush=True)
+  run([sys.executable, "-m", "ssfer_jax.main", "--config", "configs/semisup.py:cpu",
+       "--workdir", ss_dir, f"--config.data.dir={data_dir}",
+       f"--config.init_from={os.path.join(workdir, 'finetune_mae')}"])
+  run([sys.executable, "-m", "ssfer_jax.evaluate", "--run", ss_dir, "--data", data_dir,
+       "--lists", "test"])
+  with open(os.path.join(ss_dir, "eval", "test.json")) as f:
+    rows.append(("+ EMA teacher (stage 3)", json.load(f)))
   curves = {}
   print(f"\ntest list of {data_dir} ({rows[0][1]['count']} faces):")
   print(f"{'':<34}{'accuracy':>10}{'mean-class':>12}{'macro F1':>10}")
@@ -125,8 +136,13 @@ def main():
     curves[f"{name}, EMA"] = ([r["step"] for r in val], [r["ema_accuracy"] for r in val])
   plot = viz.plot_curves(os.path.join(workdir, "figures", "finetune_val.png"), curves,
                          "stage 2 (FaceMix): val accuracy", "accuracy")
-  print(f"val curves: {plot}\nconfusion matrices and per-class plots: "
-        f"{workdir}/finetune_*/eval/")
+  epochs = [r for r in writers.read_metrics(ss_dir) if r["split"] == "epoch"]
+  print("stage 3, pseudo-labels per epoch: " + "; ".join(
+      f"mask rate {r['mask_rate']:.2f}" + (f", accuracy {r['pseudo_label_accuracy']:.2f}"
+                                           if "pseudo_label_accuracy" in r else "")
+      for r in epochs))
+  print(f"val curves: {plot}\nthresholds and mask rates: {os.path.join(ss_dir, 'figures')}"
+        f"\nconfusion matrices and per-class plots: {workdir}/{{finetune_*,semisup}}/eval/")
 
 
 if __name__ == "__main__":
