@@ -49,6 +49,7 @@ STAGE3_ARMS = {"ema_fixed": ("ema", "fixed"), "ema_dtm": ("ema", "dtm"),
                "fixmatch_fixed": ("student", "fixed")}
 INITS = ("random", "mae")
 MIN_TEST_SUPPORT = 15   # mean-class accuracy over classes with at least this many test images
+TABLE_METRICS = ("accuracy", "macro_f1", "mean_class_accuracy_frequent", "mean_class_accuracy")
 
 
 def pretrain_once(args) -> str:
@@ -81,6 +82,25 @@ def cell_config(args, init: str, mix: str, seed: int, mae_run: str, extra: str |
   return c
 
 
+def read_cells(path: str) -> list[dict]:
+  """The cells a grid finished so far (an interrupted grid resumes after them)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def append_cell(path: str, cell: dict) -> dict:
+  with open(path, "a") as f:
+    f.write(json.dumps(cell) + "\n")
+  return cell
+
+
+def eta(t0: float, i: int, total: int) -> float:
+  """Seconds left after cell i (0-based) of `total`, at the mean pace so far."""
+  return (time.perf_counter() - t0) / (i + 1) * (total - i - 1)
+
+
 def stage3_config(args, arm: str, seed: int, stage2_run: str):
   c = semisup_config.get_config("cpu").unlock()
   c.data.dir, c.data.split = args.data, args.split
@@ -95,13 +115,10 @@ def stage3_config(args, arm: str, seed: int, stage2_run: str):
   return c
 
 
-def stage3_grid(args, mesh, seeds) -> str:
+def stage3_grid(args, mesh, seeds, stage2_cells: list[dict]) -> str:
   """The semi-supervised arms from each seed's MAE + FaceMix stage-2 run; the table."""
   path = os.path.join(args.out, "stage3_cells.jsonl")
-  done = []
-  if os.path.exists(path):
-    with open(path) as f:
-      done = [json.loads(line) for line in f if line.strip()]
+  done = read_cells(path)
   finished = {(c["arm"], c["seed"]) for c in done}
   todo = [(arm, seed) for seed in seeds for arm in STAGE3_ARMS if (arm, seed) not in finished]
   t0 = time.perf_counter()
@@ -118,32 +135,35 @@ def stage3_grid(args, mesh, seeds) -> str:
             "mask_rate": last.get("mask_rate"),
             "teacher_accuracy_unlabeled": last.get("teacher_accuracy_unlabeled"),
             "seconds": time.perf_counter() - t}
-    with open(path, "a") as f:
-      f.write(json.dumps(cell) + "\n")
-    done.append(cell)
-    left = (time.perf_counter() - t0) / (i + 1) * (len(todo) - i - 1)
+    done.append(append_cell(path, cell))
+    left = eta(t0, i, len(todo))
     print(f"[stage 3 {i + 1}/{len(todo)}] {arm} seed {seed}: test acc "
           f"{cell['test']['accuracy']:.3f} (stage 2 "
           f"{finetune.read_result(stage2)['val']['accuracy']:.3f} val), mask rate "
           f"{cell['mask_rate']}, pseudo-label acc {cell['pseudo_label_accuracy']} "
           f"({cell['seconds']:.0f}s; ETA {left / 60:.0f} min)", flush=True)
-  return print_stage3_table(done, args, mesh, seeds)
+  start = [c for c in stage2_cells if (c["init"], c["mix"], c["extra"]) == ("mae", "facemix", "")
+           and c["seed"] in seeds]
+  return print_stage3_table(done, start)
 
 
-def print_stage3_table(cells: list[dict], args, mesh, seeds) -> str:
-  cols = ("accuracy", "macro_f1", "mean_class_accuracy_frequent", "mean_class_accuracy")
-  fmt = lambda xs: (f"{100 * np.mean(xs):.1f} +- "
-                    f"{100 * np.std(xs, ddof=1) if len(xs) > 1 else 0:.1f}") if xs else "-"
+def mean_std(xs) -> str:
+  """Percent mean +- sample standard deviation over seeds ("-" for none)."""
+  if not len(xs):
+    return "-"
+  return f"{100 * np.mean(xs):.1f} +- {100 * np.std(xs, ddof=1) if len(xs) > 1 else 0:.1f}"
+
+
+def print_stage3_table(cells: list[dict], start: list[dict]) -> str:
+  """The stage-3 arms beside their starts, the stage-2 MAE + FaceMix cells of the same seeds."""
+  cols = TABLE_METRICS
+  fmt = mean_std
   lines = [f"| arm | seeds | accuracy | macro F1 | mean-class (>= {MIN_TEST_SUPPORT} test) | "
            "mean-class (all) | val acc | pseudo-label acc | mask rate | teacher acc (unlabeled) "
            "| weights | minutes |", "|" + "|".join("---" for _ in range(12)) + "|"]
-  base = [summarise(test_report(os.path.join(args.out, "runs", f"mae_facemix_s{s}"), args, mesh))
-          for s in seeds]
-  base_val = [finetune.read_result(os.path.join(args.out, "runs", f"mae_facemix_s{s}"))["val"]
-              ["accuracy"] for s in seeds]
-  lines.append(f"| stage 2 alone (MAE + FaceMix) | {len(seeds)} | "
-               + " | ".join(fmt([b[k] for b in base]) for k in cols)
-               + f" | {fmt(base_val)} | - | - | - | - | - |")
+  lines.append(f"| stage 2 alone (MAE + FaceMix) | {len(start)} | "
+               + " | ".join(fmt([c["test"][k] for c in start]) for k in cols)
+               + f" | {fmt([c['val_select'] for c in start])} | - | - | - | - | - |")
   for arm in STAGE3_ARMS:
     group = [c for c in cells if c["arm"] == arm]
     if not group:
@@ -217,11 +237,11 @@ def print_table(cells: list[dict], baseline: dict) -> str:
   by_arm = collections.defaultdict(list)
   for c in cells:
     by_arm[(c["init"], c["mix"], c.get("extra") or "")].append(c)
-  cols = ("accuracy", "macro_f1", "mean_class_accuracy_frequent", "mean_class_accuracy")
+  cols = TABLE_METRICS
   head = (f"| {'init':<6} | {'mixing':<8} | {'extra':<8} | seeds | accuracy | macro F1 | "
           f"mean-class (>= {MIN_TEST_SUPPORT} test) | mean-class (all) | val acc | minutes |")
   lines = [head, "|" + "|".join("---" for _ in range(10)) + "|"]
-  fmt = lambda xs: f"{100 * np.mean(xs):.1f} +- {100 * np.std(xs, ddof=1) if len(xs) > 1 else 0:.1f}"
+  fmt = mean_std
   for (init, mix, extra), group in sorted(by_arm.items(), key=lambda kv: (
       INITS.index(kv[0][0]), MIXINGS.index(kv[0][1]), kv[0][2])):
     vals = [fmt([g["test"][k] for g in group]) for k in cols]
@@ -260,10 +280,7 @@ def main():
   jax.config.update("jax_threefry_partitionable", True)
   mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
   cells_path = os.path.join(args.out, "cells.jsonl")
-  done = []
-  if os.path.exists(cells_path):
-    with open(cells_path) as f:
-      done = [json.loads(line) for line in f if line.strip()]
+  done = read_cells(cells_path)
   key = lambda c: (c["init"], c["mix"], c["seed"], c.get("extra") or "")
   finished = {key(c) for c in done}
 
@@ -285,10 +302,8 @@ def main():
             "weights": result["weights"], "step": result["step"],
             "val_select": result["val"]["accuracy"], "test": summarise(test),
             "test_per_class": test["per_class"], "seconds": time.perf_counter() - t}
-    with open(cells_path, "a") as f:
-      f.write(json.dumps(cell) + "\n")
-    done.append(cell)
-    left = (time.perf_counter() - t0) / (i + 1) * (len(todo) - i - 1)
+    done.append(append_cell(cells_path, cell))
+    left = eta(t0, i, len(todo))
     print(f"[{i + 1}/{len(todo)}] {init} {mix} {extra or ''} seed {seed}: test acc "
           f"{cell['test']['accuracy']:.3f}, macro F1 {cell['test']['macro_f1']:.3f} "
           f"({cell['seconds']:.0f}s; ETA {left / 60:.0f} min)", flush=True)
@@ -305,7 +320,7 @@ def main():
   with open(os.path.join(args.out, "table.md"), "w") as f:
     f.write(table + "\n")
   if args.stage3:
-    table3 = stage3_grid(args, mesh, list(map(int, args.seeds.split(","))))
+    table3 = stage3_grid(args, mesh, list(map(int, args.seeds.split(","))), done)
     with open(os.path.join(args.out, "stage3_table.md"), "w") as f:
       f.write(table3 + "\n")
   return 0

@@ -115,8 +115,7 @@ def bench(stage_name: str, variant: str, mix: str | None, batch: int, image_size
     stage = pretrain.make_stage(config, plan, None)
   elif stage_name == "semisup":   # the model of the same variant's stage-2 config
     ft = make_config("finetune", variant, "none")
-    kwargs = dict(finetune.model_kwargs(ft), dtype=config.model.dtype, remat=remat,
-                  attention_impl=attention_impl)
+    kwargs = semisup.model_kwargs(config, {"model": finetune.model_kwargs(ft)})
     stage = semisup.training_stage(config, plan, kwargs, NUM_CLASSES)
     arch = ft.model
   else:

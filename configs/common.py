@@ -38,6 +38,38 @@ def shrink_for_cpu(c: ml_collections.ConfigDict, arg: str) -> None:
     c.log_every = 1
     c.checkpoint_every = 3
     c.tensorboard = False
+    if "eval" in c:   # the classifier stages: evaluate twice in the 6 steps
+      c.eval.every_steps = 3
+      c.eval.batch_size = 16
+
+
+def classifier_optim(*, base_lr: float, reference_batch: int, warmup_epochs: float,
+                     warmup_init_lr: float, min_lr: float,
+                     schedule: str = "cosine") -> ml_collections.ConfigDict:
+  """AdamW of the classifier stages (2 and 3): each sets its rates, the rest is shared."""
+  o = ml_collections.ConfigDict()
+  o.base_lr = base_lr              # lr = base_lr * batch_size / reference_batch
+  o.reference_batch = reference_batch
+  o.schedule = schedule            # "cosine" (warm-up, then cosine to min_lr) or "constant"
+  o.warmup_epochs = warmup_epochs
+  o.warmup_init_lr = warmup_init_lr  # absolute (not scaled with the batch, unlike base_lr)
+  o.min_lr = min_lr                # absolute
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.weight_decay = 0.05
+  o.layer_decay = 1.0              # < 1: MAE's layer-wise lr decay (0.65 for ViT-B)
+  o.clip_grad_norm = 0.0
+  return o
+
+
+def classifier_eval() -> ml_collections.ConfigDict:
+  """Val evaluation of the classifier stages; the best checkpoint on it becomes the result."""
+  e = ml_collections.ConfigDict()
+  e.every_epochs = 1               # evaluate on val every this many epochs ...
+  e.every_steps = 0                # ... or, if > 0, steps; -1 = never (no result.json)
+  e.batch_size = 64
+  e.select = "accuracy"            # or "mean_class_accuracy", "macro_f1"
+  return e
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -44,17 +44,8 @@ def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
   c.model.remat = False
   c.model.attention_impl = ml_collections.config_dict.placeholder(str)
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.base_lr = 1e-4           # lr = base_lr * batch_size / reference_batch
-  c.optim.reference_batch = 32
-  c.optim.warmup_epochs = 5.0
-  c.optim.warmup_init_lr = 5e-5    # absolute (not scaled with the batch, unlike base_lr)
-  c.optim.min_lr = 1e-5            # absolute
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.weight_decay = 0.05
-  c.optim.layer_decay = 1.0        # < 1: MAE's layer-wise lr decay (0.65 for ViT-B)
-  c.optim.clip_grad_norm = 0.0
+  c.optim = common.classifier_optim(base_lr=1e-4, reference_batch=32, warmup_epochs=5.0,
+                                    warmup_init_lr=5e-5, min_lr=1e-5)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.label_smoothing = 0.0
@@ -70,11 +61,7 @@ def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
 
   c.ema_decay = 0.0                # weight EMA of the model; 0 = off
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.every_epochs = 1          # evaluate on val every this many epochs ...
-  c.eval.every_steps = 0           # ... or, if > 0, steps; -1 = never (no result.json)
-  c.eval.batch_size = 64
-  c.eval.select = "accuracy"       # or "mean_class_accuracy", "macro_f1"
+  c.eval = common.classifier_eval()
   c.checkpoint_every = 1000
   c.log_every = 50
 
@@ -100,9 +87,6 @@ def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
       c.optim.warmup_epochs = 3.0
       c.checkpoint_every = 500
       c.eval.every_epochs = 3
-    else:
-      c.eval.every_steps = 3
-      c.eval.batch_size = 16
     common.shrink_for_cpu(c, arg)
   else:
     raise ValueError(f"unknown variant {arg!r}; choose vit_b16, vit_b16_code, cpu or test.")

@@ -41,18 +41,8 @@ def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
   c.model.remat = False
   c.model.attention_impl = ml_collections.config_dict.placeholder(str)
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.base_lr = 1.5e-4         # lr = base_lr * batch_size / reference_batch
-  c.optim.reference_batch = 64
-  c.optim.schedule = "constant"    # or "cosine" (warm-up, then cosine to min_lr)
-  c.optim.warmup_epochs = 0.0
-  c.optim.warmup_init_lr = 0.0
-  c.optim.min_lr = 0.0
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.weight_decay = 0.05
-  c.optim.layer_decay = 1.0
-  c.optim.clip_grad_norm = 0.0
+  c.optim = common.classifier_optim(base_lr=1.5e-4, reference_batch=64, warmup_epochs=0.0,
+                                    warmup_init_lr=0.0, min_lr=0.0, schedule="constant")
 
   c.loss = ml_collections.ConfigDict()
   c.loss.label_smoothing = 0.0     # on the labeled cross entropy
@@ -71,11 +61,7 @@ def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
   c.threshold.momentum = 0.999     # freematch
   c.threshold.init = "uniform"     # freematch: "uniform" (1/C) or "ones" (thresholds.py)
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.every_epochs = 1
-  c.eval.every_steps = 0           # > 0: every this many steps; -1: never (no result.json)
-  c.eval.batch_size = 64
-  c.eval.select = "accuracy"
+  c.eval = common.classifier_eval()
   c.checkpoint_every = 1000
   c.log_every = 50
 
@@ -89,9 +75,6 @@ def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
       c.batch_size = 32
       c.num_epochs = 3
       c.checkpoint_every = 500
-    else:
-      c.eval.every_steps = 3
-      c.eval.batch_size = 16
     common.shrink_for_cpu(c, arg)
   else:
     raise ValueError(f"unknown variant {arg!r}; choose vit_b16, cpu or test.")

@@ -70,13 +70,7 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any, data_iterator: Any | None,
               stage: str) -> Any:
     """Restores into `abstract_state` (ShapeDtypeStructs carrying NamedShardings)."""
-    meta = self.read_meta(step)
-    if meta.get("format_version") != FORMAT_VERSION:
-      raise CheckpointError(f"{self.directory}/{step}: format version {meta.get('format_version')} "
-                            f"!= {FORMAT_VERSION}; it was written by an incompatible version.")
-    if meta.get("stage") != stage:
-      raise CheckpointError(f"{self.directory}/{step} holds a '{meta.get('stage')}' checkpoint, "
-                            f"not '{stage}': use a fresh --workdir for this stage.")
+    self._check_meta(step, stage)
     items = dict(state=ocp.args.StandardRestore(abstract_state))
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -88,15 +82,20 @@ class Checkpointer:
     """Restores only the named parts of the saved train state, e.g. {"params": ...} or
     {"extra": {"ema": ...}}: loading weights to use needs neither the optimiser state nor the
     stage state, nor the config that shaped them."""
-    meta = self.read_meta(step)
-    if meta.get("format_version") != FORMAT_VERSION or meta.get("stage") != stage:
-      raise CheckpointError(f"{self.directory}/{step}: a '{meta.get('stage')}' checkpoint of "
-                            f"format {meta.get('format_version')}, expected '{stage}' of format "
-                            f"{FORMAT_VERSION}.")
+    self._check_meta(step, stage)
     restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         abstract_subtree, restore_args=ocp.checkpoint_utils.construct_restore_args(
             abstract_subtree), partial_restore=True)))
     return restored["state"]
+
+  def _check_meta(self, step: int, stage: str) -> None:
+    meta = self.read_meta(step)
+    if meta.get("format_version") != FORMAT_VERSION:
+      raise CheckpointError(f"{self.directory}/{step}: format version {meta.get('format_version')} "
+                            f"!= {FORMAT_VERSION}; it was written by an incompatible version.")
+    if meta.get("stage") != stage:
+      raise CheckpointError(f"{self.directory}/{step} holds a '{meta.get('stage')}' checkpoint, "
+                            f"not '{stage}': use a fresh --workdir for this stage.")
 
   def read_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

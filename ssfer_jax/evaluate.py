@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -154,38 +154,49 @@ class Evaluator:
                dtype=jnp.float32, batch_size=batch_size, mesh=mesh, apply_fn=clf.apply,
                num_threads=num_threads)
 
-  def _batches(self, params):
-    """(probabilities [b, C], target [b]) of each batch's valid rows; target is the model's
-    class index, -1 for a class the model does not know, -2 for an unlabeled record."""
+  def _batches(self, weights: Mapping[str, Any]):
+    """Per batch, over its valid rows: ({name: probabilities [b, C]} for each set of
+    `weights`, target [b]); target is the model's class index, -1 for a class the model does
+    not know, -2 for an unlabeled record. The data is read once for all the weights."""
     for local in pipeline.make_eval_iterator(**self._args):
       batch = pipeline.to_global({k: local[k] for k in ("image", "label", "valid")}, self._mesh)
-      probs, target, valid = (np.asarray(a) for a in self._predict(params, batch))
-      yield probs[valid], target[valid]
+      probs = {}
+      for name, params in weights.items():
+        p, target, valid = (np.asarray(a) for a in self._predict(params, batch))
+        probs[name] = p[valid]
+      yield probs, target[valid]
 
   def probabilities(self, params) -> tuple[np.ndarray, np.ndarray]:
-    """The model's softmax over every record [N, C] and the targets [N] (as `_batches`), in
-    record order: e.g. DTM's once-an-epoch pass of the teacher over train_labeled."""
-    parts = list(self._batches(params))
-    return np.concatenate([p for p, _ in parts]), np.concatenate([t for _, t in parts])
+    """The model's softmax over every record [N, C] and the targets [N] (as `_batches`), each
+    record once: e.g. DTM's once-an-epoch pass of the teacher over train_labeled."""
+    parts = list(self._batches({"": params}))
+    return np.concatenate([p[""] for p, _ in parts]), np.concatenate([t for _, t in parts])
 
-  def __call__(self, params) -> dict[str, Any]:
+  def reports(self, weights: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """A report for each named set of weights (e.g. raw and EMA), from one pass over the data."""
     t0 = time.perf_counter()
     n = len(self.class_map.model_classes)
-    cm = np.zeros((n, n), np.int64)
+    cms = {name: np.zeros((n, n), np.int64) for name in weights}
     seen = unlabeled = excluded = 0
-    for probs, target in self._batches(params):
-      pred = np.argmax(probs, axis=-1)
+    for probs, target in self._batches(weights):
       seen += len(target)
       unlabeled += int((target == -2).sum())
       excluded += int((target == -1).sum())
       keep = target >= 0
-      np.add.at(cm, (target[keep], pred[keep]), 1)
-    report = metrics_from_confusion(cm, self.class_map.model_classes)
-    report.update(records_read=seen, skipped_unlabeled=unlabeled,
-                  excluded_unknown_class=excluded, unknown_classes=list(self.class_map.unknown),
-                  classes_absent_from_data=list(self.class_map.absent), data=self.where,
-                  seconds=time.perf_counter() - t0)
-    return report
+      for name, p in probs.items():
+        np.add.at(cms[name], (target[keep], np.argmax(p, axis=-1)[keep]), 1)
+    out = {}
+    for name, cm in cms.items():
+      out[name] = metrics_from_confusion(cm, self.class_map.model_classes)
+      out[name].update(records_read=seen, skipped_unlabeled=unlabeled,
+                       excluded_unknown_class=excluded,
+                       unknown_classes=list(self.class_map.unknown),
+                       classes_absent_from_data=list(self.class_map.absent), data=self.where,
+                       seconds=time.perf_counter() - t0)
+    return out
+
+  def __call__(self, params) -> dict[str, Any]:
+    return self.reports({"": params})[""]
 
 
 def scalars(report: dict, prefix: str = "") -> dict[str, float]:

@@ -193,7 +193,7 @@ def dtm_epoch_update(state: dict[str, jax.Array], teacher_probs: jax.Array,
 
   m_c = mean top probability over the rows of class c the teacher gets right;
   tau_c <- 0.9 tau_c + 0.1 m_c if m_c >= 0.8, else 0.8 (also when class c has no correct
-  row: see the module docstring). Rows labelled -1 (padding to whole batches) are ignored.
+  row: see the module docstring). Rows with a negative label (padding, unlabeled) are ignored.
   """
   max_probs, pred = _confidence(teacher_probs)
   num_classes = teacher_probs.shape[-1]

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import small_config
 from configs import finetune as finetune_config
 from configs import pretrain_mae
 from ssfer_jax import checkpointing, optim, sharding, writers
@@ -25,22 +26,14 @@ def partitionable_keys():
 
 
 def ft_config(data_dir, **overrides):
-  c = finetune_config.get_config("test").unlock()
-  c.data.dir = data_dir
-  c.mesh.shape = (4, 2)
-  for k, v in overrides.items():
-    c[k] = v
-  return c
+  return small_config(finetune_config, data_dir, **overrides)
 
 
 @pytest.fixture(scope="module")
 def mae_run(small_dataset, tmp_path_factory):
   jax.config.update("jax_threefry_partitionable", True)
-  c = pretrain_mae.get_config("test").unlock()
-  c.data.dir = small_dataset
-  c.mesh.shape = (4, 2)
   workdir = str(tmp_path_factory.mktemp("mae"))
-  loop.train(c, workdir, pretrain.make_stage)
+  loop.train(small_config(pretrain_mae, small_dataset), workdir, pretrain.make_stage)
   return workdir
 
 

@@ -6,6 +6,7 @@ import os
 import jax
 import numpy as np
 
+from conftest import small_config
 from configs import finetune as finetune_config
 from data_prep import split as split_lib
 from ssfer_jax import kfold
@@ -15,10 +16,7 @@ from ssfer_jax.input import records
 def test_kfold_trains_every_fold_and_summarises(small_dataset, tmp_path):
   jax.config.update("jax_threefry_partitionable", True)
   split_lib.kfold(small_dataset, "cv", split_lib.FoldOptions(folds=3, seed=0), overwrite=True)
-  c = finetune_config.get_config("test").unlock()
-  c.data.dir = small_dataset
-  c.mesh.shape = (4, 2)
-  c.total_steps = 2
+  c = small_config(finetune_config, small_dataset, total_steps=2)
   c.eval.every_steps = 2
   result = kfold.run_folds(c, str(tmp_path), "cv")
   assert [f["fold"] for f in result["folds"]] == [0, 1, 2]

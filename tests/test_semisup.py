@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import small_config
 from configs import finetune as finetune_config
 from configs import semisup as semisup_config
 from ssfer_jax import evaluate, sharding, thresholds, writers
@@ -28,22 +29,14 @@ def partitionable_keys():
 @pytest.fixture(scope="module")
 def stage2_run(small_dataset, tmp_path_factory):
   jax.config.update("jax_threefry_partitionable", True)
-  c = finetune_config.get_config("test").unlock()
-  c.data.dir = small_dataset
-  c.mesh.shape = (4, 2)
   workdir = str(tmp_path_factory.mktemp("stage2"))
-  loop.train(c, workdir, finetune.make_stage)
+  loop.train(small_config(finetune_config, small_dataset), workdir, finetune.make_stage)
   return workdir
 
 
 def ss_config(data_dir, init_from, **overrides):
-  c = semisup_config.get_config("test").unlock()
-  c.data.dir, c.init_from = data_dir, init_from
-  c.mesh.shape = (4, 2)
-  c.batch_size = 8
-  for k, v in overrides.items():
-    c[k] = v
-  return c
+  return small_config(semisup_config, data_dir, init_from=init_from,
+                      **{"batch_size": 8, **overrides})
 
 
 def semisup_iterator(data_dir, ratio=2, batch=8):

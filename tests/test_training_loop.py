@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import small_config
 from configs import pretrain_mae
 from ssfer_jax import checkpointing, sharding, writers
 from ssfer_jax.trainers import loop, pretrain
@@ -19,12 +20,7 @@ def data_dir(small_dataset):
 
 
 def make_config(data_dir, **overrides):
-  c = pretrain_mae.get_config("test").unlock()
-  c.data.dir = data_dir
-  c.mesh.shape = (4, 2)
-  for k, v in overrides.items():
-    c[k] = v
-  return c
+  return small_config(pretrain_mae, data_dir, **overrides)
 
 
 def losses(workdir):

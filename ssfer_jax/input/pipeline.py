@@ -89,8 +89,6 @@ KINDS = {
               "index", "position"),
 }
 SEMISUP = "semisup"
-# uniforms per row of "views": the weak window and flip, the strong ones, RandAugment's.
-_VIEW_DRAWS = 2 * augment.WEAK_DRAWS + randaugment.DRAWS
 _UNLABELED_STREAM = 1   # `augment.uniforms` key of the unlabeled stream of a semisup batch
 DEFAULT_THREADS = min(os.cpu_count() or 1, 16)
 
@@ -198,7 +196,9 @@ class _Batch:
     out["index"][:] = indices
     image, train, views = out["image"], "crop" in out, self.kind == "views"
     weak = self.transform.draws
-    draws = augment.uniforms(self.seed, positions, _VIEW_DRAWS if views else weak)
+    # "views" rows: the weak window and flip, the strong ones, then RandAugment's draws.
+    draws = augment.uniforms(self.seed, positions,
+                             2 * weak + randaugment.DRAWS if views else weak)
     if views:
       out["position"][:] = self.rows.epochs.list_positions(indices)
       out["strong_u"][:] = draws[:, 2 * weak:]
@@ -256,9 +256,10 @@ def _processes(global_batch_size, process_index, process_count):
   return process_index, process_count, global_batch_size // process_count
 
 
-def _open(data_dir, split, names, kind, image_size):
+def _open(data_dir, split, names, kind, image_size, source=None):
   """The split's sorted record indices and the `_Batch` fields that do not depend on it.
-  `split` None means every record of the build."""
+  `split` None means every record of the build; `source`, an already open data source of
+  the build (the two streams of a semisup batch share one)."""
   manifest = records.load_manifest(data_dir)
   if split is None:
     indices = np.arange(manifest["num_records"], dtype=np.int64)
@@ -268,7 +269,8 @@ def _open(data_dir, split, names, kind, image_size):
     where = f"{data_dir} (split {split!r}, lists {list(names)})"
   if not len(indices):
     raise records.DatasetError(f"{where}: no records; name lists that are not empty.")
-  source = grain.sources.ArrayRecordDataSource(records.shard_paths(data_dir, manifest))
+  if source is None:
+    source = grain.sources.ArrayRecordDataSource(records.shard_paths(data_dir, manifest))
   return indices, dict(source=source, kind=kind, image_size=image_size,
                        num_classes=len(manifest["classes"]), where=where)
 
@@ -310,8 +312,8 @@ def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind
   process_index, process_count, batch = _processes(global_batch_size, process_index,
                                                    process_count)
 
-  def stream(lists, kind, batch, seed):
-    indices, fields = _open(data_dir, split, lists, kind, image_size)
+  def stream(lists, kind, batch, seed, source=None):
+    indices, fields = _open(data_dir, split, lists, kind, image_size, source)
     rows = _TrainRows(_Epochs(indices, seed), batch, process_index, process_count)
     return _Batch(**fields, rows=rows, transform=augment.TRANSFORMS[transform], seed=seed)
 
@@ -321,9 +323,9 @@ def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind
       raise ValueError("a semisup iterator needs unlabeled_names (e.g. ('train_unlabeled',)).")
     # Its own seed: the two streams' permutations and augmentations are independent.
     unlabeled_seed = int(augment.uniforms(seed, [_UNLABELED_STREAM], 1)[0, 0] * 2**53)
-    make_batch = _SemisupBatch(
-        stream(names, "labeled", batch, seed),
-        stream(unlabeled_names, "views", unlabeled_ratio * batch, unlabeled_seed))
+    labeled = stream(names, "labeled", batch, seed)
+    make_batch = _SemisupBatch(labeled, stream(unlabeled_names, "views", unlabeled_ratio * batch,
+                                               unlabeled_seed, labeled.source))
   else:
     make_batch = stream(names, kind, batch, seed)
   ds = grain.MapDataset.range(sys.maxsize // global_batch_size).map(make_batch)

@@ -46,7 +46,7 @@ def make_model(config: ml_collections.ConfigDict, num_classes: int) -> vit.ViT:
   return vit.ViT(num_classes=num_classes, **model_kwargs(config))
 
 
-def class_weights(labels: np.ndarray, num_classes: int, kind: str) -> np.ndarray | None:
+def class_weights(labels: np.ndarray | None, num_classes: int, kind: str) -> np.ndarray | None:
   """Loss weights per class: "balanced" ~ 1 / n_c, "sqrt" ~ 1 / sqrt(n_c), scaled so that the
   mean weight over the training records is 1 (the loss keeps its scale). Classes absent from
   the labeled list get weight 0. The weights multiply soft targets, so label smoothing's
@@ -78,21 +78,27 @@ def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
                workdir: str | None) -> loop.Stage:
   manifest = records.load_manifest(config.data.dir)
   classes = list(manifest["classes"])
-  labels = records.read_labels(config.data.dir, records.load_split(
-      config.data.dir, config.data.split, config.data.train_lists))
-  weights = class_weights(labels, len(classes), config.loss.class_weighting)
+  kind = config.loss.class_weighting
+  labels = None if kind == "none" else records.read_labels(config.data.dir, records.load_split(
+      config.data.dir, config.data.split, config.data.train_lists))   # only to weigh
+  weights = class_weights(labels, len(classes), kind)
   if weights is not None:
     logging.info("class weights: %s", dict(zip(classes, np.round(weights, 3).tolist())))
   stage = training_stage(config, plan, len(classes), weights)
-  evaluate_fn = None
-  if config.eval.every_steps >= 0 and config.data.eval_lists:
-    evaluate_fn = ValEvaluation(config, plan.mesh, make_model(config, len(classes)), classes)
   return dataclasses.replace(
       stage,
       warm_start=(lambda state: warm_start(config, plan.mesh, state)) if config.init_from else None,
-      evaluate=evaluate_fn,
-      eval_every=config.eval.every_steps or config.eval.every_epochs * plan.steps_per_epoch,
-      result_info=result_info(config, manifest))
+      result_info=result_info(config, manifest),
+      **val_evaluation(config, plan, make_model(config, len(classes)), classes))
+
+
+def val_evaluation(config: ml_collections.ConfigDict, plan: loop.RunPlan, model: vit.ViT,
+                   classes) -> dict:
+  """The `Stage` fields of a classifier stage's evaluation on val (none if switched off)."""
+  if config.eval.every_steps < 0 or not config.data.eval_lists:
+    return {"evaluate": None}
+  return {"evaluate": ValEvaluation(config, plan.mesh, model, classes),
+          "eval_every": config.eval.every_steps or config.eval.every_epochs * plan.steps_per_epoch}
 
 
 def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, num_classes: int,
@@ -131,14 +137,17 @@ def make_tx(config, model: vit.ViT, total_steps: int, steps_per_epoch: int):
                               lr_scales=scales)
 
 
-def make_init(config, model: vit.ViT, tx):
+def make_init(config, model: vit.ViT, tx, make_extra=None):
+  """The classifier's init; `make_extra(params)` gives the stage state (default: stage 2's
+  weight EMA when `ema_decay` > 0)."""
   size = config.data.image_size
+  if make_extra is None:
+    make_extra = lambda params: {"ema": params} if config.ema_decay > 0 else {}
 
   def init(rng):
     params = model.init(rng, jnp.zeros((1, size, size, 3)), train=False)["params"]
-    extra = {"ema": params} if config.ema_decay > 0 else {}
     return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=tx.init(params), extra=extra)
+                           opt_state=tx.init(params), extra=make_extra(params))
 
   return init
 
@@ -220,17 +229,18 @@ class ValEvaluation:
         num_threads=config.data.num_threads)
 
   def __call__(self, state: loop.TrainState, step: int) -> loop.Evaluation:
-    reports = {"raw": self._evaluator(state.params)}
+    weights = {"raw": state.params}
     if state.extra and "ema" in state.extra:
-      reports["ema"] = self._evaluator(state.extra["ema"])
+      weights["ema"] = state.extra["ema"]
+    reports = self._evaluator.reports(weights)
     value = lambda w: reports[w][self._select] or 0.0
     best = max(reports, key=value)
     metrics = {}
     for w, r in reports.items():
       metrics.update(evaluate.scalars(r, f"{w}_"))
     return loop.Evaluation(metrics=metrics, select=value(best),
-                           report={"weights": best, "select_metric": self._select,
-                                   "val": reports[best]})
+                           report={"weights": best, "weights_kept": sorted(reports),
+                                   "select_metric": self._select, "val": reports[best]})
 
 
 # ---- Loading weights: the MAE encoder for a warm start, a fine-tuned classifier to use. ----
@@ -274,10 +284,11 @@ def warm_start(config, mesh, state: loop.TrainState) -> loop.TrainState:
                       "set --config.model.size/patch_size to the pretrained model's.")
     src_plan = loop.RunPlan(mesh, 0, 1, 1)
     abstract, _ = loop.state_layout(src, pretrain.make_stage(src, src_plan, None), mesh)
-    restored = ckpt.restore(step, abstract, None, pretrain.STAGE)
+    # The MAE's params only: neither its optimiser state nor anything else is needed.
+    mae_params = ckpt.restore_subtree(step, {"params": abstract.params}, pretrain.STAGE)["params"]
   finally:
     ckpt.close()
-  encoder = vit.encoder_params_from_mae(restored.params, pool=config.model.pool)
+  encoder = vit.encoder_params_from_mae(mae_params, pool=config.model.pool)
   target = {k: state.params[k] for k in encoder}
   encoder = jax.tree.map(lambda s, t: jax.device_put(s, t.sharding), encoder, target)
   params = {**state.params, **encoder}
@@ -312,12 +323,14 @@ def read_result(run_dir: str) -> dict:
 CLASSIFIER_STAGES = (STAGE, "semisup")   # stages whose result is a classifier
 
 
-def model_from_result(result: Mapping[str, Any], **overrides) -> vit.ViT:
-  """The classifier a stage result describes (its resolved model kwargs), e.g. with another
-  `drop_path_rate` or `dtype` for training on."""
-  kwargs = {**result["model"], **overrides}
-  kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
-  return vit.ViT(num_classes=len(result["classes"]), **kwargs)
+def classifier_from_kwargs(kwargs: Mapping[str, Any], num_classes: int) -> vit.ViT:
+  """A ViT from resolved model kwargs as results record them (dtype as a string or dtype)."""
+  return vit.ViT(num_classes=num_classes, **{**kwargs, "dtype": jnp.dtype(kwargs["dtype"])})
+
+
+def model_from_result(result: Mapping[str, Any]) -> vit.ViT:
+  """The classifier a stage result describes."""
+  return classifier_from_kwargs(result["model"], len(result["classes"]))
 
 
 def abstract_params(model: vit.ViT, image_size: int, mesh, rules) -> Any:
@@ -340,31 +353,25 @@ def load_classifier(run_dir: str, *, step: int | None = None, weights: str = "be
   which = result["weights"] if weights == "best" else weights
   if which not in ("raw", "ema"):
     raise InitError(f"weights={which!r}; use 'best', 'raw' or 'ema'.")
+  kept = result.get("weights_kept") or (   # results written before "weights_kept": stage 2's
+      ["raw", "ema"] if result["config"].get("ema_decay", 0) > 0 else ["raw"])
+  if which not in kept:
+    raise InitError(f"{run_dir} kept no {which} weights (it kept {kept}); use --weights raw.")
   mesh = mesh or sharding.make_mesh((-1, 1))
   model = model_from_result(result)
   abstract = abstract_params(model, result["preprocessing"]["image_size"], mesh,
                              result["config"]["sharding_rules"])
-  ckpt, step = _resolve_checkpoint(os.path.join(run_dir, checkpointing.CHECKPOINT_DIR, str(step)),
-                                   "run")
+  where = {"params": abstract} if which == "raw" else {"extra": {"ema": abstract}}
+  ckpt = checkpointing.Checkpointer(run_dir)
   try:
-    if which == "ema":
-      ema = ckpt.restore_subtree(step, {"extra": {"ema": abstract}}, result["stage"]) \
-          if _has_ema(result) else None
-      if ema is None:
-        raise InitError(f"{run_dir} kept no EMA weights (ema_decay was 0, or a FixMatch "
-                        "teacher); use --weights raw.")
-      params = ema["extra"]["ema"]
-    else:
-      params = ckpt.restore_subtree(step, {"params": abstract}, result["stage"])["params"]
+    if step not in ckpt.all_steps():
+      raise InitError(f"{run_dir}: no checkpoint {step} (steps: {ckpt.all_steps()}).")
+    restored = ckpt.restore_subtree(step, where, result["stage"])
   finally:
     ckpt.close()
+  params = restored["params"] if which == "raw" else restored["extra"]["ema"]
   return Classifier(lambda p, x: model.apply({"params": p}, x, train=False), params,
                     result["classes"], result["preprocessing"], step, which)
-
-
-def _has_ema(result: Mapping[str, Any]) -> bool:
-  config = result["config"]
-  return config.get("ema_decay", 0) > 0 and config.get("teacher", "ema") == "ema"
 
 
 def check_preprocessing(expected: Mapping[str, Any], data_dir: str) -> list[str]:

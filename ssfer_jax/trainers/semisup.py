@@ -135,26 +135,20 @@ def model_kwargs(config: ml_collections.ConfigDict, result: Mapping[str, Any]) -
 
 def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
                workdir: str | None) -> loop.Stage:
-  check_config(config)
   result = start_result(config)
   manifest = records.load_manifest(config.data.dir)
-  check_data(config, result, manifest)
-  finetune.check_preprocessing(result["preprocessing"], config.data.dir)
+  check_data(config, result, manifest)   # same build: crop, margin and detector match too
   classes = list(result["classes"])
   kwargs = model_kwargs(config, result)
   stage = training_stage(config, plan, kwargs, len(classes))
-  model = finetune.model_from_result(result, **kwargs)
-  evaluate_fn = None
-  if config.eval.every_steps >= 0 and config.data.eval_lists:
-    evaluate_fn = finetune.ValEvaluation(config, plan.mesh, model, classes)
+  model = finetune.classifier_from_kwargs(kwargs, len(classes))
   info = finetune.result_info(config, manifest, kwargs)
   info["init_from"] = os.path.abspath(config.init_from)
   hook = EpochHook(config, plan, model, classes, workdir)
   return dataclasses.replace(
       stage, warm_start=lambda state: warm_start(config, plan.mesh, state),
-      evaluate=evaluate_fn,
-      eval_every=config.eval.every_steps or config.eval.every_epochs * plan.steps_per_epoch,
-      hooks=(loop.Hook(plan.steps_per_epoch, hook, prefix="epoch"),), result_info=info)
+      hooks=(loop.Hook(plan.steps_per_epoch, hook, prefix="epoch"),), result_info=info,
+      **finetune.val_evaluation(config, plan, model, classes))
 
 
 def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, kwargs: dict,
@@ -163,19 +157,17 @@ def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, kwargs
   check_config(config)
   size = config.data.image_size
   rule = policy(config)
-  model = vit.ViT(num_classes=num_classes, **{**kwargs, "dtype": jnp.dtype(kwargs["dtype"])})
+  model = finetune.classifier_from_kwargs(kwargs, num_classes)
   tx, schedule = finetune.make_tx(config, model, plan.total_steps, plan.steps_per_epoch)
   ema = config.teacher == "ema"
   decay = config.ema_decay
 
-  def init(rng):
-    params = model.init(rng, jnp.zeros((1, size, size, 3)), train=False)["params"]
+  def make_extra(params):
     extra = {"thresholds": thresholds.init_state(rule, num_classes, plan.unlabeled_count),
              "counts": _zero_counts(num_classes)}
     if ema:
       extra["ema"] = params
-    return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=tx.init(params), extra=extra)
+    return extra
 
   def update_extra(extra, params, new, step):
     del step
@@ -190,7 +182,7 @@ def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, kwargs
   train = flops.vit_train_flops(dict(kwargs, num_classes=num_classes), size, 1)
   per_unlabeled = train * (4 / 3 if ema else 2)
   return loop.Stage(
-      name=STAGE, batch_kind="semisup", init=init,
+      name=STAGE, batch_kind="semisup", init=finetune.make_init(config, model, tx, make_extra),
       loss_fn=make_loss(config, model, num_classes, rule, sharding.num_batch_shards(plan.mesh)),
       tx=tx, schedule=schedule,
       train_flops_per_example=train + plan.unlabeled_ratio * per_unlabeled,
@@ -336,7 +328,6 @@ class EpochHook:
     counts = {k: np.asarray(v, np.int64) for k, v in jax.device_get(extra["counts"]).items()}
     if self._labeled is not None:
       probs, target = self._labeled.probabilities(extra["ema"] if self._ema else state.params)
-      target = np.where(target >= 0, target, -1)
       extra["thresholds"] = jax.tree.map(
           lambda new, old: jax.device_put(new, old.sharding),
           thresholds.dtm_epoch_update(jax.device_get(extra["thresholds"]), probs, target),
