@@ -15,7 +15,9 @@ and the augmentation of every arm, so arms differ only in what the row names.
 `--stage3` adds the semi-supervised grid (`STAGE3_ARMS`): each arm starts from the same
 seed's MAE + FaceMix stage-2 run and trains `--ss-epochs` passes over train_unlabeled with
 that seed; the stage-2 run itself is the "stage 2 alone" row. The table adds the last
-epoch's pseudo-label accuracy (masked rows whose true label the build has) and mask rate.
+epoch's pseudo-label accuracy (masked rows whose true label the build has) and mask rate,
+and for the LEAF and negative-learning arms how often the true label was in the positive set
+and how often a class pushed down as "not this" was in fact the true label.
 """
 
 from __future__ import annotations
@@ -42,11 +44,23 @@ from ssfer_jax.input import device, pipeline, records
 from ssfer_jax.trainers import finetune, loop, pretrain, semisup
 
 MIXINGS = ("none", "mixup", "facemix")
-# name -> (teacher, threshold policy): EMA teacher with each policy, and FixMatch (the student
-# labels itself) at the same fixed tau, as the paper's Table 12 compares them.
-STAGE3_ARMS = {"ema_fixed": ("ema", "fixed"), "ema_dtm": ("ema", "dtm"),
-               "ema_flexmatch": ("ema", "flexmatch"), "ema_freematch": ("ema", "freematch"),
-               "fixmatch_fixed": ("student", "fixed")}
+# name -> (teacher, threshold policy, config options): EMA teacher with each policy, and
+# FixMatch (the student labels itself) at the same fixed tau, as the paper's Table 12
+# compares them. Then LEAF with the policy family of its public code (DTM-like per-class
+# thresholds) and with the policy that was best on val in the rows above (FlexMatch, tied
+# with FreeMatch), and negative learning with that policy and with the fixed tau, under
+# which the threshold rejects rows for it to learn from.
+STAGE3_ARMS = {"ema_fixed": ("ema", "fixed", ()), "ema_dtm": ("ema", "dtm", ()),
+               "ema_flexmatch": ("ema", "flexmatch", ()),
+               "ema_freematch": ("ema", "freematch", ()),
+               "fixmatch_fixed": ("student", "fixed", ()),
+               "ema_dtm_leaf": ("ema", "dtm", ("leaf",)),
+               "ema_flexmatch_leaf": ("ema", "flexmatch", ("leaf",)),
+               "ema_flexmatch_negative": ("ema", "flexmatch", ("negative",)),
+               "ema_fixed_negative": ("ema", "fixed", ("negative",))}
+# Last-epoch diagnostics a stage-3 cell keeps (absent where they do not apply).
+STAGE3_DIAGNOSTICS = ("pseudo_label_accuracy", "mask_rate", "teacher_accuracy_unlabeled",
+                      "positive_set_accuracy", "negative_rows", "negative_label_error")
 INITS = ("random", "mae")
 MIN_TEST_SUPPORT = 15   # mean-class accuracy over classes with at least this many test images
 TABLE_METRICS = ("accuracy", "macro_f1", "mean_class_accuracy_frequent", "mean_class_accuracy")
@@ -102,14 +116,15 @@ def eta(t0: float, i: int, total: int) -> float:
 
 
 def stage3_config(args, arm: str, seed: int, stage2_run: str):
-  c = semisup_config.get_config("cpu").unlock()
+  teacher, threshold, options = STAGE3_ARMS[arm]
+  c = semisup_config.get_config(",".join(("cpu",) + options)).unlock()
   c.data.dir, c.data.split = args.data, args.split
   c.init_from = stage2_run
   c.seed = seed
   c.batch_size = 64
   c.num_epochs = args.ss_epochs
   c.mesh.shape = (1, 1)
-  c.teacher, c.threshold.policy = STAGE3_ARMS[arm]
+  c.teacher, c.threshold.policy = teacher, threshold
   c.checkpoint_every = 10_000
   c.log_every = 50
   return c
@@ -131,10 +146,7 @@ def stage3_grid(args, mesh, seeds, stage2_cells: list[dict]) -> str:
     last = [r for r in writers.read_metrics(run) if r["split"] == "epoch"][-1]
     cell = {"arm": arm, "seed": seed, "weights": result["weights"], "step": result["step"],
             "val_select": result["val"]["accuracy"], "test": summarise(test_report(run, args, mesh)),
-            "pseudo_label_accuracy": last.get("pseudo_label_accuracy"),
-            "mask_rate": last.get("mask_rate"),
-            "teacher_accuracy_unlabeled": last.get("teacher_accuracy_unlabeled"),
-            "seconds": time.perf_counter() - t}
+            **{k: last.get(k) for k in STAGE3_DIAGNOSTICS}, "seconds": time.perf_counter() - t}
     done.append(append_cell(path, cell))
     left = eta(t0, i, len(todo))
     print(f"[stage 3 {i + 1}/{len(todo)}] {arm} seed {seed}: test acc "
@@ -160,10 +172,11 @@ def print_stage3_table(cells: list[dict], start: list[dict]) -> str:
   fmt = mean_std
   lines = [f"| arm | seeds | accuracy | macro F1 | mean-class (>= {MIN_TEST_SUPPORT} test) | "
            "mean-class (all) | val acc | pseudo-label acc | mask rate | teacher acc (unlabeled) "
-           "| weights | minutes |", "|" + "|".join("---" for _ in range(12)) + "|"]
+           "| true label in positive set | rows learning negatives | negative = true label "
+           "| weights | minutes |", "|" + "|".join("---" for _ in range(15)) + "|"]
   lines.append(f"| stage 2 alone (MAE + FaceMix) | {len(start)} | "
                + " | ".join(fmt([c["test"][k] for c in start]) for k in cols)
-               + f" | {fmt([c['val_select'] for c in start])} | - | - | - | - | - |")
+               + f" | {fmt([c['val_select'] for c in start])} |" + " - |" * 8)
   for arm in STAGE3_ARMS:
     group = [c for c in cells if c["arm"] == arm]
     if not group:
@@ -172,9 +185,9 @@ def print_stage3_table(cells: list[dict], start: list[dict]) -> str:
     weights = "/".join(sorted({g["weights"] for g in group}))
     lines.append(f"| {arm} | {len(group)} | "
                  + " | ".join(fmt([g["test"][k] for g in group]) for k in cols)
-                 + f" | {fmt([g['val_select'] for g in group])} | {opt('pseudo_label_accuracy')} | "
-                 f"{opt('mask_rate')} | {opt('teacher_accuracy_unlabeled')} | {weights} | "
-                 f"{np.mean([g['seconds'] for g in group]) / 60:.1f} |")
+                 + f" | {fmt([g['val_select'] for g in group])} | "
+                 + " | ".join(opt(k) for k in STAGE3_DIAGNOSTICS)
+                 + f" | {weights} | {np.mean([g['seconds'] for g in group]) / 60:.1f} |")
   table = "\n".join(lines)
   print(table)
   return table

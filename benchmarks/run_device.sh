@@ -20,6 +20,7 @@ export PYTHONUNBUFFERED=1
     --json "$out/steps.jsonl"
   python3 benchmarks/step_throughput.py --stage mae --variant vit_b16 --remat --json "$out/steps.jsonl"
   python3 benchmarks/step_throughput.py --stage finetune --stage semisup --variant vit_b16 \
-    --mix none --mix facemix --json "$out/steps.jsonl"
+    --mix none --mix facemix --teacher ema --teacher student --teacher ema,leaf \
+    --json "$out/steps.jsonl"
   python3 benchmarks/input_pipeline.py --json "$out/input.json"
 } 2>&1 | tee "$out/bench.log"

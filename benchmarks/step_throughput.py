@@ -10,7 +10,10 @@ of a step relative to the plain-CE step measured in the same run (FaceMix's goal
 only the forward/backward over the real images is extra). Stage-3 rows run B labeled and
 mu x B unlabeled images (weak and strong views, RandAugment on the device) and compare with
 the plain-CE step at the same B: the cost per labeled image (the EMA teacher's goal at
-mu = 1: <= 2.4x, ~7 against 3 forward-equivalents); images_per_s counts every image.
+mu = 1: <= 2.4x, ~7 against 3 forward-equivalents); images_per_s counts every image. The
+options on top of it (`--teacher ema,leaf`, `ema,negative`) also give their cost relative to
+the plain stage-3 (EMA) step of the same run (`x_stage3`): LEAF adds a second strong view,
+trained, and its levels.
 
   python benchmarks/step_throughput.py                 # picks variants for the backend
   python benchmarks/step_throughput.py --stage mae --variant vit_b16 --batch 256
@@ -61,12 +64,14 @@ def measured_matmul_tflops(n: int = 8192, reps: int = 20) -> float:
 
 
 def make_config(stage: str, variant: str, mix: str | None):
-  """`mix` is the stage-2 mixing, or for stage 3 the teacher ("ema", "student")."""
+  """`mix` is the stage-2 mixing, or for stage 3 the teacher ("ema", "student") with any
+  config options after it ("ema,leaf")."""
   if stage == "mae":
     return pretrain_mae.get_config(variant).unlock()
   if stage == "semisup":
-    c = semisup_config.get_config(variant).unlock()
-    c.teacher = mix
+    teacher, *options = mix.split(",")
+    c = semisup_config.get_config(",".join([variant, *options])).unlock()
+    c.teacher = teacher
     return c
   c = finetune_config.get_config(variant).unlock()
   c.mix.kind = mix
@@ -81,9 +86,9 @@ def random_batch(spec, rng) -> dict:
     if name == "image":
       return rng.integers(0, 256, s.shape, dtype=np.uint8)
     if name in ("crop", "strong_crop"):
-      return np.tile(np.float32([0.1, 0.1, 0.9, 0.9]), (n, 1))
+      return np.broadcast_to(np.float32([0.1, 0.1, 0.9, 0.9]), s.shape).copy()
     if name in ("flip", "strong_flip", "valid"):
-      return rng.random(n) < 0.5
+      return rng.random(s.shape) < 0.5
     if name in ("index", "position"):
       return np.arange(n, dtype=np.int32)
     if name == "label":
@@ -109,7 +114,8 @@ def bench(stage_name: str, variant: str, mix: str | None, batch: int, image_size
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
   sharding.check_batch_size(batch, mesh)
   ratio = mu if stage_name == "semisup" else 0
-  plan = loop.RunPlan(mesh, batch * 100, 1000, 100, batch * mu * 100, ratio)
+  views = config.data.strong_views if stage_name == "semisup" else 1
+  plan = loop.RunPlan(mesh, batch * 100, 1000, 100, batch * mu * 100, ratio, views)
   arch = config.model
   if stage_name == "mae":
     stage = pretrain.make_stage(config, plan, None)
@@ -124,7 +130,7 @@ def bench(stage_name: str, variant: str, mix: str | None, batch: int, image_size
   state = jax.jit(lambda r: nn.meta.unbox(stage.init(r)), out_shardings=shardings)(jax.random.key(0))
   s = config.data.image_size
   spec = pipeline.batch_spec(stage.batch_kind, batch, s, sharding.batch_sharding(mesh),
-                             unlabeled_ratio=ratio)
+                             unlabeled_ratio=ratio, strong_views=views)
   batch_arr = jax.device_put(random_batch(spec, np.random.default_rng(0)),
                              sharding.batch_sharding(mesh))
   t = time.perf_counter()
@@ -144,7 +150,7 @@ def bench(stage_name: str, variant: str, mix: str | None, batch: int, image_size
   flops_step = stage.train_flops_per_example * batch
   peak = peak_tflops * 1e12 * mesh.devices.size
   images = plan.images_per_step(batch)
-  name = {"mae": "mae", "finetune": f"ft:{mix}"}.get(stage_name, f"ss:{mix}:mu{mu}")
+  name = {"mae": "mae", "finetune": f"ft:{mix}"}.get(stage_name, f"ss:{mix.replace(',', '+')}:mu{mu}")
   return dict(stage=name, variant=variant,
               model=arch.size, image=s, patch=arch.patch_size,
               dtype=config.model.dtype, remat=remat, attention=attention_impl or "xla", batch=batch, devices=mesh.devices.size,
@@ -163,8 +169,9 @@ def main():
                   help="a variant of both configs: cpu, test, vit_b16 (repeatable)")
   ap.add_argument("--mix", action="append", choices=("none", "mixup", "cutmix", "facemix"),
                   help="fine-tuning mixings (repeatable; default none, mixup, facemix)")
-  ap.add_argument("--teacher", action="append", choices=("ema", "student"),
-                  help="stage-3 teachers (repeatable; default both)")
+  ap.add_argument("--teacher", action="append",
+                  choices=("ema", "student", "ema,leaf", "ema,negative"),
+                  help="stage-3 teachers, with options (repeatable; default all four)")
   ap.add_argument("--mu", type=int, default=1, help="stage 3: unlabeled rows per labeled row")
   ap.add_argument("--batch", type=int, default=0, help="global batch (default: per variant)")
   ap.add_argument("--image_size", type=int, default=0)
@@ -183,21 +190,23 @@ def main():
   rows = []
   impl = args.attention_impl or ("cudnn" if jax.default_backend() == "gpu" else None)
   for v in variants:
-    base = None   # the plain-CE step of this variant, once measured
+    base = base3 = None   # the plain-CE and plain stage-3 steps of this variant, once measured
     for stage in args.stage or ("mae", "finetune", "semisup"):
       default_batch = {"cpu": 64, "test": 16}.get(v, 8 if on_cpu else 256 * jax.device_count())
       mixes = {"mae": [None], "finetune": args.mix or ["none", "mixup", "facemix"],
-               "semisup": args.teacher or ["ema", "student"]}[stage]
+               "semisup": args.teacher or ["ema", "student", "ema,leaf", "ema,negative"]}[stage]
       for mix in mixes:
         r = bench(stage, v, mix, args.batch or default_batch, args.image_size or None,
                   args.steps or (5 if on_cpu else 30), peak, args.dtype, args.remat,
                   None if impl == "xla" else impl, args.mu)
         base = base or (r["step_ms"] if stage == "finetune" and mix == "none" else None)
         r["x_plain_ce"] = round(r["step_ms"] / base, 2) if base and stage != "mae" else None
+        base3 = base3 or (r["step_ms"] if stage == "semisup" and mix == "ema" else None)
+        r["x_stage3"] = round(r["step_ms"] / base3, 2) if base3 and stage == "semisup" else None
         rows.append(r)
   head = ("stage", "variant", "model", "image", "dtype", "attention", "batch", "devices",
-          "step_ms", "images_per_s", "x_plain_ce", "gflops_per_image", "tflops_per_s", "mfu",
-          "compile_s")
+          "step_ms", "images_per_s", "x_plain_ce", "x_stage3", "gflops_per_image",
+          "tflops_per_s", "mfu", "compile_s")
   print(f"# training steps, {datetime.date.today()}, {platform.node()}, "
         f"{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
         f"peak/device {peak or 'unknown'} TFLOP/s")

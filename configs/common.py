@@ -16,6 +16,7 @@ FSDP_RULES = (
     ("qkv", None),
     ("patch", None),
     ("classes", None),
+    ("experts", None),
 )
 
 

@@ -14,10 +14,10 @@ SHARED_DATASET = REPO.parent / "shared" / "datasets" / "facial_expressions"
 DEMO_DATA = REPO / "data_prep" / "demo_data"
 
 
-def small_config(config_module, data_dir, **overrides):
-  """A stage config's `test` variant on `data_dir` over the 8 simulated devices as data 4 x
-  fsdp 2, with top-level `overrides`."""
-  c = config_module.get_config("test").unlock()
+def small_config(config_module, data_dir, variant="test", **overrides):
+  """A stage config's `test` variant (with any options, e.g. "test,leaf") on `data_dir` over
+  the 8 simulated devices as data 4 x fsdp 2, with top-level `overrides`."""
+  c = config_module.get_config(variant).unlock()
   c.data.dir = data_dir
   c.mesh.shape = (4, 2)
   for k, v in overrides.items():

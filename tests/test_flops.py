@@ -41,10 +41,13 @@ def _lower(model, images, rngs, **kw):
   return jax.jit(lambda v, x: model.apply(v, x, rngs=rngs, **kw)).lower(variables, images)
 
 
-def test_vit_forward_and_train_flops():
-  kw = dict(num_classes=10, width=128, depth=2, num_heads=4, mlp_dim=512)
+@pytest.mark.parametrize("leaf_experts", [0, 4])
+def test_vit_forward_and_train_flops(leaf_experts):
+  kw = dict(num_classes=10, width=128, depth=2, num_heads=4, mlp_dim=512,
+            leaf_experts=leaf_experts)
   images = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
-  analytic = 2 * flops.vit_forward_flops(64, 16, 128, 2, 512, num_classes=10)
+  analytic = 2 * flops.vit_forward_flops(64, 16, 128, 2, 512, num_classes=10,
+                                         leaf_experts=leaf_experts)
   lowered = _lower(ViT(**kw), images, {"params": jax.random.key(0)}, train=False)
   assert _hlo_matmul_flops(lowered.as_text()) == analytic
   xla = lowered.compile().cost_analysis()["flops"]

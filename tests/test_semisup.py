@@ -34,16 +34,16 @@ def stage2_run(small_dataset, tmp_path_factory):
   return workdir
 
 
-def ss_config(data_dir, init_from, **overrides):
-  return small_config(semisup_config, data_dir, init_from=init_from,
+def ss_config(data_dir, init_from, variant="test", **overrides):
+  return small_config(semisup_config, data_dir, variant, init_from=init_from,
                       **{"batch_size": 8, **overrides})
 
 
-def semisup_iterator(data_dir, ratio=2, batch=8):
+def semisup_iterator(data_dir, ratio=2, batch=8, strong_views=1):
   return pipeline.make_train_iterator(
       data_dir, "default", ("train_labeled",), kind="semisup", global_batch_size=batch,
       image_size=32, seed=3, unlabeled_names=("train_unlabeled",), unlabeled_ratio=ratio,
-      num_threads=1, process_index=0, process_count=1)
+      strong_views=strong_views, num_threads=1, process_index=0, process_count=1)
 
 
 def test_semisup_batches_pair_two_streams_and_resume_exactly(small_dataset):
@@ -72,7 +72,7 @@ def test_semisup_batches_pair_two_streams_and_resume_exactly(small_dataset):
   for row, index in enumerate(u["index"]):
     stored = augment.decode(records.decode(source[int(index)])["image"])
     np.testing.assert_array_equal(u["image"][row], stored)
-  assert np.mean(np.any(u["crop"] != u["strong_crop"], axis=1)) > 0.9
+  assert np.mean(np.any(u["crop"] != u["strong_crop"][:, 0], axis=1)) > 0.9
   assert 0.0 <= u["strong_u"].min() and u["strong_u"].max() < 1.0
   # The iterator's state is one integer; a restored iterator continues identically.
   it = semisup_iterator(small_dataset)
@@ -116,19 +116,39 @@ def test_masking_and_unlabeled_loss_on_hand_made_logits():
   assert not np.any(np.asarray(grad))                  # the teacher gets no gradient
 
 
-def _stage_and_batch(data_dir, stage2, **overrides):
-  config = ss_config(data_dir, stage2, **overrides)
+def _stage_and_batch(data_dir, stage2, variant="test", **overrides):
+  config = ss_config(data_dir, stage2, variant, **overrides)
   plan = loop.plan_run(config)
   result = finetune.read_result(stage2)
   stage = semisup.training_stage(config, plan, semisup.model_kwargs(config, result),
                                  len(result["classes"]))
-  return config, plan, stage, next(semisup_iterator(data_dir, ratio=1))
+  return config, plan, stage, next(semisup_iterator(data_dir, ratio=1,
+                                                    strong_views=plan.strong_views))
 
 
-def test_teacher_is_an_ema_of_the_student_and_takes_no_gradient(small_dataset, stage2_run):
-  config, plan, stage, batch_np = _stage_and_batch(small_dataset, stage2_run,
+def _spread_head(state):
+  """A head that gives confident, varied predictions (a fresh one gives ~uniform ones), so
+  thresholds pass some rows and reject others."""
+  def spread(params):
+    head = dict(params["head"])
+    k = head["kernel"]
+    head["kernel"] = jax.device_put(0.3 * jax.random.normal(jax.random.key(5), k.shape),
+                                    k.sharding)
+    return {**params, "head": head}
+  extra = {**state.extra, "ema": spread(state.extra["ema"])} if "ema" in state.extra else \
+      state.extra
+  return state.replace(params=spread(state.params), extra=extra)
+
+
+@pytest.mark.parametrize("variant", ["test", "test,leaf,negative"])
+def test_teacher_is_an_ema_of_the_student_and_takes_no_gradient(small_dataset, stage2_run,
+                                                                variant):
+  config, plan, stage, batch_np = _stage_and_batch(small_dataset, stage2_run, variant,
                                                    ema_decay=0.9, lambda_u=1.0)
-  config.threshold.tau = 0.0   # every pseudo-label passes: the teacher matters to the loss
+  leaf = config.leaf.enabled
+  # Every pseudo-label passes (the teacher matters to the loss); with LEAF a confident,
+  # varied teacher and tau 0.4 leave rows for the contrastive term and negative learning too.
+  config.threshold.tau, config.negative.bound = (0.4, 0.02) if leaf else (0.0, 0.05)
   stage = semisup.training_stage(config, plan, semisup.model_kwargs(
       config, finetune.read_result(stage2_run)), 6)
   mesh = plan.mesh
@@ -138,6 +158,8 @@ def test_teacher_is_an_ema_of_the_student_and_takes_no_gradient(small_dataset, s
   # A teacher that differs from the student, as after some training.
   state = state.replace(extra={**state.extra, "ema": jax.tree.map(lambda p: 0.5 * p,
                                                                   state.extra["ema"])})
+  if leaf:
+    state = _spread_head(state)
   batch = pipeline.to_global(batch_np, mesh)
   rng = jax.random.key(1)
   grad_teacher = jax.grad(lambda t: stage.loss_fn(
@@ -158,30 +180,39 @@ def test_teacher_is_an_ema_of_the_student_and_takes_no_gradient(small_dataset, s
   step = jax.jit(loop.make_train_step(stage.loss_fn, stage.tx, stage.schedule, 0,
                                       stage.update_extra))
   new, out, finite = step(state, batch)
-  assert bool(finite) and float(out["loss_u"]) > 0 and float(out["mask_rate"]) == 1.0
+  assert bool(finite) and float(out["loss_u"]) > 0
   for t0, p1, t1 in zip(jax.tree.leaves(old_teacher), jax.tree.leaves(new.params),
                         jax.tree.leaves(new.extra["ema"])):
     np.testing.assert_allclose(t1, 0.9 * t0 + 0.1 * np.asarray(p1), rtol=1e-6, atol=1e-7)
   counts = jax.device_get(new.extra["counts"])
-  assert counts["seen"].sum() == counts["passed"].sum() == 8   # mu x B rows, all masked
+  if leaf:
+    assert 0 < float(out["mask_rate"]) < 1 and float(out["negative_rows"]) > 0
+    assert float(out["loss_supcon"]) > 0 and counts["negative_pairs"].sum() > 0
+  else:
+    assert float(out["mask_rate"]) == 1.0
+    assert counts["seen"].sum() == counts["passed"].sum() == 8   # mu x B rows, all masked
 
 
-@pytest.mark.parametrize("teacher,policy", [("ema", "freematch"), ("student", "flexmatch")])
+@pytest.mark.parametrize("teacher,policy,variant", [
+    ("ema", "freematch", "test"), ("student", "flexmatch", "test"),
+    ("ema", "fixed", "test,leaf,negative")])
 def test_sharded_and_single_device_semisup_steps_agree(small_dataset, stage2_run, teacher,
-                                                       policy):
-  config, plan, _, batch_np = _stage_and_batch(small_dataset, stage2_run, teacher=teacher)
+                                                       policy, variant):
+  config, plan, _, batch_np = _stage_and_batch(small_dataset, stage2_run, variant,
+                                               teacher=teacher)
   config.threshold.policy, config.threshold.p_cutoff = policy, 0.0
+  config.negative.bound = 0.02
   result = finetune.read_result(stage2_run)
 
   def run(mesh):
-    p = loop.RunPlan(mesh, plan.train_indices_count, 10, 5, plan.unlabeled_count, 1)
+    p = dataclasses.replace(plan, mesh=mesh, total_steps=10, steps_per_epoch=5)
     stage = semisup.training_stage(config, p, semisup.model_kwargs(config, result), 6)
     sgd, adamw_init = optax.sgd(0.5), stage.init
     stage = dataclasses.replace(stage, tx=sgd, init=lambda r: (
         lambda s: s.replace(opt_state=sgd.init(s.params)))(adamw_init(r)))
     _, shardings = loop.state_layout(config, stage, mesh)
-    state = jax.jit(lambda r: nn.meta.unbox(stage.init(r)), out_shardings=shardings)(
-        jax.random.key(0))
+    state = _spread_head(jax.jit(lambda r: nn.meta.unbox(stage.init(r)),
+                                 out_shardings=shardings)(jax.random.key(0)))
     batch = pipeline.to_global(batch_np, mesh)
     step = jax.jit(loop.make_train_step(stage.loss_fn, stage.tx, stage.schedule, 0,
                                         stage.update_extra), donate_argnums=0)
@@ -194,6 +225,9 @@ def test_sharded_and_single_device_semisup_steps_agree(small_dataset, stage2_run
 
   o1, s1 = run(sharding.make_mesh((1, 1), devices=jax.devices()[:1]))
   o8, s8 = run(sharding.make_mesh((4, 2)))
+  if config.leaf.enabled:   # every LEAF and negative-learning term had rows to act on
+    assert 0 < o1[0]["mask_rate"] < 1 and o1[0]["negative_rows"] > 0, o1[0]
+    assert o1[0]["loss_supcon"] > 0 and o1[0]["loss_consistency"] > 0
   for a, b in zip(o1, o8):
     assert a.keys() == b.keys()
     for k in a:
@@ -206,10 +240,17 @@ def test_sharded_and_single_device_semisup_steps_agree(small_dataset, stage2_run
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("variant,policy", [("test", "flexmatch"), ("test,leaf", "flexmatch"),
+                                            ("test,leaf,negative", "fixed")])
 def test_resume_restores_teacher_thresholds_and_both_streams(small_dataset, stage2_run,
-                                                             tmp_path):
-  config = ss_config(small_dataset, stage2_run, keep_checkpoints=1, checkpoint_every=1)
-  config.threshold.policy, config.threshold.p_cutoff = "flexmatch", 0.0
+                                                             tmp_path, variant, policy):
+  config = ss_config(small_dataset, stage2_run, variant, keep_checkpoints=1, checkpoint_every=1)
+  # FlexMatch at p_cutoff 0 passes every row (its per-record state moves; with LEAF the
+  # ambiguous labels act on all rows). The stage-2 test model is near uniform (1/6): with
+  # negative learning, tau 1 rejects every row, so the contrastive term and negative
+  # learning (every class below 0.5) act on all of them.
+  config.threshold.policy, config.threshold.p_cutoff = policy, 0.0
+  config.threshold.tau, config.negative.bound = 1.0, 0.5
   straight = loop.train(config, str(tmp_path / "straight"), semisup.make_stage)
   loop.train(config, str(tmp_path / "resumed"), semisup.make_stage, stop_at=3)
   resumed = loop.train(config, str(tmp_path / "resumed"), semisup.make_stage)
@@ -218,14 +259,20 @@ def test_resume_restores_teacher_thresholds_and_both_streams(small_dataset, stag
   s, r = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
   assert sorted(s) == sorted(r) == list(range(1, 7))
   np.testing.assert_allclose([r[k] for k in s], [s[k] for k in s], rtol=1e-6)
-  selected = straight.extra["thresholds"]["selected_label"]
-  assert int(jnp.sum(selected >= 0)) > 0      # records were selected: the state moved
-  np.testing.assert_array_equal(selected, resumed.extra["thresholds"]["selected_label"])
+  train = [r for r in writers.read_metrics(str(tmp_path / "resumed")) if r["split"] == "train"]
+  if config.negative.enabled:
+    assert all(r["negative_rows"] == 1 and r["loss_supcon"] > 0 for r in train)
+  else:
+    assert all(r["mask_rate"] == 1 and r["loss_u"] > 0 for r in train)
+    selected = straight.extra["thresholds"]["selected_label"]
+    assert int(jnp.sum(selected >= 0)) > 0      # records were selected: the state moved
+    np.testing.assert_array_equal(selected, resumed.extra["thresholds"]["selected_label"])
   for a, b in zip(jax.tree.leaves(straight.extra), jax.tree.leaves(resumed.extra)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
   result = finetune.read_result(str(tmp_path / "straight"))
   assert result["stage"] == "semisup" and result["weights"] in ("raw", "ema")
-  assert result["model"] == finetune.read_result(stage2_run)["model"]
+  assert result["model"] == {**finetune.read_result(stage2_run)["model"], **(
+      {"leaf_experts": config.leaf.experts} if config.leaf.enabled else {})}
   clf = finetune.load_classifier(str(tmp_path / "straight"))
   report = evaluate.Evaluator.for_classifier(clf, data_dir=small_dataset, split="default",
                                              lists=["val"], mesh=sharding.make_mesh((-1, 1)),

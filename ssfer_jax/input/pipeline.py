@@ -40,10 +40,11 @@ Batch kinds (process-local dicts of numpy arrays; `batch_spec` gives global shap
   eval       image, label (-1 where unlabeled), box (in `image`: no crop or flip to apply),
              index, valid bool[b]
   semisup    {"labeled": a labeled batch of b rows, "unlabeled": mu x b rows of
-             image, crop, flip (the weak view), strong_crop, strong_flip (a second, independent
-             crop and flip of the same stored image) and strong_u float32[DRAWS] (the
-             RandAugment draws the device applies on top: `input/randaugment.py`), label (-1
-             where unknown; for diagnostics only, never trained on), index and position
+             image, crop, flip (the weak view), strong_crop float32[b, V, 4], strong_flip
+             bool[b, V] (V strong views: further independent crops and flips of the same
+             stored image; LEAF's consistency needs V = 2) and strong_u float32[b, V, DRAWS]
+             (the RandAugment draws the device applies on top: `input/randaugment.py`), label
+             (-1 where unknown; for diagnostics only, never trained on), index and position
              int32 (the row's place in the unlabeled list, for per-record threshold state)}.
              The two lists are separate streams, each with its own epochs, permutations and
              augmentation seed; both are functions of the batch number, so the iterator's
@@ -67,18 +68,18 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ssfer_jax import sharding as sharding_lib
 from ssfer_jax.input import augment, randaugment, records
 
-FIELDS = {  # name -> (shape after the batch dim, given the image size; dtype)
-    "image": (lambda s: (s, s, 3), np.uint8),
-    "index": (lambda s: (), np.int32),
-    "label": (lambda s: (), np.int32),
-    "box": (lambda s: (4,), np.float32),
-    "crop": (lambda s: (4,), np.float32),
-    "flip": (lambda s: (), np.bool_),
-    "valid": (lambda s: (), np.bool_),
-    "strong_crop": (lambda s: (4,), np.float32),
-    "strong_flip": (lambda s: (), np.bool_),
-    "strong_u": (lambda s: (randaugment.DRAWS,), np.float32),
-    "position": (lambda s: (), np.int32),
+FIELDS = {  # name -> (shape after the batch dim, given image size and strong views; dtype)
+    "image": (lambda s, v: (s, s, 3), np.uint8),
+    "index": (lambda s, v: (), np.int32),
+    "label": (lambda s, v: (), np.int32),
+    "box": (lambda s, v: (4,), np.float32),
+    "crop": (lambda s, v: (4,), np.float32),
+    "flip": (lambda s, v: (), np.bool_),
+    "valid": (lambda s, v: (), np.bool_),
+    "strong_crop": (lambda s, v: (v, 4), np.float32),
+    "strong_flip": (lambda s, v: (v,), np.bool_),
+    "strong_u": (lambda s, v: (v, randaugment.DRAWS), np.float32),
+    "position": (lambda s, v: (), np.int32),
 }
 KINDS = {
     "unlabeled": ("image", "crop", "flip", "index"),
@@ -95,25 +96,26 @@ DEFAULT_THREADS = min(os.cpu_count() or 1, 16)
 
 def batch_spec(kind: str, global_batch_size: int, image_size: int,
                sharding: jax.sharding.Sharding | None = None,
-               unlabeled_ratio: int = 0) -> dict[str, Any]:
+               unlabeled_ratio: int = 0, strong_views: int = 1) -> dict[str, Any]:
   """Global shapes and dtypes of a batch kind, to compile a step before any data is read.
   A "semisup" batch has `global_batch_size` labeled and `unlabeled_ratio` times as many
-  unlabeled rows."""
+  unlabeled rows, each with `strong_views` strong views."""
   if kind == SEMISUP:
-    _check_ratio(unlabeled_ratio)
+    _check_semisup(unlabeled_ratio, strong_views)
     return {"labeled": batch_spec("labeled", global_batch_size, image_size, sharding),
             "unlabeled": batch_spec("views", unlabeled_ratio * global_batch_size, image_size,
-                                    sharding)}
+                                    sharding, strong_views=strong_views)}
   _check("kind", kind, KINDS)
-  return {name: jax.ShapeDtypeStruct((global_batch_size, *FIELDS[name][0](image_size)),
-                                     FIELDS[name][1], sharding=sharding)
-          for name in KINDS[kind]}
+  return {name: jax.ShapeDtypeStruct(
+      (global_batch_size, *FIELDS[name][0](image_size, strong_views)), FIELDS[name][1],
+      sharding=sharding) for name in KINDS[kind]}
 
 
-def _check_ratio(unlabeled_ratio: int) -> None:
-  if not (isinstance(unlabeled_ratio, int) and unlabeled_ratio >= 1):
-    raise ValueError(f"unlabeled_ratio (mu) is {unlabeled_ratio!r}; a semi-supervised batch "
-                     "needs a whole number >= 1 of unlabeled rows per labeled row.")
+def _check_semisup(unlabeled_ratio: int, strong_views: int) -> None:
+  for name, value in (("unlabeled_ratio (mu)", unlabeled_ratio), ("strong_views", strong_views)):
+    if not (isinstance(value, int) and value >= 1):
+      raise ValueError(f"{name} is {value!r}; a semi-supervised batch needs a whole number "
+                       ">= 1 of them.")
 
 
 class _Epochs:
@@ -186,22 +188,26 @@ class _Batch:
   rows: _TrainRows | _EvalRows
   transform: augment.Transform
   seed: int
+  strong_views: int = 1
 
   def __call__(self, number: int) -> dict:
     indices, positions = self.rows(number)
     # Every image row gets written (pads zeroed below): np.empty skips zeroing them twice.
     out = {name: (np.empty if name == "image" else np.zeros)(
-        (len(indices), *FIELDS[name][0](self.image_size)), FIELDS[name][1])
+        (len(indices), *FIELDS[name][0](self.image_size, self.strong_views)), FIELDS[name][1])
            for name in KINDS[self.kind]}
     out["index"][:] = indices
     image, train, views = out["image"], "crop" in out, self.kind == "views"
     weak = self.transform.draws
-    # "views" rows: the weak window and flip, the strong ones, then RandAugment's draws.
+    # "views" rows: the weak window and flip, then per strong view its window and flip and
+    # RandAugment's draws (one strong view reads the same draws whatever V is).
+    per_view = weak + randaugment.DRAWS
     draws = augment.uniforms(self.seed, positions,
-                             2 * weak + randaugment.DRAWS if views else weak)
+                             weak + self.strong_views * per_view if views else weak)
     if views:
       out["position"][:] = self.rows.epochs.list_positions(indices)
-      out["strong_u"][:] = draws[:, 2 * weak:]
+      strong = draws[:, weak:].reshape(len(indices), self.strong_views, per_view)
+      out["strong_u"][:] = strong[:, :, weak:]
     # Evaluation and the unlabeled views may read unlabeled records (label -1).
     lowest = records.UNLABELED if self.kind in ("eval", "views") else 0
     for row, (index, u) in enumerate(zip(indices.tolist(), draws.tolist())):
@@ -213,9 +219,10 @@ class _Batch:
       view = self.transform.fn(decoded, rec["box"], u, image[row])
       if train:
         out["crop"][row], out["flip"][row] = view.crop, view.flip
-      if views:
-        strong = augment.weak_view(*decoded.shape[:2], rec["box"], u[weak:2 * weak])
-        out["strong_crop"][row], out["strong_flip"][row] = strong.crop, strong.flip
+      for v in range(self.strong_views if views else 0):
+        at = weak + v * per_view
+        strong = augment.weak_view(*decoded.shape[:2], rec["box"], u[at:at + weak])
+        out["strong_crop"][row, v], out["strong_flip"][row, v] = strong.crop, strong.flip
       if "label" in out:
         label = rec["label"]
         if not lowest <= label < self.num_classes:
@@ -290,14 +297,16 @@ def _iterate(ds: grain.MapDataset, num_threads, prefetch_batches, worker_count):
 def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind: str,
                         global_batch_size: int, image_size: int, seed: int,
                         transform: str = "weak", unlabeled_names: Sequence[str] = (),
-                        unlabeled_ratio: int = 0, process_index: int | None = None,
+                        unlabeled_ratio: int = 0, strong_views: int = 1,
+                        process_index: int | None = None,
                         process_count: int | None = None, num_threads: int = DEFAULT_THREADS,
                         prefetch_batches: int | None = None,
                         worker_count: int = 0) -> grain.DatasetIterator:
   """An endless iterator of this process's train batches.
 
   kind "semisup" pairs `global_batch_size` rows of the `names` lists (labeled, weak) with
-  `unlabeled_ratio` times as many of the `unlabeled_names` lists (weak and strong views).
+  `unlabeled_ratio` times as many of the `unlabeled_names` lists (a weak and `strong_views`
+  strong views).
 
   `transform` names an `augment.TRANSFORMS` entry; "eval" gives a shuffled stream of un-augmented
   images (e.g. a diverse fixed set of faces for figures), with whole-image crops and no flips,
@@ -315,10 +324,11 @@ def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind
   def stream(lists, kind, batch, seed, source=None):
     indices, fields = _open(data_dir, split, lists, kind, image_size, source)
     rows = _TrainRows(_Epochs(indices, seed), batch, process_index, process_count)
-    return _Batch(**fields, rows=rows, transform=augment.TRANSFORMS[transform], seed=seed)
+    return _Batch(**fields, rows=rows, transform=augment.TRANSFORMS[transform], seed=seed,
+                  strong_views=strong_views)
 
   if kind == SEMISUP:
-    _check_ratio(unlabeled_ratio)
+    _check_semisup(unlabeled_ratio, strong_views)
     if not unlabeled_names:
       raise ValueError("a semisup iterator needs unlabeled_names (e.g. ('train_unlabeled',)).")
     # Its own seed: the two streams' permutations and augmentations are independent.

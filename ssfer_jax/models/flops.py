@@ -1,7 +1,8 @@
 """Analytic matmul FLOPs (2 x multiply-adds) of the ViT and MAE, for MFU.
 
 Counts every matmul of the forward: patch embedding, q/k/v and output projections,
-the attention products QK^T and AV, the MLP, the head / decoder projections.
+the attention products QK^T and AV, the MLP, the head / decoder projections, LEAF's
+expert mixtures.
 Elementwise work (norms, GELU, softmax, adds) is left out: it is a few percent and
 does not run on the matrix units. Training = 3 x forward (backward = 2 x forward).
 """
@@ -24,12 +25,19 @@ def block_flops(tokens: int, width: int, mlp_dim: int) -> int:
   return projections + attention
 
 
+def leaf_levels_flops(width: int, experts: int) -> int:
+  """LEAF's two levels on one pooled feature, each: gate logits, MLP experts D -> D/2 -> D,
+  their weighted sum (`models/leaf_levels.py`; every expert runs, the gates weigh them)."""
+  return 2 * (2 * 2 * width * experts + 2 * experts * 2 * width * (width // 2))
+
+
 def vit_forward_flops(image_size, patch_size: int, width: int, depth: int, mlp_dim: int,
-                      num_classes: int = 0, channels: int = 3) -> int:
+                      num_classes: int = 0, channels: int = 3, leaf_experts: int = 0) -> int:
   """Forward FLOPs of one image through `vit.ViT`."""
   n = _grid(image_size, patch_size)
   embed = 2 * n * patch_size * patch_size * channels * width
-  return embed + depth * block_flops(n + 1, width, mlp_dim) + 2 * width * num_classes
+  return (embed + depth * block_flops(n + 1, width, mlp_dim) + 2 * width * num_classes
+          + (leaf_levels_flops(width, leaf_experts) if leaf_experts else 0))
 
 
 def mae_forward_flops(image_size, patch_size: int, width: int, depth: int, mlp_dim: int,
@@ -49,7 +57,8 @@ def mae_forward_flops(image_size, patch_size: int, width: int, depth: int, mlp_d
 def vit_train_flops(model_kwargs: dict, image_size, batch: int) -> int:
   """Training-step FLOPs of a ViT built as ViT(**model_kwargs)."""
   m = ViT(**model_kwargs)
-  return 3 * batch * vit_forward_flops(image_size, m.patch_size, m.width, m.depth, m.mlp_dim, m.num_classes)
+  return 3 * batch * vit_forward_flops(image_size, m.patch_size, m.width, m.depth, m.mlp_dim,
+                                       m.num_classes, leaf_experts=m.leaf_experts)
 
 
 def mae_train_flops(model_kwargs: dict, image_size, batch: int) -> int:

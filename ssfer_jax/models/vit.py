@@ -3,8 +3,8 @@
 Parameters are float32 and boxed with logical axis names; the trainer maps the names
 to mesh axes. Names used: 'embed' (model width, also the MAE decoder's), 'mlp',
 'heads', 'head_dim', 'qkv' (the 3 of q/k/v, never sharded), 'patch' (flattened
-patch pixels), 'classes'. A name may not repeat inside one parameter, so an axis that
-would repeat one is left unnamed (None).
+patch pixels), 'classes', 'experts' (LEAF's mixtures). A name may not repeat inside one
+parameter, so an axis that would repeat one is left unnamed (None).
 
 The encoder's submodules ('embedding', 'cls', 'encoder', 'encoder_norm') are shared
 by name and structure with `mae.MAE`, so pretrained encoder weights drop into a ViT
@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ssfer_jax.models import leaf_levels
 
 # name: (width, depth, num_heads, mlp_dim)
 VIT_SIZES = {
@@ -262,6 +264,8 @@ class ViT(nn.Module):
   pos_embed="sincos": the fixed 2-D sin-cos table (SSFER, MAE pretraining), no parameter;
   "learned": a parameter 'pos_embed' [1, 1+L, D] for the init images' grid, starting as
   that table (MAE fine-tuning learns it); `resample_pos_embed` moves it to another grid.
+  leaf_experts > 0 puts LEAF's semantic and instance levels (`models/leaf_levels.py`, that
+  many experts each) between the pooled feature and the head.
   """
   num_classes: int = 0
   width: int = 768
@@ -276,6 +280,7 @@ class ViT(nn.Module):
   remat: bool = False
   attention_impl: str | None = None
   pos_embed: str = "sincos"
+  leaf_experts: int = 0
 
   def setup(self):
     if self.pool not in ("cls", "gap"):
@@ -290,6 +295,8 @@ class ViT(nn.Module):
       self.encoder_norm = layer_norm(self.dtype)
     else:
       self.fc_norm = layer_norm(self.dtype)
+    if self.leaf_experts:
+      self.leaf = leaf_levels.Levels(self.leaf_experts, self.dtype)
     if self.num_classes:
       inits = {"zeros": _zeros, "trunc_normal": nn.initializers.truncated_normal(2e-5)}
       if self.head_init not in inits:
@@ -311,15 +318,21 @@ class ViT(nn.Module):
     x = self.encoder(x, train)
     return self.encoder_norm(x) if self.pool == "cls" else x
 
-  def __call__(self, images, *, train: bool):
+  def __call__(self, images, *, train: bool, features: bool = False):
+    """Logits; with `features`, (logits, {"feature": the L2-normalised semantic-level feature,
+    "gates": {level: [B, E]}}) from the LEAF levels ({} without them)."""
     x = self.encode(images, train=train)
     if self.pool == "cls":
       x = x[:, 0]
     else:
       x = self.fc_norm(jnp.mean(x[:, 1:].astype(jnp.float32), axis=1).astype(self.dtype))
+    out = {}
+    if self.leaf_experts:
+      x, out["feature"], out["gates"] = self.leaf(x)
     if self.num_classes:
       x = self.head(x)
-    return x.astype(jnp.float32)
+    x = x.astype(jnp.float32)
+    return (x, out) if features else x
 
 
 def encoder_params_from_mae(mae_params: dict, pool: str = "cls") -> dict:

@@ -110,7 +110,8 @@ class RunPlan:
   """What the loop derived from the config and the data, before anything compiles.
 
   With unlabeled lists (`config.data.unlabeled_lists`, the semi-supervised batch) an epoch
-  is a pass over them: `unlabeled_ratio * batch_size` rows a step.
+  is a pass over them: `unlabeled_ratio * batch_size` rows a step, each with
+  `strong_views` strong views.
   """
   mesh: jax.sharding.Mesh
   train_indices_count: int
@@ -118,6 +119,7 @@ class RunPlan:
   steps_per_epoch: int
   unlabeled_count: int = 0
   unlabeled_ratio: int = 0
+  strong_views: int = 1
 
   def images_per_step(self, batch_size: int) -> int:
     return batch_size * (1 + self.unlabeled_ratio)
@@ -179,11 +181,12 @@ def plan_run(config: ml_collections.ConfigDict, mesh_devices=None) -> RunPlan:
         f"{config.data.dir}: lists {tuple(config.data.train_lists)} of split "
         f"'{config.data.split}' hold {n} records, fewer than batch_size={config.batch_size}.")
   steps_per_epoch = n // config.batch_size
-  n_unlabeled, ratio = 0, 0
+  n_unlabeled, ratio, views = 0, 0, 1
   if config.data.get("unlabeled_lists"):
-    ratio = config.data.unlabeled_ratio
-    if not (isinstance(ratio, int) and ratio >= 1):
-      raise sharding.ConfigError(f"data.unlabeled_ratio (mu) is {ratio!r}; use an integer >= 1.")
+    ratio, views = config.data.unlabeled_ratio, config.data.get("strong_views", 1)
+    for name, value in (("unlabeled_ratio (mu)", ratio), ("strong_views", views)):
+      if not (isinstance(value, int) and value >= 1):
+        raise sharding.ConfigError(f"data.{name} is {value!r}; use an integer >= 1.")
     rows = ratio * config.batch_size
     sharding.check_batch_size(rows, mesh, "the unlabeled batch (data.unlabeled_ratio x "
                               "batch_size)")
@@ -203,7 +206,7 @@ def plan_run(config: ml_collections.ConfigDict, mesh_devices=None) -> RunPlan:
   total = config.total_steps if config.total_steps > 0 else epochs * steps_per_epoch
   if total <= 0:
     raise sharding.ConfigError("set total_steps > 0 or num_epochs > 0.")
-  return RunPlan(mesh, n, int(total), steps_per_epoch, n_unlabeled, ratio)
+  return RunPlan(mesh, n, int(total), steps_per_epoch, n_unlabeled, ratio, views)
 
 
 def _peak_flops(config: ml_collections.ConfigDict, mesh) -> float | None:
@@ -242,7 +245,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
       config.data.dir, config.data.split, config.data.train_lists, kind=stage.batch_kind,
       global_batch_size=config.batch_size, image_size=config.data.image_size,
       seed=config.seed, transform="weak", unlabeled_names=config.data.get("unlabeled_lists", ()),
-      unlabeled_ratio=plan.unlabeled_ratio, num_threads=config.data.num_threads)
+      unlabeled_ratio=plan.unlabeled_ratio, strong_views=plan.strong_views,
+      num_threads=config.data.num_threads)
 
   # State: shapes first, then a jitted init into the shardings, or a restore into them.
   abstract_state, state_shardings = state_layout(config, stage, mesh)
@@ -262,7 +266,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
 
   # The step, compiled ahead of time against the batch spec (no batch needs to be pulled).
   batch_spec = pipeline.batch_spec(stage.batch_kind, config.batch_size, config.data.image_size,
-                                   unlabeled_ratio=plan.unlabeled_ratio)
+                                   unlabeled_ratio=plan.unlabeled_ratio,
+                                   strong_views=plan.strong_views)
   batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch_spec)
   step_fn = make_train_step(stage.loss_fn, stage.tx, stage.schedule, config.seed,
                             stage.update_extra)

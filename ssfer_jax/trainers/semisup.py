@@ -13,6 +13,15 @@ supervise the student on the strong view:
 with hard (argmax) or soft (teacher softmax at a temperature) pseudo-labels. The mean runs
 over all unlabeled rows, masked ones included (the published code and USB).
 
+Options on top (`configs/semisup.py`, ',leaf' and ',negative'):
+  LEAF       semantic and instance levels in the model (`models/leaf_levels.py`); two strong
+             views, each trained on ambiguous pseudo-labels (positive / negative sets,
+             `ssfer_jax/leaf.py`) instead of the cross entropy, plus their consistency (L_u,
+             the category level), and a contrastive term over the rows the threshold
+             rejected: L = 0.5 L_x + L_u + 0.1 L_supcon, as the public code.
+  negative   the rejected rows' complementary classes (teacher probability < 0.05) pushed
+             down with -log(1 - p_c) (`ssfer_jax/negative_learning.py`).
+
 Teachers (`config.teacher`):
   "ema"      SSFER: an EMA of the student (decay `ema_decay`, 0.999), updated after each
              optimiser step, applied without dropout and never differentiated. It lives in
@@ -23,8 +32,9 @@ Teachers (`config.teacher`):
 
 An epoch is a pass over the unlabeled list (the paper's 50 epochs): it sets the schedule,
 evaluation and the per-epoch work of `EpochHook` (DTM's threshold update from a teacher pass
-over train_labeled; per-class mask rates, thresholds and pseudo-label accuracy, summed over
-the epoch in `extra["counts"]`; their figure). Labels of "unlabeled" records (-1 where
+over train_labeled; per-class mask rates, thresholds and pseudo-label accuracy, LEAF's
+positive sets and negative learning's errors, summed over the epoch in `extra["counts"]`;
+their figure). Labels of "unlabeled" records (-1 where
 unknown) reach only those counts, never the loss.
 """
 
@@ -42,9 +52,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from ssfer_jax import evaluate, facemix, optim, sharding, thresholds, viz, writers
+from ssfer_jax import (evaluate, facemix, leaf, negative_learning, optim, sharding, thresholds,
+                       viz, writers)
 from ssfer_jax.input import device, randaugment, records
-from ssfer_jax.models import flops, vit
+from ssfer_jax.models import flops, leaf_levels, vit
 from ssfer_jax.trainers import finetune, loop
 
 STAGE = "semisup"
@@ -52,6 +63,8 @@ TEACHERS = ("ema", "student")
 PSEUDO_LABELS = ("hard", "soft")
 FAIRNESS_WEIGHT = 0.01        # FreeMatch's (USB's ent_loss_ratio)
 COUNTS = ("seen", "passed", "known", "correct", "known_all", "correct_all")
+LEAF_COUNTS = ("positive_size", "positive_hit")
+NEGATIVE_COUNTS = ("negative_rows", "negative_pairs", "negative_known", "negative_wrong")
 FIGURE = os.path.join("figures", "thresholds.png")
 
 InitError = finetune.InitError
@@ -76,6 +89,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not config.data.get("unlabeled_lists"):
     raise sharding.ConfigError("data.unlabeled_lists is empty: stage 3 needs unlabeled faces "
                                "(e.g. ('train_unlabeled',)).")
+  if config.leaf.enabled:
+    if config.data.strong_views != 2:
+      raise sharding.ConfigError(
+          f"data.strong_views={config.data.strong_views}: LEAF's consistency and contrastive "
+          "terms compare two strong views; use the ',leaf' config option (e.g. "
+          "configs/semisup.py:vit_b16,leaf), which also sets LEAF's lambda_u of 1.")
+    if config.pseudo_label != "hard":
+      raise sharding.ConfigError(
+          "pseudo_label='soft' with LEAF: its ambiguous pseudo-labels replace the soft targets "
+          "(positive and negative sets from the teacher's probabilities); use 'hard'.")
+    if not (0 < config.leaf.bound <= 1 and config.leaf.max_k >= 1 and config.leaf.experts >= 1):
+      raise sharding.ConfigError(
+          f"leaf: bound={config.leaf.bound}, max_k={config.leaf.max_k}, experts="
+          f"{config.leaf.experts}; use a bound in (0, 1], max_k >= 1 and experts >= 1.")
+  if config.negative.enabled and not 0 < config.negative.bound < 1:
+    raise sharding.ConfigError(f"negative.bound={config.negative.bound}: complementary classes "
+                               "are those below a probability in (0, 1), e.g. 0.05.")
 
 
 # ---- Where stage 3 starts: a stage-2 result, checked against this run's data. ----
@@ -125,10 +155,12 @@ def check_data(config: ml_collections.ConfigDict, result: Mapping[str, Any],
 
 
 def model_kwargs(config: ml_collections.ConfigDict, result: Mapping[str, Any]) -> dict:
-  """The stage-2 model's architecture with this stage's training-time settings."""
+  """The stage-2 model's architecture with this stage's training-time settings (and LEAF's
+  levels when on)."""
   m = config.model
   return {**result["model"], "drop_path_rate": m.drop_path_rate, "dtype": m.dtype,
-          "remat": m.remat, "attention_impl": m.attention_impl}
+          "remat": m.remat, "attention_impl": m.attention_impl,
+          **({"leaf_experts": config.leaf.experts} if config.leaf.enabled else {})}
 
 
 # ---- The stage. ----
@@ -155,8 +187,13 @@ def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, kwargs
                    num_classes: int) -> loop.Stage:
   """State, loss and optimiser alone (no data read, no stage-2 run): benchmarks, tests."""
   check_config(config)
+  if config.leaf.enabled and num_classes <= config.leaf.max_k:
+    raise sharding.ConfigError(
+        f"leaf.max_k={config.leaf.max_k} with {num_classes} classes: a positive set of up to "
+        "max_k classes must leave a negative class; lower leaf.max_k.")
   size = config.data.image_size
   rule = policy(config)
+  names = count_names(config)
   model = finetune.classifier_from_kwargs(kwargs, num_classes)
   tx, schedule = finetune.make_tx(config, model, plan.total_steps, plan.steps_per_epoch)
   ema = config.teacher == "ema"
@@ -164,7 +201,7 @@ def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, kwargs
 
   def make_extra(params):
     extra = {"thresholds": thresholds.init_state(rule, num_classes, plan.unlabeled_count),
-             "counts": _zero_counts(num_classes)}
+             "counts": _zero_counts(names, num_classes)}
     if ema:
       extra["ema"] = params
     return extra
@@ -177,20 +214,27 @@ def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, kwargs
       out["ema"] = optim.ema_update(extra["ema"], params, decay)
     return out
 
-  # Forward-equivalents per labeled row: labeled train (3) + mu x (strong train (3) and a
-  # teacher forward (1), or FixMatch's weak rows trained alongside (3)).
+  # Forward-equivalents per labeled row: labeled train (3) + mu x (each strong view trained
+  # (3) and a teacher forward (1), or FixMatch's weak rows trained alongside (3)).
   train = flops.vit_train_flops(dict(kwargs, num_classes=num_classes), size, 1)
-  per_unlabeled = train * (4 / 3 if ema else 2)
+  per_unlabeled = train * (plan.strong_views + (1 / 3 if ema else 1))
   return loop.Stage(
       name=STAGE, batch_kind="semisup", init=finetune.make_init(config, model, tx, make_extra),
-      loss_fn=make_loss(config, model, num_classes, rule, sharding.num_batch_shards(plan.mesh)),
+      loss_fn=make_loss(config, model, num_classes, rule, sharding.num_batch_shards(plan.mesh),
+                        plan.strong_views),
       tx=tx, schedule=schedule,
       train_flops_per_example=train + plan.unlabeled_ratio * per_unlabeled,
       update_extra=update_extra)
 
 
-def _zero_counts(num_classes: int) -> dict[str, jax.Array]:
-  return {k: jnp.zeros((num_classes,), jnp.int32) for k in COUNTS}
+def count_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The per-class counts this run keeps over an epoch (`_counts`)."""
+  return (COUNTS + (LEAF_COUNTS if config.leaf.enabled else ())
+          + (NEGATIVE_COUNTS if config.negative.enabled else ()))
+
+
+def _zero_counts(names: Sequence[str], num_classes: int) -> dict[str, jax.Array]:
+  return {k: jnp.zeros((num_classes,), jnp.int32) for k in names}
 
 
 def concat_rows(arrays: Sequence[jax.Array], shards: int) -> jax.Array:
@@ -208,12 +252,14 @@ def split_rows(x: jax.Array, sizes: Sequence[int], shards: int) -> list[jax.Arra
   return [x[:, a:b].reshape(-1, *x.shape[2:]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def strong_view(unlabeled: Mapping[str, jax.Array], size: int, fill: Sequence[float]) -> jax.Array:
-  """The strong view of a semisup batch's unlabeled rows: their second crop and flip of the
+def strong_view(unlabeled: Mapping[str, jax.Array], size: int, fill: Sequence[float],
+                view: int = 0) -> jax.Array:
+  """Strong view `view` of a semisup batch's unlabeled rows: its own crop and flip of the
   stored image, then RandAugment; float32 [N, size, size, 3] in 0..255."""
   return randaugment.rand_augment(
-      device.crop_resize_flip(unlabeled["image"], unlabeled["strong_crop"],
-                              unlabeled["strong_flip"], size), unlabeled["strong_u"], fill)
+      device.crop_resize_flip(unlabeled["image"], unlabeled["strong_crop"][:, view],
+                              unlabeled["strong_flip"][:, view], size),
+      unlabeled["strong_u"][:, view], fill)
 
 
 def unlabeled_loss(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array,
@@ -226,73 +272,135 @@ def unlabeled_loss(student_logits: jax.Array, teacher_logits: jax.Array, mask: j
   return jnp.mean(facemix.soft_cross_entropy(student_logits, targets) * mask)
 
 
-def make_loss(config, model: vit.ViT, num_classes: int, rule: thresholds.Policy, shards: int):
+def make_loss(config, model: vit.ViT, num_classes: int, rule: thresholds.Policy, shards: int,
+              strong_views: int = 1):
   """The pure loss of one semisup batch; its aux carries the threshold state after the batch
-  and this batch's per-class pseudo-label counts (`aux["extra"]`)."""
+  and this batch's per-class pseudo-label counts (`aux["extra"]`).
+
+  Each strong view is trained on the teacher's pseudo-labels (their losses averaged). LEAF
+  replaces the cross entropy by the ambiguous-label loss and adds the two views'
+  consistency to it (L_u), adds the contrastive term over the rows the threshold rejected
+  (as the public code: those rows get no label to learn from), and weighs L_x by
+  `leaf.weight_x`. Negative learning adds -log(1 - p_c) on those rows' complementary classes.
+  """
   size, mean, std, dtype = config.data.image_size, config.data.mean, config.data.std, model.dtype
   fill = [round(255 * m) for m in mean]   # timm's RandAugment fill: the mean colour
   ema, hard, temperature = config.teacher == "ema", config.pseudo_label == "hard", config.temperature
   lambda_u, smoothing = config.lambda_u, config.loss.label_smoothing
   fairness = FAIRNESS_WEIGHT if rule.kind == "freematch" else 0.0
+  lf, neg = config.leaf, config.negative
+  weight_x = lf.weight_x if lf.enabled else 1.0
 
   def loss_fn(params, extra, batch, rng):
     lab, unl = batch["labeled"], batch["unlabeled"]
     x = device.prepare_train_images(lab, size, mean, std)
     weak = device.prepare_train_images(unl, size, mean, std)
-    strong = device.normalize(strong_view(unl, size, fill), mean, std)
-    student = lambda images: model.apply({"params": params}, images.astype(dtype), train=True,
-                                         rngs={"dropout": rng}).astype(jnp.float32)
+    strong = [device.normalize(strong_view(unl, size, fill, v), mean, std)
+              for v in range(strong_views)]
+    rows = [x.shape[0]] + [weak.shape[0]] * (strong_views + (0 if ema else 1))
+    logits, out = model.apply({"params": params}, concat_rows(
+        [x] + ([] if ema else [weak]) + strong, shards).astype(dtype), train=True,
+        features=True, rngs={"dropout": rng})
+    parts = split_rows(logits, rows, shards)
+    logits_x, logits_s = parts[0], parts[-strong_views:]
     if ema:
       teacher_logits = model.apply({"params": extra["ema"]}, weak.astype(dtype), train=False)
-      logits_x, logits_s = split_rows(student(concat_rows([x, strong], shards)),
-                                      [x.shape[0], strong.shape[0]], shards)
     else:
-      logits_x, teacher_logits, logits_s = split_rows(
-          student(concat_rows([x, weak, strong], shards)),
-          [x.shape[0], weak.shape[0], strong.shape[0]], shards)
+      teacher_logits = parts[1]
     teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
     probs = jax.nn.softmax(teacher_logits, axis=-1)
     mask, taus, state = thresholds.mask_and_update(rule, extra["thresholds"], probs,
                                                    unl["position"])
-    loss_u = unlabeled_loss(logits_s, teacher_logits, mask, hard, temperature)
     pseudo = jnp.argmax(probs, axis=-1)
     y = optax.smooth_labels(jax.nn.one_hot(lab["label"], num_classes), smoothing)
     loss_x = jnp.mean(facemix.soft_cross_entropy(logits_x, y))
-    loss = loss_x + lambda_u * loss_u
-    aux = {"loss_x": loss_x, "loss_u": loss_u, "mask_rate": jnp.mean(mask),
+    over_views = lambda f: sum(f(z) for z in logits_s) / strong_views
+    aux = {"loss_x": loss_x, "mask_rate": jnp.mean(mask),
            "confidence": jnp.mean(jnp.max(probs, axis=-1)), "threshold_mean": jnp.mean(taus)}
+    positive = negative = None
+    if lf.enabled:   # L_u: the category level, ambiguous labels on both views + consistency
+      positive = leaf.positive_sets(probs, lf.bound, lf.max_k)
+      loss_a = over_views(lambda z: jnp.mean(mask * leaf.ambiguous_loss(z, positive)))
+      loss_c = jnp.mean(leaf.consistency_loss(*logits_s))
+      loss_u = loss_a + lf.weight_consistency * loss_c
+      features = split_rows(out["feature"], rows, shards)[-strong_views:]
+      loss_supcon = leaf.contrastive_loss(features, mask <= 0, lf.supcon_temperature)
+      loss = weight_x * loss_x + lambda_u * loss_u + lf.weight_supcon * loss_supcon
+      aux.update(loss_ambiguous=loss_a, loss_consistency=loss_c, loss_supcon=loss_supcon,
+                 positive_set_size=jnp.mean(jnp.sum(positive, axis=-1)),
+                 **{f"gate_entropy_{k}": leaf_levels.gate_entropy(g)
+                    for k, g in out["gates"].items()})
+    else:
+      loss_u = over_views(lambda z: unlabeled_loss(z, teacher_logits, mask, hard, temperature))
+      loss = weight_x * loss_x + lambda_u * loss_u
+    aux["loss_u"] = loss_u
+    if neg.enabled:
+      negative = negative_learning.negative_classes(probs, mask, neg.bound)
+      loss_n = over_views(lambda z: jnp.mean(negative_learning.negative_loss(z, negative)))
+      loss = loss + neg.weight * loss_n
+      taking_part = jnp.any(negative, axis=-1)
+      aux.update(loss_negative=loss_n, negative_rows=jnp.mean(taking_part),
+                 negative_classes_per_row=jnp.sum(negative) / jnp.maximum(
+                     jnp.sum(taking_part), 1))
+    counts = _counts(pseudo, mask, unl["label"], num_classes, positive, negative)
     if fairness:
-      loss_f = thresholds.freematch_fairness_loss(state, jax.nn.softmax(logits_s, axis=-1), mask)
+      loss_f = thresholds.freematch_fairness_loss(
+          state, over_views(lambda z: jax.nn.softmax(z, axis=-1)), mask)
       loss = loss + fairness * loss_f
       aux["loss_fairness"] = loss_f
-    aux["extra"] = {"thresholds": state, "counts": _counts(pseudo, mask, unl["label"],
-                                                            num_classes)}
+    aux["extra"] = {"thresholds": state, "counts": counts}
     return loss, aux
 
   return loss_fn
 
 
-def _counts(pseudo: jax.Array, mask: jax.Array, label: jax.Array,
-            num_classes: int) -> dict[str, jax.Array]:
+def _total(a: jax.Array) -> jax.Array:
+  return jnp.sum(a.astype(jnp.int32), axis=0)
+
+
+def _counts(pseudo: jax.Array, mask: jax.Array, label: jax.Array, num_classes: int,
+            positive: jax.Array | None = None,
+            negative: jax.Array | None = None) -> dict[str, jax.Array]:
   """Per pseudo-label class: rows, rows passing the threshold, and (where the record's true
-  label is known) how many of those, and of all rows, the teacher got right."""
+  label is known) how many of those, and of all rows, the teacher got right. With LEAF's
+  positive sets: their sizes, and how many rows with a known label hold it in theirs. With
+  negative learning's classes: the rows taking part; by negated class, the pairs, those whose
+  row has a known label, and those that negate the true label."""
   one = jax.nn.one_hot(pseudo, num_classes, dtype=jnp.int32)
   passed = one * (mask > 0)[:, None]
   known, right = (label >= 0)[:, None], (label == pseudo)[:, None]
-  total = lambda a: jnp.sum(a.astype(jnp.int32), axis=0)
-  return {"seen": total(one), "passed": total(passed), "known": total(passed * known),
-          "correct": total(passed * right), "known_all": total(one * known),
-          "correct_all": total(one * right)}
+  out = {"seen": _total(one), "passed": _total(passed), "known": _total(passed * known),
+         "correct": _total(passed * right), "known_all": _total(one * known),
+         "correct_all": _total(one * right)}
+  if positive is not None:
+    hit = jnp.take_along_axis(positive, jnp.maximum(label, 0)[:, None], axis=-1) & known
+    out["positive_size"] = _total(one * jnp.sum(positive, axis=-1)[:, None])
+    out["positive_hit"] = _total(one * hit)
+  if negative is not None:
+    true = jax.nn.one_hot(label, num_classes, dtype=bool)   # all False where label is -1
+    out.update(negative_rows=_total(one * jnp.any(negative, axis=-1)[:, None]),
+               negative_pairs=_total(negative), negative_known=_total(negative & known),
+               negative_wrong=_total(negative & true))
+  return out
 
 
 # ---- Start and per-epoch work. ----
 
 def warm_start(config, mesh, state: loop.TrainState) -> loop.TrainState:
-  """Student and (EMA) teacher from the stage-2 result's chosen weights."""
+  """Student and (EMA) teacher from the stage-2 result's chosen weights; what stage 2 did not
+  have (LEAF's levels) keeps its fresh init."""
   clf = finetune.load_classifier(config.init_from, mesh=mesh)
-  params = jax.tree.map(lambda s, t: jax.device_put(s, t.sharding), clf.params, state.params)
-  logging.info("warm start: stage-2 %s weights of %s step %d", clf.weights, config.init_from,
-               clf.step)
+  fresh = {"leaf"} if config.leaf.enabled else set()
+  if set(clf.params) != set(state.params) - fresh:
+    raise InitError(
+        f"init_from {config.init_from}: its model has parameters {sorted(clf.params)}, this "
+        f"stage's has {sorted(state.params)} (of which {sorted(fresh)} start fresh); start from "
+        "a stage-2 classifier run.")
+  loaded = {k: jax.tree.map(lambda s, t: jax.device_put(s, t.sharding), v, state.params[k])
+            for k, v in clf.params.items()}
+  params = {**state.params, **loaded}
+  logging.info("warm start: stage-2 %s weights of %s step %d%s", clf.weights, config.init_from,
+               clf.step, "".join(f"; {k} freshly initialised" for k in sorted(fresh)))
   extra = dict(state.extra)
   if "ema" in extra:   # its own buffers: the step donates the state
     extra["ema"] = jax.tree.map(jnp.copy, params)
@@ -307,12 +415,16 @@ class EpochHook:
   The diagnostics come from `extra["counts"]`, summed in the step since the last epoch and
   reset here: per class (by pseudo-label) the mask rate, the threshold, the pseudo-label
   accuracy of the masked rows whose true label is known, and overall the same plus the
-  teacher's accuracy on every unlabeled row with a known label.
+  teacher's accuracy on every unlabeled row with a known label; with LEAF the mean positive
+  set and how often it holds the true label; with negative learning the share of rows taking
+  part, their negative classes, and how often (overall and per class) a class pushed down
+  was the true label (`diagnostics`).
   """
 
   def __init__(self, config, plan: loop.RunPlan, model: vit.ViT, classes: Sequence[str],
                workdir: str | None):
     self._rule, self._classes, self._workdir = policy(config), list(classes), workdir
+    self._counts = count_names(config)
     self._ema = config.teacher == "ema"
     self._labeled = None
     if self._rule.kind == "dtm":
@@ -333,7 +445,8 @@ class EpochHook:
           thresholds.dtm_epoch_update(jax.device_get(extra["thresholds"]), probs, target),
           extra["thresholds"])
     extra["counts"] = jax.tree.map(lambda z, old: jax.device_put(z, old.sharding),
-                                   _zero_counts(len(self._classes)), extra["counts"])
+                                   _zero_counts(self._counts, len(self._classes)),
+                                   extra["counts"])
     taus = np.asarray(thresholds.class_thresholds(
         self._rule, jax.device_get(extra["thresholds"]), len(self._classes)))
     metrics = diagnostics(counts, taus, self._classes)
@@ -355,10 +468,19 @@ def diagnostics(counts: Mapping[str, np.ndarray], taus: np.ndarray,
          "pseudo_labels": float(s["passed"].sum()),
          "pseudo_label_accuracy": _ratio(s["correct"].sum(), s["known"].sum()),
          "teacher_accuracy_unlabeled": _ratio(s["correct_all"].sum(), s["known_all"].sum())}
+  if "positive_size" in s:   # LEAF: positive sets of every unlabeled row
+    out["positive_set_size"] = _ratio(s["positive_size"].sum(), s["seen"].sum())
+    out["positive_set_accuracy"] = _ratio(s["positive_hit"].sum(), s["known_all"].sum())
+  if "negative_rows" in s:   # negative learning on the rows the threshold rejected
+    out["negative_rows"] = _ratio(s["negative_rows"].sum(), s["seen"].sum())
+    out["negative_classes_per_row"] = _ratio(s["negative_pairs"].sum(), s["negative_rows"].sum())
+    out["negative_label_error"] = _ratio(s["negative_wrong"].sum(), s["negative_known"].sum())
   for c, name in enumerate(classes):
     out[f"threshold/{name}"] = float(taus[c])
     out[f"mask_rate/{name}"] = _ratio(s["passed"][c], s["seen"][c])
     out[f"pseudo_label_accuracy/{name}"] = _ratio(s["correct"][c], s["known"][c])
+    if "negative_rows" in s:
+      out[f"negative_label_error/{name}"] = _ratio(s["negative_wrong"][c], s["negative_known"][c])
   return {k: v for k, v in out.items() if not math.isnan(v)}
 
 
