@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 FORMAT_VERSION = 2   # 2: TrainState.extra (stage state)
 CHECKPOINT_DIR = "checkpoints"
@@ -78,6 +80,59 @@ class Checkpointer:
     logging.info("restored step %d from %s", step, self.directory)
     return restored["state"]
 
+  def restore_latest(self, abstract_state: Any, data_iterator: Any | None, stage: str,
+                     check_config: Callable[[dict, str], None]) -> tuple[int, Any] | None:
+    """(step, state) of the newest checkpoint that restores, or None when there is none.
+
+    A damaged step (a file missing or truncated after its commit) is skipped with a warning
+    naming it, and the previous one tried; once one restores, the damaged newer steps move
+    to `checkpoints_damaged/` beside the checkpoints (kept for inspection, out of the way of
+    the steps the run saves again). `check_config(saved_config, where)` runs on each step's
+    config before its state is read: a config that does not fit is the caller's error, never
+    mistaken for damage."""
+    damaged = []
+
+    def skip(step: int, where: str, e: Exception) -> None:
+      damaged.append((step, f"{where}: {type(e).__name__}: {_first_line(e)}"))
+      logging.warning("checkpoint %s is damaged; trying the previous one", damaged[-1][1])
+
+    for step in reversed(self.all_steps()):
+      where = os.path.join(self.directory, str(step))
+      try:
+        saved = self.read_config(step)
+        self._check_meta(step, stage)
+      except CheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except   (orbax/tensorstore read errors)
+        skip(step, where, e)
+        continue
+      check_config(saved, where)
+      try:
+        state = self.restore(step, abstract_state, data_iterator, stage)
+      except Exception as e:  # pylint: disable=broad-except
+        skip(step, where, e)
+        continue
+      if damaged:
+        self._set_aside([s for s, _ in damaged])
+      return step, state
+    if damaged:
+      raise CheckpointError(
+          f"no checkpoint in {self.directory} restores:\n  " + "\n  ".join(d for _, d in damaged)
+          + "\nMove the directory aside to start over, or restore it from a copy.")
+    return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    aside = self.directory + "_damaged"
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target = os.path.join(aside, f"{step}-{int(time.time())}")
+        os.replace(os.path.join(self.directory, str(step)), target)
+        logging.warning("moved damaged checkpoint step %d to %s", step, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("ssfer_checkpoints_set_aside")
+    self._manager.reload()
+
   def restore_subtree(self, step: int, abstract_subtree: dict, stage: str) -> dict:
     """Restores only the named parts of the saved train state, e.g. {"params": ...} or
     {"extra": {"ema": ...}}: loading weights to use needs neither the optimiser state nor the
@@ -111,6 +166,10 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 def _select(metrics: dict) -> float:

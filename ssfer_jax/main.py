@@ -18,7 +18,7 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from ssfer_jax import checkpointing, distributed, logs, sharding
+from ssfer_jax import checkpointing, distributed, logs, sharding, workdir
 from ssfer_jax.input import records
 from ssfer_jax.trainers import finetune, loop, pretrain, semisup
 
@@ -34,7 +34,23 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the j
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _INIT_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 300,
                                      "Seconds to wait for all processes to join.")
+_ALLOW_SCHEDULE_CHANGE = flags.DEFINE_bool(
+    "allow_schedule_change", False,
+    "Resume although total_steps / num_epochs changed (the learning-rate schedule reshapes).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a one-line error for a bad --config.* override (an unknown field, a
+  value of the wrong type) instead of a traceback through ml_collections."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+    cause = e.__context__ if isinstance(e, AttributeError) and e.__context__ else e
+    sys.stderr.write(f"{argv[0]}: bad flag: {type(cause).__name__}: {cause}\n"
+                     "  --config.FIELD=VALUE must name a field of the config file (see its "
+                     "get_config) with a value of its type; --helpfull lists the flags.\n")
+    sys.exit(2)
 
 
 def main(argv):
@@ -43,6 +59,11 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          _INIT_TIMEOUT.value)
+  try:
+    workdir.prepare(_WORKDIR.value)
+  except workdir.WorkdirError as e:
+    sys.stderr.write(f"WorkdirError: {e}\n")
+    sys.exit(1)
   index = jax.process_index()
   log_file = logs.setup(_WORKDIR.value, "log.txt" if index == 0 else f"log.process{index}.txt")
   logging.info("library logs: %s", log_file)
@@ -56,15 +77,16 @@ def main(argv):
   make_stage = STAGES[config.stage]
   try:
     if _MODE.value == "train":
-      loop.train(config, _WORKDIR.value, make_stage)
+      loop.train(config, _WORKDIR.value, make_stage,
+                 allow_schedule_change=_ALLOW_SCHEDULE_CHANGE.value)
     else:
       step = loop.run_hooks(config, _WORKDIR.value, make_stage)
       logging.info("figures for step %d written under %s", step, _WORKDIR.value)
   except (sharding.ConfigError, records.DatasetError, checkpointing.CheckpointError,
-          loop.NonFiniteError, finetune.InitError) as e:
+          loop.NonFiniteError, finetune.InitError, workdir.WorkdirError) as e:
     logging.error("%s: %s", type(e).__name__, e)
     sys.exit(1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

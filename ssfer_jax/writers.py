@@ -25,9 +25,14 @@ def _fmt(v: float) -> str:
 
 
 class MetricWriter:
-  """Writes scalars to every enabled sink."""
+  """Writes scalars to every enabled sink.
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True, console: bool = True):
+  `resume_step`: the step a resumed run restarts after. The rows a killed run logged past its
+  last checkpoint are dropped from the JSONL log (the resumed run logs those steps again), so
+  readers see one row per step and split."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True, console: bool = True,
+               resume_step: int | None = None):
     self._active = jax.process_index() == 0
     self._console = console
     self._jsonl = None
@@ -35,7 +40,10 @@ class MetricWriter:
     if not self._active:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
+    path = os.path.join(workdir, METRICS_FILE)
+    if resume_step is not None and os.path.exists(path):
+      _truncate_after(path, resume_step)
+    self._jsonl = open(path, "a")
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -66,6 +74,20 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+  """Rewrites the JSONL log without rows past `step` (atomically: a crash leaves either)."""
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  keep = [line for line in lines if json.loads(line)["step"] <= step]
+  if len(keep) == len(lines):
+    return
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
+  logging.info("%s: dropped %d rows logged past step %d by the interrupted run", path,
+               len(lines) - len(keep), step)
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -30,6 +30,7 @@ import optax
 from clu import metrics as clu_metrics
 
 from ssfer_jax import checkpointing, sharding, writers
+from ssfer_jax import workdir as workdir_lib
 from ssfer_jax.input import pipeline, records
 
 RESULT_FILE = "result.json"
@@ -173,6 +174,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
 
 def plan_run(config: ml_collections.ConfigDict, mesh_devices=None) -> RunPlan:
   """Validates the config against devices and data; every error here precedes compilation."""
+  if not (isinstance(config.batch_size, int) and config.batch_size >= 1):
+    raise sharding.ConfigError(f"batch_size={config.batch_size!r}; use a whole number >= 1 "
+                               "(the global batch, across all devices).")
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, mesh_devices)
   sharding.check_batch_size(config.batch_size, mesh)
   n = len(records.load_split(config.data.dir, config.data.split, config.data.train_lists))
@@ -224,22 +228,27 @@ def state_layout(config: ml_collections.ConfigDict, stage: Stage, mesh) -> tuple
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFactory,
-          *, stop_at: int | None = None) -> TrainState:
+          *, stop_at: int | None = None, allow_schedule_change: bool = False) -> TrainState:
   """Trains `config.stage` in `workdir`, resuming from its latest checkpoint if any.
 
   `stop_at` ends the run early at that step (with a checkpoint), as a preemption would.
   A stage with an evaluator leaves `result.json` (its best checkpoint on val) when done.
+  One job at a time holds the workdir (`workdir.Lock`); a resume under another config is
+  refused with the fields that changed (`workdir.check_resume`), and a damaged latest
+  checkpoint gives way to the previous one.
   """
+  workdir_lib.prepare(workdir)
+  with workdir_lib.Lock(workdir):
+    return _train(config, workdir, make_stage, stop_at, allow_schedule_change)
+
+
+def _train(config, workdir, make_stage, stop_at, allow_schedule_change) -> TrainState:
   plan = plan_run(config)
   mesh = plan.mesh
   logging.info("%s; %d training records, %d steps/epoch, %d steps", sharding.describe(mesh),
                plan.train_indices_count, plan.steps_per_epoch, plan.total_steps)
   stage = make_stage(config, plan, workdir)
-  os.makedirs(workdir, exist_ok=True)
   config_json = json.loads(config.to_json_best_effort())
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config_json, f, indent=2)
 
   train_iter = pipeline.make_train_iterator(
       config.data.dir, config.data.split, config.data.train_lists, kind=stage.batch_kind,
@@ -252,15 +261,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
   abstract_state, state_shardings = state_layout(config, stage, mesh)
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
                                     keep_best=stage.evaluate is not None)
-  start = ckpt.latest_step()
-  if start is not None:
-    state = ckpt.restore(start, abstract_state, train_iter, stage.name)
+  restored = ckpt.restore_latest(
+      abstract_state, train_iter, stage.name, lambda saved, where: workdir_lib.check_resume(
+          saved, config_json, where, allow_schedule_change=allow_schedule_change))
+  if restored is not None:
+    start, state = restored
   else:
     init = jax.jit(lambda r: nn.meta.unbox(stage.init(r)), out_shardings=state_shardings)
     state = init(jax.random.key(config.seed))
     if stage.warm_start is not None:
       state = stage.warm_start(state)
     start = 0
+  if jax.process_index() == 0:   # the config this run trains with, once it may
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config_json, f, indent=2)
   n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
   logging.info("stage %s: %.2fM parameters, starting at step %d", stage.name, n_params / 1e6, start)
 
@@ -279,7 +293,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
   logging.info("step compiled in %.1fs; %s", time.perf_counter() - t0,
                _memory_summary(compiled))
 
-  writer = writers.MetricWriter(workdir, tensorboard=config.get("tensorboard", True))
+  writer = writers.MetricWriter(workdir, tensorboard=config.get("tensorboard", True),
+                                resume_step=start if restored is not None else None)
   flops_per_step = stage.train_flops_per_example * config.batch_size
   peak = _peak_flops(config, mesh)
   end = min(plan.total_steps, stop_at) if stop_at else plan.total_steps
@@ -401,6 +416,11 @@ def write_result(workdir: str, stage: Stage, ckpt: checkpointing.Checkpointer,
 
 def run_hooks(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFactory) -> int:
   """Runs every hook of the stage once on the latest checkpoint (figures on demand)."""
+  with workdir_lib.Lock(workdir):
+    return _run_hooks(config, workdir, make_stage)
+
+
+def _run_hooks(config, workdir, make_stage) -> int:
   plan = plan_run(config)
   stage = make_stage(config, plan, workdir)
   abstract_state, _ = state_layout(config, stage, plan.mesh)

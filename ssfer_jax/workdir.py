@@ -1,0 +1,136 @@
+"""A training workdir's guards: one job at a time in it, and a resume only under the config
+its checkpoints were written with.
+
+The lock is a POSIX advisory lock (`flock`) on WORKDIR/lock, taken by process 0 for the
+whole job (the other processes of a multi-host job follow its verdict), so a second job on
+the same workdir stops before it touches anything. The operating system drops the lock when
+the holder dies, SIGKILL included: a stale lock file never blocks a rerun. It holds on local
+disks and on network file systems that support locks (NFSv4, Lustre, GPFS); object stores
+(gs://, s3://) have none: there, one job per workdir is the scheduler's to ensure.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+LOCK_FILE = "lock"
+# Fields a resumed run may change: cadence, threads, evaluation batch, the mesh (checkpoints
+# restore onto any mesh). Changing the schedule's length needs allow_schedule_change.
+SAFE_FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints", "tensorboard",
+               "peak_tflops_per_device", "viz_every", "data.num_threads", "eval.batch_size",
+               "eval.every_epochs", "eval.every_steps", "mesh.shape")
+SCHEDULE_FIELDS = ("total_steps", "num_epochs", "few_labels_epochs")
+
+
+class WorkdirError(RuntimeError):
+  """The workdir cannot be used for this run (busy, another config, not a directory)."""
+
+
+def prepare(workdir: str) -> None:
+  """Creates `workdir`, or says why it cannot be one."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except (FileExistsError, NotADirectoryError) as e:
+    raise WorkdirError(f"--workdir {workdir}: {e.strerror} ({e.filename}): a file is in the "
+                       "way; pass a directory path.") from None
+  except PermissionError:
+    raise WorkdirError(f"--workdir {workdir}: permission denied; pass a directory you can "
+                       "write.") from None
+
+
+class Lock:
+  """Held by process 0 from `__enter__` to `__exit__`; every process raises WorkdirError
+  when it is held by another job."""
+
+  def __init__(self, workdir: str):
+    self._path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+    self._file = None
+
+  def __enter__(self) -> "Lock":
+    holder = None
+    if jax.process_index() == 0:
+      holder = self._acquire()
+    busy = holder is not None
+    if jax.process_count() > 1:
+      busy = bool(multihost_utils.broadcast_one_to_all(np.int32(busy)))
+    if busy:
+      raise WorkdirError(
+          f"{os.path.dirname(self._path)} is in use by another job ({holder or 'see process 0'}"
+          f"; lock {self._path}). Wait for it to finish, stop it, or use another --workdir.")
+    return self
+
+  def _acquire(self) -> str | None:
+    """None when acquired, else what the holder wrote."""
+    f = open(self._path, "a+")
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno not in (errno.EAGAIN, errno.EACCES):
+        raise
+      f.seek(0)
+      holder = f.read().strip() or "unknown holder"
+      f.close()
+      return holder
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+            f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
+    f.flush()
+    self._file = f
+    return None
+
+  def __exit__(self, *exc) -> None:
+    if self._file is not None:
+      fcntl.flock(self._file, fcntl.LOCK_UN)
+      self._file.close()
+      self._file = None
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, Mapping):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+  """(field, saved value, current value) for every field that differs or exists in one only
+  (as JSON: tuples and lists compare equal)."""
+  a, b = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(current)))
+  missing = object()
+  return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
+          if a.get(k, missing) != b.get(k, missing)]
+
+
+def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], where: str, *,
+                 allow_schedule_change: bool = False) -> None:
+  """Refuses to resume the checkpoints in `where` under a config that changes what they mean;
+  cadence and threads may change, the schedule's length only when allowed (with a warning)."""
+  diffs = [d for d in config_diff(saved, current) if d[0] not in SAFE_FIELDS]
+  schedule = [d for d in diffs if d[0] in SCHEDULE_FIELDS]
+  other = [d for d in diffs if d[0] not in SCHEDULE_FIELDS]
+  show = lambda ds: "\n".join(f"  {k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in ds)
+  if other:
+    raise WorkdirError(
+        f"{where} was written by a run with another config; resuming would train on silently "
+        f"changed settings:\n{show(other)}\nSet them back, or start a fresh --workdir.")
+  if schedule and not allow_schedule_change:
+    raise WorkdirError(
+        f"{where}: the run's length changed, which reshapes the learning-rate schedule "
+        f"mid-run:\n{show(schedule)}\nPass --allow_schedule_change to resume with it anyway, "
+        "or set it back.")
+  if schedule:
+    logging.warning("resuming %s with a changed schedule (allowed):\n%s", where, show(schedule))

@@ -1,0 +1,140 @@
+"""Faults a training run must survive or refuse clearly (docs/RELIABILITY.md): a resume under
+another config, two jobs on one workdir, a damaged latest checkpoint, rows logged past the
+last checkpoint, bad command-line input."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import small_config
+from configs import pretrain_mae
+from ssfer_jax import checkpointing, sharding, workdir, writers
+from ssfer_jax.trainers import loop, pretrain
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def partitionable_keys():
+  jax.config.update("jax_threefry_partitionable", True)
+
+
+def mae_config(data_dir, **overrides):
+  return small_config(pretrain_mae, data_dir, **overrides)
+
+
+def train_rows(run):
+  rows = [r for r in writers.read_metrics(str(run)) if r["split"] == "train"]
+  return {r["step"]: r["loss"] for r in rows}, [r["step"] for r in rows]
+
+
+def test_resume_under_another_config_is_refused_with_what_changed(small_dataset, tmp_path):
+  run = tmp_path / "run"
+  config = mae_config(small_dataset)
+  loop.train(config, str(run), pretrain.make_stage, stop_at=3)
+  saved_json = (run / "config.json").read_text()
+  for field, value in (("batch_size", 8), ("seed", 1)):
+    changed = mae_config(small_dataset, **{field: value})
+    with pytest.raises(workdir.WorkdirError, match=rf"{field}: 16|{field}: 0"):
+      loop.train(changed, str(run), pretrain.make_stage)
+  changed = mae_config(small_dataset)
+  changed.data.image_size = 48
+  with pytest.raises(workdir.WorkdirError, match=r"data.image_size: 32 in the checkpoint, 48 now"):
+    loop.train(changed, str(run), pretrain.make_stage)
+  assert (run / "config.json").read_text() == saved_json   # a refused run writes nothing
+  # The schedule's length only with the explicit permission.
+  longer = mae_config(small_dataset, total_steps=8)
+  with pytest.raises(workdir.WorkdirError, match="allow_schedule_change"):
+    loop.train(longer, str(run), pretrain.make_stage)
+  # Cadence may change freely; with permission the run goes on to its new length.
+  longer.log_every = 2
+  loop.train(longer, str(run), pretrain.make_stage, allow_schedule_change=True)
+  assert checkpointing.Checkpointer(str(run)).latest_step() == 8
+  assert json.loads((run / "config.json").read_text())["total_steps"] == 8
+
+
+def test_config_diff_treats_tuples_as_lists_and_names_absent_fields():
+  diff = workdir.config_diff({"a": {"b": (1, 2)}, "c": 1}, {"a": {"b": [1, 2]}, "d": 2})
+  assert diff == [("c", 1, "<absent>"), ("d", "<absent>", 2)]
+
+
+def test_a_second_job_on_a_workdir_is_refused_and_a_killed_holder_frees_it(small_dataset,
+                                                                           tmp_path):
+  run = tmp_path / "run"
+  run.mkdir()
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from ssfer_jax import workdir; "
+       "lock = workdir.Lock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(120)",
+       str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(workdir.WorkdirError, match=rf"in use by another job \(pid {holder.pid}"):
+      loop.train(mae_config(small_dataset), str(run), pretrain.make_stage)
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  # The OS released the dead holder's lock: the stale file blocks nothing.
+  with workdir.Lock(str(run)):
+    with pytest.raises(workdir.WorkdirError, match="in use by another job"):
+      with workdir.Lock(str(run)):
+        pass
+
+
+def _damage(step_dir: pathlib.Path) -> None:
+  """Truncates every data file of the step's train state to half its size."""
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.stat().st_size > 64]
+  assert files, step_dir
+  for p in files:
+    p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+
+
+def test_damaged_latest_checkpoint_falls_back_and_the_log_keeps_one_row_per_step(
+    small_dataset, tmp_path, caplog):
+  config = mae_config(small_dataset)   # saves at steps 3 and 6
+  straight = tmp_path / "straight"
+  loop.train(config, str(straight), pretrain.make_stage)
+  run = tmp_path / "run"
+  loop.train(config, str(run), pretrain.make_stage)
+  ckpt = checkpointing.Checkpointer(str(run))
+  assert ckpt.all_steps() == [3, 6]
+  ckpt.close()
+  _damage(run / "checkpoints" / "6")
+  loop.train(config, str(run), pretrain.make_stage)   # restores 3, trains 4..6 again
+  assert "checkpoints/6" in caplog.text and "damaged" in caplog.text
+  assert len(list((run / "checkpoints_damaged").iterdir())) == 1
+  want, _ = train_rows(straight)
+  got, steps = train_rows(run)
+  assert steps == list(range(1, 7))            # rows 4..6 of the first run were dropped
+  np.testing.assert_allclose([got[s] for s in steps], [want[s] for s in steps], rtol=1e-6)
+  # Every step damaged: a clear error listing them, nothing trained.
+  for step in (3, 6):
+    _damage(run / "checkpoints" / str(step))
+  with pytest.raises(checkpointing.CheckpointError, match=r"no checkpoint in .* restores"):
+    loop.train(config, str(run), pretrain.make_stage)
+
+
+def test_bad_command_lines_end_in_one_clear_line(small_dataset, tmp_path):
+  def main(*args):
+    return subprocess.run([sys.executable, "-m", "ssfer_jax.main", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+  out = main("--config", "configs/pretrain_mae.py:test", "--workdir", str(tmp_path / "a"),
+             "--config.foo=1")
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  assert "bad flag" in out.stderr and "foo" in out.stderr
+  (tmp_path / "file").write_text("")
+  out = main("--config", "configs/pretrain_mae.py:test", "--workdir",
+             str(tmp_path / "file" / "run"), f"--config.data.dir={small_dataset}")
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert "a file is in the way" in out.stderr
+  with pytest.raises(sharding.ConfigError, match="batch_size=0"):
+    loop.plan_run(mae_config(small_dataset, batch_size=0))
