@@ -18,7 +18,7 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from ssfer_jax import checkpointing, distributed, logs, sharding, workdir
+from ssfer_jax import checkpointing, distributed, logs, preemption, sharding, workdir
 from ssfer_jax.input import records
 from ssfer_jax.trainers import finetune, loop, pretrain, semisup
 
@@ -82,6 +82,9 @@ def main(argv):
     else:
       step = loop.run_hooks(config, _WORKDIR.value, make_stage)
       logging.info("figures for step %d written under %s", step, _WORKDIR.value)
+  except preemption.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(e.exit_code)
   except (sharding.ConfigError, records.DatasetError, checkpointing.CheckpointError,
           loop.NonFiniteError, finetune.InitError, workdir.WorkdirError) as e:
     logging.error("%s: %s", type(e).__name__, e)

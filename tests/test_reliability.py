@@ -8,6 +8,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -138,3 +139,37 @@ def test_bad_command_lines_end_in_one_clear_line(small_dataset, tmp_path):
   assert "a file is in the way" in out.stderr
   with pytest.raises(sharding.ConfigError, match="batch_size=0"):
     loop.plan_run(mae_config(small_dataset, batch_size=0))
+
+
+def test_sigterm_saves_the_step_reached_and_the_run_resumes_exactly(small_dataset, tmp_path):
+  run = tmp_path / "run"
+  overrides = dict(total_steps=5000, log_every=1, checkpoint_every=100_000)
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "ssfer_jax.main", "--config", "configs/pretrain_mae.py:test",
+       "--workdir", str(run), f"--config.data.dir={small_dataset}", "--config.mesh.shape=(4,2)"]
+      + [f"--config.{k}={v}" for k, v in overrides.items()],
+      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = run / writers.METRICS_FILE
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, proc.stderr.read()
+  sent = time.time()
+  proc.send_signal(signal.SIGTERM)
+  err = proc.communicate(timeout=120)[1]
+  grace = time.time() - sent
+  assert proc.returncode == 143, err[-2000:]
+  assert "rerun the same command to resume" in err
+  saved = checkpointing.Checkpointer(str(run)).latest_step()
+  _, steps = train_rows(run)
+  assert saved == steps[-1] >= 3 and grace < 60, (saved, steps[-1], grace)
+  # The same run, resumed in this process, matches a straight one step for step.
+  config = mae_config(small_dataset, **overrides)
+  loop.train(config, str(run), pretrain.make_stage, stop_at=saved + 2)
+  loop.train(config, str(tmp_path / "straight"), pretrain.make_stage, stop_at=saved + 2)
+  got, steps = train_rows(run)
+  want, _ = train_rows(tmp_path / "straight")
+  assert steps == list(range(1, saved + 3))
+  np.testing.assert_allclose([got[s] for s in steps], [want[s] for s in steps], rtol=1e-5)

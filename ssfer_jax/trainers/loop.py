@@ -29,7 +29,7 @@ import ml_collections
 import optax
 from clu import metrics as clu_metrics
 
-from ssfer_jax import checkpointing, sharding, writers
+from ssfer_jax import checkpointing, preemption, sharding, writers
 from ssfer_jax import workdir as workdir_lib
 from ssfer_jax.input import pipeline, records
 
@@ -235,7 +235,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
   A stage with an evaluator leaves `result.json` (its best checkpoint on val) when done.
   One job at a time holds the workdir (`workdir.Lock`); a resume under another config is
   refused with the fields that changed (`workdir.check_resume`), and a damaged latest
-  checkpoint gives way to the previous one.
+  checkpoint gives way to the previous one. On SIGTERM/SIGINT (or JAX's preemption sync
+  point) the run saves the step every process agreed on and raises `preemption.Preempted`.
   """
   workdir_lib.prepare(workdir)
   with workdir_lib.Lock(workdir):
@@ -317,6 +318,7 @@ def _train(config, workdir, make_stage, stop_at, allow_schedule_change) -> Train
         f"skipped and the run stopped. Last good checkpoint: step {ckpt.latest_step()} in "
         f"{ckpt.directory}")
 
+  watch = preemption.Watch().start()
   try:
     for step in range(start + 1, end + 1):
       t = time.perf_counter()
@@ -361,18 +363,25 @@ def _train(config, workdir, make_stage, stop_at, allow_schedule_change) -> Train
       # An evaluation is saved (as a candidate for "best") only when it beats the best so
       # far: evaluating every epoch must not mean writing a checkpoint every epoch.
       new_best = evaluation is not None and evaluation.select > best_select
-      if new_best or step % config.checkpoint_every == 0 or step == end:
+      preempted = step < end and watch.reached(step)
+      if new_best or step % config.checkpoint_every == 0 or step == end or preempted:
+        if preempted:
+          finish_checks(pending)   # never save a step the guard would reject
         ckpt.save(step, state, train_iter, config_json, stage.name,
                   metrics=None if evaluation is None else
                   {"select": evaluation.select, "report": dict(evaluation.report)})
         if new_best:
           best_select = evaluation.select
+      if preempted:
+        ckpt.wait()
+        raise preemption.Preempted(step, watch.signum, ckpt.directory)
     if pending is not None:
       finish_checks(pending)
     if stage.evaluate is not None and end == plan.total_steps:
       ckpt.wait()
       write_result(workdir, stage, ckpt, config_json)
   finally:
+    watch.stop()
     writer.close()
     ckpt.close()
   return state
