@@ -43,6 +43,8 @@ class Checkpointer:
             # Needed for orbax to store and rank the metrics saved with a step.
             best_fn=_select if keep_best else None, best_mode="max",
             enable_async_checkpointing=async_save, create=True))
+    self._pending = None   # (step, args, metrics) of the last save
+    self._error = "no error reported"   # the last background write error
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -61,13 +63,51 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iterator: Any | None, config_json: dict,
            stage: str, metrics: dict | None = None) -> None:
+    """Starts writing `step` in the background. A previous save that failed to commit (disk
+    full, an I/O error: orbax only logs those) is retried by this one, synchronously; if the
+    retry fails too, CheckpointError names both steps and the last good checkpoint."""
     items = dict(
         state=ocp.args.StandardSave(state),
         config=ocp.args.JsonSave(config_json),
         meta=ocp.args.JsonSave({"format_version": FORMAT_VERSION, "stage": stage, "step": step}))
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    self._wait()
+    failed = self._failed_pending()
+    self._pending = (step, ocp.args.Composite(**items), metrics)
+    self._manager.save(step, args=self._pending[1], metrics=metrics, force=True)
+    if failed is not None:
+      logging.warning("checkpoint step %d failed to commit (%s); retrying with step %d",
+                      failed, self._error, step)
+      self._wait()
+      self._raise_if_failed(f"saving step {failed} failed and so did the retry at step {step}")
+
+  def _wait(self) -> None:
+    """Waits for the background save; orbax re-raises a failed commit here, which is kept
+    (the directory on disk says whether the step committed)."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._error = f"{type(e).__name__}: {_first_line(e)}"
+      logging.error("checkpoint write failed: %s", self._error)
+
+  def _failed_pending(self) -> int | None:
+    """The step of the last save if it did not commit (call after waiting for it)."""
+    if self._pending is None or self._committed(self._pending[0]):
+      return None
+    return self._pending[0]
+
+  def _committed(self, step: int) -> bool:
+    return os.path.isdir(os.path.join(self.directory, str(step)))
+
+  def _raise_if_failed(self, what: str) -> None:
+    if self._failed_pending() is None:
+      return
+    good = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+    last = f"step {good[-1]}" if good else "none"
+    raise CheckpointError(
+        f"{what} in {self.directory} ({self._error}). Last good checkpoint: {last}. Free disk "
+        "space or fix the error, then rerun the same command to resume from it.")
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any | None,
               stage: str) -> Any:
@@ -161,10 +201,26 @@ class Checkpointer:
         step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the last save. One that failed to commit is retried once, then
+    CheckpointError: call it only while the saved state is still the current one (no step
+    ran since: the step donates its input state)."""
+    self._wait()
+    failed = self._failed_pending()
+    if failed is None:
+      return
+    logging.warning("checkpoint step %d failed to commit (%s); retrying it", failed, self._error)
+    step, args, metrics = self._pending
+    self._manager.save(step, args=args, metrics=metrics, force=True)
+    self._wait()
+    self._raise_if_failed(f"saving step {failed} failed twice")
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the last save (a failure is logged: close runs on every exit path, where
+    the saved state may be gone) and releases orbax's threads."""
+    self._wait()
+    failed = self._failed_pending()
+    if failed is not None:
+      logging.error("checkpoint step %d did not commit (%s)", failed, self._error)
     self._manager.close()
 
 

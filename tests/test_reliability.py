@@ -173,3 +173,31 @@ def test_sigterm_saves_the_step_reached_and_the_run_resumes_exactly(small_datase
   want, _ = train_rows(tmp_path / "straight")
   assert steps == list(range(1, saved + 3))
   np.testing.assert_allclose([got[s] for s in steps], [want[s] for s in steps], rtol=1e-5)
+
+
+@pytest.mark.parametrize("failures", [1, 100])
+def test_failed_checkpoint_commit_is_retried_once_then_stops_clearly(small_dataset, tmp_path,
+                                                                      monkeypatch, failures):
+  """A commit that fails as on a full disk (orbax logs it and carries on) is retried by the
+  next save; a second failure stops the run naming the last good checkpoint."""
+  from orbax.checkpoint._src.path import async_path
+  rename, calls = async_path.rename, []
+
+  async def full_disk(src, dst):
+    calls.append(dst)
+    if len(calls) <= failures:
+      raise OSError(28, "No space left on device", str(dst))
+    return await rename(src, dst)
+
+  monkeypatch.setattr(async_path, "rename", full_disk)
+  config = mae_config(small_dataset)   # saves at steps 3 and 6
+  run = str(tmp_path / "run")
+  if failures == 1:
+    loop.train(config, run, pretrain.make_stage)
+    assert checkpointing.Checkpointer(run).all_steps()[-1] == 6
+    assert not os.path.isdir(os.path.join(run, "checkpoints", "3"))   # lost, then retried at 6
+  else:
+    with pytest.raises(checkpointing.CheckpointError,
+                       match=r"saving step 3 failed and so did the retry at step 6 .* Last "
+                             r"good checkpoint: none"):
+      loop.train(config, run, pretrain.make_stage)

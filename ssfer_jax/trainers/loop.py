@@ -377,8 +377,8 @@ def _train(config, workdir, make_stage, stop_at, allow_schedule_change) -> Train
         raise preemption.Preempted(step, watch.signum, ckpt.directory)
     if pending is not None:
       finish_checks(pending)
+    ckpt.wait()   # the last save committed (or retried), before anything reads it
     if stage.evaluate is not None and end == plan.total_steps:
-      ckpt.wait()
       write_result(workdir, stage, ckpt, config_json)
   finally:
     watch.stop()
