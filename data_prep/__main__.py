@@ -6,7 +6,7 @@ import argparse
 import sys
 import warnings
 
-from data_prep import build, faces, images, sources, split
+from data_prep import build, faces, images, sources, split, verify
 from ssfer_jax.input.records import DatasetError
 
 BUILD_EPILOG = """\
@@ -205,8 +205,19 @@ def main(argv=None) -> int:
   sub = ap.add_subparsers(dest="command", required=True)
   _build_parser(sub)
   _split_parser(sub)
+  v = sub.add_parser("verify", help="check every shard and ids.txt against the manifest",
+                     description=verify.__doc__)
+  v.add_argument("data", help="a dataset built by `python -m data_prep build`")
   args = ap.parse_args(argv)
   try:
+    if args.command == "verify":
+      problems = verify.verify(args.data)
+      for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+      if problems:
+        return 2
+      print(f"{args.data}: every shard and ids.txt match the manifest")
+      return 0
     report = _run_build(args) if args.command == "build" else _run_split(args)
   except (DatasetError, ValueError, FileExistsError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -12,6 +12,8 @@ with a manifest.json in it is always a complete build.
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 from concurrent import futures
 import dataclasses
 import hashlib
@@ -20,6 +22,8 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
+import stat
 import sys
 
 import cv2
@@ -239,8 +243,21 @@ def summary(manifest: dict) -> str:
 _STATE: dict = {}
 
 
+def _die_with_parent() -> None:
+  """Linux: the kernel kills this pool worker when the build process dies, SIGKILL included
+  (a worker otherwise waits on the pool's queue forever). Elsewhere a no-op."""
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    return
+  if os.getppid() == 1:   # the parent died before prctl took effect
+    os._exit(1)
+
+
 def _init_worker(cfg: Config, classes: list[str], tfds_sources: dict, in_pool: bool):
   if in_pool:
+    _die_with_parent()
     cv2.setNumThreads(1)  # the pool is the parallelism; OpenCV threads would oversubscribe
   _STATE.clear()
   _STATE.update(cfg=cfg, label={c: i for i, c in enumerate(classes)}, tfds=tfds_sources,
@@ -251,6 +268,9 @@ def _read(item: sources_lib.Item) -> tuple[bytes | np.ndarray, str]:
   """The input's encoded bytes (or TFDS's decoded array) and its sha256."""
   if item.tfds_index is None:
     try:
+      if not stat.S_ISREG(os.stat(item.path).st_mode):   # a FIFO would block the read forever
+        raise images.ImageError("not a regular file (a FIFO, device or socket named like an "
+                                "image); only regular files are read")
       with open(item.path, "rb") as f:
         data = f.read()
     except FileNotFoundError:
@@ -391,7 +411,7 @@ def _assemble(out_dir: str, header: dict, parts: list) -> dict:
   parts = sorted(parts, key=lambda part: part["shard"])
   ids = [rid for part in parts for rid in part["ids"]]
   ids_text = "".join(rid + "\n" for rid in ids)
-  with open(os.path.join(out_dir, records.IDS_FILE), "w") as f:
+  with open(os.path.join(out_dir, records.IDS_FILE), "w", encoding="utf-8", newline="") as f:
     f.write(ids_text)
   manifest = dict(header)
   manifest["sources"] = {name: dict(spec) for name, spec in header["sources"].items()}
@@ -448,7 +468,22 @@ def _check_out(out: str, overwrite: bool) -> str:
   if os.path.exists(out) and not overwrite:
     raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it, or choose "
                           "another directory.")
+  _check_replaceable(out)
   return out
+
+
+def _check_replaceable(out: str) -> None:
+  """--overwrite replaces datasets (a manifest.json, or a shard part's part.json), or an
+  empty directory; never any other directory or file."""
+  if not os.path.lexists(out):
+    return
+  if not os.path.isdir(out) or os.path.islink(out):
+    raise FileExistsError(f"--out {out} exists and is not a directory; --overwrite replaces "
+                          "only datasets. Choose another --out.")
+  entries = os.listdir(out)
+  if entries and records.MANIFEST not in entries and PART_FILE not in entries:
+    raise FileExistsError(f"--out {out} is not a dataset (no {records.MANIFEST}) and not "
+                          "empty; --overwrite replaces only datasets. Choose another --out.")
 
 
 def _staging(final: str) -> str:
@@ -466,6 +501,7 @@ def _publish(staging: str, final: str, overwrite: bool):
   if not overwrite:
     raise FileExistsError(f"{final} appeared while building; nothing was replaced. Pass "
                           "--overwrite to replace it.")
+  _check_replaceable(final)
   old = f"{final}.old-{os.getpid()}"
   os.rename(final, old)
   os.rename(staging, final)

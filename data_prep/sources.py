@@ -48,7 +48,15 @@ def sha256_file(path: str) -> str:
 
 
 def _item(source: str, rel: str, **kw) -> Item:
+  """An item whose id is "SOURCE/REL". Names the id cannot hold are skipped with the reason:
+  "\n" and "\r" (ids.txt holds one id per "\n"-ended line; every other character
+  round-trips) and bytes that are not UTF-8 (ids are UTF-8 strings in records and lists)."""
   rid = f"{source}/{rel}"
+  try:
+    rid.encode("utf-8")
+  except UnicodeEncodeError:
+    kw["skip"] = "bad file name: not valid UTF-8 (record ids are UTF-8); rename the file"
+    rid = rid.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
   if "\n" in rid or "\r" in rid:
     kw["skip"] = "bad file name: contains a line break (record ids are one per line in ids.txt)"
     rid = rid.replace("\n", "\\n").replace("\r", "\\r")
@@ -80,11 +88,18 @@ class CsvSource:
   def items(self, aliases: dict[str, str]) -> list[Item]:
     rows = self._rows()
     by_image = collections.defaultdict(list)
+    if not rows:
+      raise DatasetError(f"{self.path}: no data rows under the header; a CSV source needs at "
+                         "least one image.")
     for line, row in rows:
-      rel = posixpath.normpath((row[self.image_col] or "").strip().replace("\\", "/")).lstrip("/")
+      cell = (row[self.image_col] or "").strip().replace("\\", "/")
+      # An absolute path stays absolute (its id drops the leading "/"); an empty cell stays
+      # empty and is skipped with its line below.
+      rel = posixpath.normpath(cell).lstrip("/") if cell else ""
       label = normalise_label(row[self.label_col] or "", aliases)
-      by_image[rel].append((line, label, self._box(row)))
-    out = [self._one(rel, entries) for rel, entries in by_image.items()]
+      by_image[(rel, posixpath.isabs(cell))].append((line, label, self._box(row)))
+    out = [self._one(rel, entries, absolute)
+           for (rel, absolute), entries in by_image.items()]
     if out and all(it.skip and it.skip.startswith("missing file") for it in out):
       raise DatasetError(
           f"{self.path}: none of the {len(out)} images named in column {self.image_col!r} exists "
@@ -116,13 +131,16 @@ class CsvSource:
       return f"bad box: {box} is not x0 < x1, y0 < y1 (pixel corners of the original image)"
     return box
 
-  def _one(self, rel: str, entries: list[tuple[int, str, Box | str | None]]) -> Item:
+  def _one(self, rel: str, entries: list[tuple[int, str, Box | str | None]],
+           absolute: bool = False) -> Item:
     lines = ", ".join(str(line) for line, _, _ in entries)
     labels = sorted({label for _, label, _ in entries})
     boxes = {box for _, _, box in entries}
-    kw = dict(path=os.path.join(self.image_root, rel), rows=len(entries), label=labels[0],
-              box=next(iter(boxes)))
-    if len(labels) > 1:
+    path = "/" + rel if absolute else os.path.join(self.image_root, rel)
+    kw = dict(path=path, rows=len(entries), label=labels[0], box=next(iter(boxes)))
+    if not rel:
+      kw["skip"] = f"empty image cell in column {self.image_col!r} (CSV line {lines})"
+    elif len(labels) > 1:
       lines_of = {label: ", ".join(str(n) for n, lab, _ in entries if lab == label)
                   for label in labels}
       detail = "; ".join(f"{label!r} (CSV line {lines_of[label]})" for label in labels)
@@ -133,7 +151,7 @@ class CsvSource:
       kw["skip"] = f"conflicting boxes for one image (CSV lines {lines})"
     elif isinstance(kw["box"], str):
       kw["skip"] = f"{kw['box']} (CSV line {lines})"
-    elif not os.path.isfile(kw["path"]):
+    elif not os.path.lexists(kw["path"]):
       kw["skip"] = f"missing file: {kw['path']} (named on CSV line {lines}) does not exist"
     if isinstance(kw["box"], str):
       kw["box"] = None

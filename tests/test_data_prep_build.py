@@ -358,23 +358,44 @@ def test_failing_worker_leaves_nothing(demo_data_dir, tmp_path, monkeypatch):
   assert _leftovers(tmp_path, "out") == []
 
 
-def test_killed_build_leaves_nothing_that_looks_complete(demo_data_dir, tmp_path):
+def _children(pid: int) -> list[int]:
+  out = []
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        if entry.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+          out.append(int(entry))
+    except (OSError, IndexError, ValueError):
+      pass
+  return out
+
+
+def test_killed_build_leaves_nothing_that_looks_complete_and_no_workers(demo_data_dir, tmp_path):
   src = demo_source(demo_data_dir, tmp_path, 300)
   out = tmp_path / "out"
   proc = subprocess.Popen(
       [sys.executable, "-m", "data_prep", "build", "--out", str(out), "--size", "64",
-       "--workers", "1", "--no-progress", "--source", "csv", src.path, f"root={src.root}"],
+       "--workers", "2", "--no-progress", "--source", "csv", src.path, f"root={src.root}"],
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 60
   while not _leftovers(tmp_path, "out.partial-") and time.time() < deadline:
     time.sleep(0.02)
   time.sleep(0.3)
   assert proc.poll() is None, "the build finished before it could be killed"
+  workers = _children(proc.pid)
+  assert workers, "no pool workers seen"
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not out.exists()
   [staging] = _leftovers(tmp_path, "out.partial-")
   assert not (staging / records.MANIFEST).exists()
+  # Orphaned pool workers die with the build (they used to block on its queue forever).
+  deadline = time.time() + 10
+  while time.time() < deadline and any(os.path.exists(f"/proc/{w}") for w in workers):
+    time.sleep(0.1)
+  alive = [w for w in workers if os.path.exists(f"/proc/{w}")
+           and open(f"/proc/{w}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+  assert not alive, alive
 
 
 # ---- TFDS (array_record, no TensorFlow) ----
@@ -413,3 +434,63 @@ def test_tfds_array_record_source_is_read_as_unlabeled(demo_data_dir, tmp_path):
   for r in recs:  # TFDS shuffles the order; each record is one of the faces (JPEG twice over)
     image = cv2.imdecode(np.frombuffer(r["image"], np.uint8), cv2.IMREAD_COLOR).astype(int)
     assert min(np.abs(image - ref).mean() for ref in refs) < 8
+
+
+# ---- Odd inputs (docs/RELIABILITY.md) ----
+
+def test_odd_file_names_round_trip_and_non_files_are_skipped(demo_data_dir, tmp_path):
+  from data_prep import split as split_lib
+  rows = demo_rows(demo_data_dir, 4)
+  tree = tmp_path / "tree"
+  tree.mkdir()
+  names = ["plain.jpg", "line\u2028sep.jpg", "form\x0cfeed.jpg", "para\u2029graph.jpg"]
+  for r, name in zip(rows, names):
+    shutil.copy(demo_data_dir / "images" / r["image"], tree / name)
+  os.mkfifo(tree / "fifo.jpg")   # read naively, it blocks the build forever
+  bad = os.path.join(os.fsencode(tree), b"latin\xe9.jpg")   # not UTF-8
+  shutil.copy(demo_data_dir / "images" / rows[0]["image"], bad)
+  src = sources.parse(["folder", str(tree), "labels=none", "name=odd"])
+  m = build.build([src], str(tmp_path / "out"), FAST, workers=1, progress=False)
+  reasons = {sk["id"]: sk["reason"] for sk in m["skipped"]}
+  assert reasons["odd/fifo.jpg"].startswith("not a regular file")
+  [utf8] = [r for i, r in reasons.items() if i.startswith("odd/latin")]
+  assert utf8.startswith("bad file name: not valid UTF-8")
+  ids = records.load_ids(str(tmp_path / "out"))
+  assert sorted(ids) == sorted(f"odd/{n}" for n in names)
+  _, recs = read_shards(tmp_path / "out")
+  assert [r["id"] for r in recs] == ids     # ids.txt matches the shards, record for record
+  assert len(split_lib.read_records(str(tmp_path / "out"))) == 4   # the project reads it back
+
+
+def test_csv_edge_cases_are_named(demo_data_dir, tmp_path):
+  rows = demo_rows(demo_data_dir, 3)
+  absolute = str(demo_data_dir / "images" / rows[0]["image"])
+  path = write_csv(tmp_path / "edge.csv", [("u", absolute, rows[0]["emotion"]),
+                                           ("u", "", rows[1]["emotion"]),
+                                           ("u", rows[2]["image"], rows[2]["emotion"])])
+  src = sources.CsvSource(name="edge", path=path, root=str(tmp_path / "elsewhere"))
+  items = {it.id: it for it in src.items({})}
+  [abs_item] = [it for it in items.values() if it.path == absolute]
+  assert abs_item.skip is None                     # an absolute path is used as it is
+  [empty] = [it for it in items.values() if it.skip and "empty image cell" in it.skip]
+  assert "CSV line 3" in empty.skip
+  header_only = write_csv(tmp_path / "empty.csv", [])
+  with pytest.raises(DatasetError, match="no data rows"):
+    sources.CsvSource(name="e", path=header_only).items({})
+
+
+def test_overwrite_replaces_datasets_only(demo_data_dir, tmp_path):
+  src = demo_source(demo_data_dir, tmp_path, 4)
+  precious = tmp_path / "precious"
+  precious.mkdir()
+  (precious / "notes.txt").write_text("keep me")
+  with pytest.raises(FileExistsError, match="not a dataset"):
+    build.build([src], str(precious), FAST, workers=1, progress=False, overwrite=True)
+  assert (precious / "notes.txt").read_text() == "keep me"
+  out = tmp_path / "out"
+  build.build([src], str(out), FAST, workers=1, progress=False)
+  build.build([src], str(out), FAST, workers=1, progress=False, overwrite=True)   # a dataset
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  build.build([src], str(empty), FAST, workers=1, progress=False, overwrite=True)
+  assert (empty / records.MANIFEST).exists()

@@ -185,6 +185,7 @@ class _Batch:
   image_size: int
   num_classes: int
   where: str  # names the data for error messages
+  data_dir: str
   rows: _TrainRows | _EvalRows
   transform: augment.Transform
   seed: int
@@ -214,7 +215,10 @@ class _Batch:
       if index < 0:  # an eval pad
         image[row] = 0
         continue
-      rec = records.decode(self.source[index])
+      try:
+        rec = records.decode(self.source[index])
+      except Exception as e:  # pylint: disable=broad-except   (array_record, msgpack errors)
+        raise records.read_error(self.data_dir, index, e) from e
       decoded = augment.decode(rec["image"], rgb=False)
       view = self.transform.fn(decoded, rec["box"], u, image[row])
       if train:
@@ -277,9 +281,13 @@ def _open(data_dir, split, names, kind, image_size, source=None):
   if not len(indices):
     raise records.DatasetError(f"{where}: no records; name lists that are not empty.")
   if source is None:
-    source = grain.sources.ArrayRecordDataSource(records.shard_paths(data_dir, manifest))
+    paths = records.shard_paths(data_dir, manifest)
+    try:
+      source = grain.sources.ArrayRecordDataSource(paths)
+    except Exception as e:  # pylint: disable=broad-except   (a damaged shard's footer)
+      raise records.open_error(data_dir, paths, e) from e
   return indices, dict(source=source, kind=kind, image_size=image_size,
-                       num_classes=len(manifest["classes"]), where=where)
+                       num_classes=len(manifest["classes"]), where=where, data_dir=data_dir)
 
 
 def _iterate(ds: grain.MapDataset, num_threads, prefetch_batches, worker_count):

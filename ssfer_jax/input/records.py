@@ -86,6 +86,39 @@ def shard_paths(data_dir: str, manifest: dict) -> list[str]:
   return paths
 
 
+def read_error(data_dir: str, index: int, error: BaseException) -> DatasetError:
+  """A failed read of global record `index`, named by its shard file and place in it."""
+  where = f"record {index}"
+  try:
+    offset = index
+    for shard in load_manifest(data_dir)["shards"]:
+      if offset < shard["num_records"]:
+        where = (f"record {index} ({offset} of {os.path.join(data_dir, shard['file'])})")
+        break
+      offset -= shard["num_records"]
+  except (OSError, KeyError, ValueError, DatasetError):
+    pass
+  return DatasetError(
+      f"{data_dir}: {where} cannot be read ({type(error).__name__}: {error}). The shard is "
+      f"damaged: `python -m data_prep verify {data_dir}` checks every shard's checksum; "
+      "rebuild or restore the dataset.")
+
+
+def open_error(data_dir: str, paths: list[str], error: BaseException) -> DatasetError:
+  """Opening the shards failed: name the ones that do not open on their own."""
+  from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=g-import-not-at-top
+  bad = []
+  for path in paths:
+    try:
+      ArrayRecordReader(path).close()
+    except Exception:  # pylint: disable=broad-except
+      bad.append(path)
+  return DatasetError(
+      f"{data_dir}: shard(s) {bad or paths} cannot be opened ({type(error).__name__}: "
+      f"{str(error)[:300]}). `python -m data_prep verify {data_dir}` checks every shard's "
+      "checksum; rebuild or restore the dataset.")
+
+
 def load_manifest(data_dir: str) -> dict:
   path = os.path.join(data_dir, MANIFEST)
   if not os.path.exists(path):
@@ -100,8 +133,10 @@ def load_manifest(data_dir: str) -> dict:
 
 
 def load_ids(data_dir: str) -> list[str]:
-  with open(os.path.join(data_dir, IDS_FILE)) as f:
-    return f.read().splitlines()
+  """One id per "\n"-ended line (UTF-8). Only "\n" ends a line: ids may hold any other
+  character a file name can (U+2028, form feeds, ...), which `str.splitlines` would split."""
+  with open(os.path.join(data_dir, IDS_FILE), encoding="utf-8", newline="") as f:
+    return f.read().split("\n")[:-1]
 
 
 def _index_of(data_dir: str) -> dict[str, int]:
