@@ -76,6 +76,9 @@ def _build_parser(sub):
                  "box_cols; none: no detection, full-frame box (default %(default)s)")
   p.add_argument("--yunet-model", help="path to the YuNet ONNX file (for --detector yunet)")
   p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="(default %(default)s)")
+  p.add_argument("--keep-corrupt", action="store_true",
+                 help="keep JPEGs that libjpeg decodes only by guessing (corrupt data), listed "
+                 "under 'flagged' in the manifest; by default they are skipped with the reason")
   p.add_argument("--min-size", type=int, default=d.min_size,
                  help="skip images whose shorter side is below this many px (default %(default)s)")
   p.add_argument("--classes", help="ordered, comma-separated class list; labels outside it are "
@@ -142,6 +145,7 @@ def _run_build(args) -> str:
   cfg = build.Config(
       size=args.size, crop=args.crop, margin=args.margin, detector=args.detector,
       yunet_model=args.yunet_model, jpeg_quality=args.jpeg_quality, min_size=args.min_size,
+      keep_corrupt=args.keep_corrupt,
       classes=tuple(c for c in args.classes.split(",") if c.strip()) if args.classes else None,
       aliases=tuple(_alias(a) for a in args.alias), num_shards=args.num_shards)
   srcs = [sources.parse(tokens) for tokens in args.source]

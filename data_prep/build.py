@@ -55,6 +55,7 @@ class Config:
   classes: tuple[str, ...] | None = None  # ordered; None: the sorted set of labels seen
   aliases: tuple[tuple[str, str], ...] = ()  # (from, to) label pairs
   num_shards: int = 1
+  keep_corrupt: bool = False   # keep JPEGs libjpeg decodes only by guessing, flagged
 
   def check(self):
     bad = [(self.size >= 8, f"--size {self.size}: want at least 8 px"),
@@ -151,6 +152,8 @@ def command_line(srcs: list, cfg: Config) -> str:
       args.append(f"--classes {','.join(value)}")
     elif f.name == "aliases":
       args.extend(f"--alias {a}={b}" for a, b in value)
+    elif isinstance(value, bool):
+      args.extend([f"--{f.name.replace('_', '-')}"] if value else [])
     elif value is not None and f.name != "classes":
       args.append(f"--{f.name.replace('_', '-')} {value}")
   return " ".join(args)
@@ -235,6 +238,10 @@ def summary(manifest: dict) -> str:
   for reason, paths in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
     more = f" ... (+{len(paths) - 3})" if len(paths) > 3 else ""
     lines.append(f"    {len(paths):6d}  {reason}: {', '.join(paths[:3])}{more}")
+  flagged = manifest.get("flagged", [])
+  if flagged:
+    lines.append(f"  kept {len(flagged)} corrupt JPEG(s), flagged in manifest.json 'flagged': "
+                 + ", ".join(fl["path"] for fl in flagged[:3]) + (" ..." if len(flagged) > 3 else ""))
   return "\n".join(lines)
 
 
@@ -294,14 +301,19 @@ def _read(item: sources_lib.Item) -> tuple[bytes | np.ndarray, str]:
   return array, hashlib.sha256(str(array.shape).encode() + array.tobytes()).hexdigest()
 
 
-def _process(item: sources_lib.Item) -> tuple[bytes | None, str | None, str | None, bool]:
-  """(encoded record or None, skip reason or None, input sha256 or None, face found)."""
+def _process(item: sources_lib.Item) -> tuple[bytes | None, str | None, str | None, bool,
+                                              str | None]:
+  """(encoded record or None, skip reason or None, input sha256 or None, face found, the
+  corruption a kept record carries or None)."""
   if item.skip:
-    return None, item.skip, None, False
-  cfg, digest = _STATE["cfg"], None
+    return None, item.skip, None, False, None
+  cfg, digest, corrupt = _STATE["cfg"], None, None
   try:
     raw, digest = _read(item)
-    image = images.decode(raw) if isinstance(raw, bytes) else images.from_array(raw)
+    if isinstance(raw, bytes):
+      image, corrupt = images.decode_checked(raw, cfg.keep_corrupt)
+    else:
+      image = images.from_array(raw)
     h, w = image.shape[:2]
     if min(h, w) < cfg.min_size:
       raise images.ImageError(f"too small: {w}x{h} px, shorter side below --min-size "
@@ -315,11 +327,11 @@ def _process(item: sources_lib.Item) -> tuple[bytes | None, str | None, str | No
     stored, norm_box = images.frame(image, box, cfg.crop, cfg.margin, cfg.size)
     jpeg = images.encode_jpeg(stored, cfg.jpeg_quality)
   except images.ImageError as e:
-    return None, str(e), digest, False
+    return None, str(e), digest, False, None
   label = records.UNLABELED if item.label is None else _STATE["label"][item.label]
   rec = records.Record(image=jpeg, label=label, box=norm_box, id=item.id, source=item.source,
                        face_found=box is not None)
-  return records.encode(rec), None, digest, box is not None
+  return records.encode(rec), None, digest, box is not None, corrupt
 
 
 def _results(p: Plan, cfg: Config, items: list, workers: int | None, progress: bool):
@@ -375,14 +387,15 @@ def _run(p: Plan, cfg: Config, shards, out_dir: str, workers: int | None, progre
 def _write_shard(p: Plan, cfg: Config, shard: int, lo: int, hi: int, results, out_dir: str) -> dict:
   """Writes inputs lo..hi (their results come from `results`) as one shard; its summary."""
   name = records.shard_name(shard, cfg.num_shards)
-  part = {"shard": shard, "file": name, "ids": [], "skipped": [], "inputs_sha256": {},
+  part = {"shard": shard, "file": name, "ids": [], "skipped": [], "flagged": [],
+          "inputs_sha256": {},
           "counts": {c: 0 for c in p.classes + [UNLABELED_KEY]},
           "sources": {s: dict.fromkeys(("read", "written", "skipped", "faces_found",
                                         "duplicate_rows"), 0) for s in p.header["sources"]}}
   writer = ArrayRecordWriter(os.path.join(out_dir, name), WRITER_OPTIONS)
   for i in range(lo, hi):
     item = p.items[i]
-    raw, reason, digest, face_found = next(results)
+    raw, reason, digest, face_found, corrupt = next(results)
     stats = part["sources"][item.source]
     stats["read"] += 1
     stats["duplicate_rows"] += item.rows - 1
@@ -394,6 +407,9 @@ def _write_shard(p: Plan, cfg: Config, shard: int, lo: int, hi: int, results, ou
                               "reason": reason})
       continue
     writer.write(raw)
+    if corrupt:
+      part["flagged"].append({"id": item.id, "source": item.source, "path": item.path,
+                              "reason": f"corrupt JPEG data, kept (--keep-corrupt): {corrupt}"})
     stats["written"] += 1
     stats["faces_found"] += int(face_found)
     part["ids"].append(item.id)
@@ -430,6 +446,7 @@ def _assemble(out_dir: str, header: dict, parts: list) -> dict:
       shards=[{k: part[k] for k in ("file", "num_records", "sha256")} for part in parts],
       ids_sha256=hashlib.sha256(ids_text.encode()).hexdigest(),
       skipped=[sk for part in parts for sk in part["skipped"]],
+      flagged=[fl for part in parts for fl in part.get("flagged", [])],
       inputs_sha256={k: v for part in parts for k, v in part["inputs_sha256"].items()},
   )
   manifest["manifest_sha256"] = records.manifest_digest(manifest)

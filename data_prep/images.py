@@ -7,7 +7,10 @@ Grey images stay 1-channel (smaller JPEGs; readers decode with a colour flag).
 
 from __future__ import annotations
 
+import os
 import struct
+import sys
+import tempfile
 
 import cv2
 import numpy as np
@@ -24,19 +27,61 @@ class ImageError(ValueError):
   """An input that cannot become a record; the message is the skip reason."""
 
 
+# libjpeg reports data it had to guess ("Corrupt JPEG data: ...", "Premature end of JPEG
+# file") only as a line on the process's stderr, naming no file, and decodes a smeared image.
+CORRUPTION_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG file")
+_capture = None   # a scratch file for fd 2, one per process
+
+
+def _decode_capturing_stderr(data: bytes):
+  """cv2.imdecodeWithMetadata with fd 2 read around it: (its result, warnings it printed).
+  Other lines pass on to the real stderr. Not thread-safe: build workers decode one image at
+  a time per process."""
+  global _capture
+  if _capture is None:
+    _capture = tempfile.TemporaryFile()
+  _capture.seek(0)
+  _capture.truncate()
+  sys.stderr.flush()
+  saved = os.dup(2)
+  os.dup2(_capture.fileno(), 2)
+  try:
+    out = cv2.imdecodeWithMetadata(np.frombuffer(data, np.uint8), flags=cv2.IMREAD_UNCHANGED)
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+  _capture.seek(0)
+  lines = _capture.read().decode("utf-8", "replace").splitlines()
+  warnings = [line for line in lines if line.startswith(CORRUPTION_WARNINGS)]
+  others = [line for line in lines if line not in warnings]
+  if others:
+    sys.stderr.write("\n".join(others) + "\n")
+  return out, warnings
+
+
 def decode(data: bytes) -> np.ndarray:
-  """Encoded file bytes -> uint8 HxW (grey) or HxWx3 (BGR), upright."""
+  """Encoded file bytes -> uint8 HxW (grey) or HxWx3 (BGR), upright; ImageError if it cannot
+  be decoded, or only by guessing (corrupt JPEG data)."""
+  return decode_checked(data)[0]
+
+
+def decode_checked(data: bytes, keep_corrupt: bool = False) -> tuple[np.ndarray, str | None]:
+  """`decode`, and libjpeg's corruption warnings (None for clean data); with `keep_corrupt`
+  a corrupt image is returned with its warnings instead of raising."""
   if not data:
     raise ImageError("empty file (0 bytes)")
-  image, types, meta = cv2.imdecodeWithMetadata(np.frombuffer(data, np.uint8),
-                                                flags=cv2.IMREAD_UNCHANGED)
+  (image, types, meta), warnings = _decode_capturing_stderr(data)
+  corrupt = "; ".join(dict.fromkeys(warnings)) or None
+  if corrupt and not keep_corrupt:
+    raise ImageError(f"corrupt JPEG data: libjpeg decoded it only by guessing ({corrupt}); "
+                     "--keep-corrupt keeps such images, flagged in the manifest")
   if image is None or image.size == 0:
     raise ImageError("not a decodable image (corrupt, truncated, or not an image file)")
   orientation = 1
   for kind, blob in zip(types, meta):
     if kind == cv2.IMAGE_METADATA_EXIF:
       orientation = exif_orientation(np.asarray(blob).tobytes())
-  return orient(to_uint8(image), orientation)
+  return orient(to_uint8(image), orientation), corrupt
 
 
 def from_array(array: np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
 """`data_prep build` on real faces: sources, bad input, determinism, atomicity, scale-out."""
 
 import csv
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -494,3 +495,28 @@ def test_overwrite_replaces_datasets_only(demo_data_dir, tmp_path):
   empty.mkdir()
   build.build([src], str(empty), FAST, workers=1, progress=False, overwrite=True)
   assert (empty / records.MANIFEST).exists()
+
+
+def test_corrupt_jpeg_data_is_skipped_or_kept_flagged(demo_data_dir, tmp_path, capfd):
+  rows = demo_rows(demo_data_dir, 3)
+  tree = tmp_path / "tree"
+  tree.mkdir()
+  for r in rows:
+    shutil.copy(demo_data_dir / "images" / r["image"], tree / r["image"])
+  smeared = tree / rows[1]["image"]
+  raw = bytearray(smeared.read_bytes())
+  mid = len(raw) // 2
+  raw[mid:mid + 50] = np.random.default_rng(0).integers(0, 256, 50, dtype=np.uint8).tobytes()
+  smeared.write_bytes(bytes(raw))
+  src = sources.parse(["folder", str(tree), "labels=none", "name=t"])
+  m = build.build([src], str(tmp_path / "skip"), FAST, workers=1, progress=False)
+  [sk] = m["skipped"]
+  assert sk["id"] == f"t/{rows[1]['image']}" and sk["reason"].startswith("corrupt JPEG data")
+  assert m["num_records"] == 2 and m["flagged"] == []
+  assert "Corrupt JPEG data" not in capfd.readouterr().err   # attributed, not leaked
+  keep = dataclasses.replace(FAST, keep_corrupt=True)
+  m = build.build([src], str(tmp_path / "keep"), keep, workers=1, progress=False)
+  assert m["num_records"] == 3 and m["skipped"] == []
+  [fl] = m["flagged"]
+  assert fl["id"] == f"t/{rows[1]['image']}" and "premature end of data segment" in fl["reason"]
+  assert "--keep-corrupt" in m["command"]
