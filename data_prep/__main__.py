@@ -129,6 +129,9 @@ def _split_parser(sub):
   p.add_argument("--group-by", metavar="REGEX",
                  help="capture group 1 on the file's basename is the identity; an identity "
                  "never spans two lists (non-matching files are their own group)")
+  p.add_argument("--group-min-match", type=float, default=0.9,
+                 help="refuse a --group-by that finds an identity in fewer than this share of "
+                 "the record ids (default %(default)s)")
   p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
   p.add_argument("--overwrite", action="store_true",
                  help="replace an existing split NAME (or fold set NAME_fold*)")
@@ -177,9 +180,17 @@ def _run_split(args) -> str:
   opts = split.Options(labeled_fraction=args.labeled_fraction,
                        labels_per_class=args.labels_per_class, labels_total=args.labels_total,
                        val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                       test_source=args.test_source, group_by=args.group_by, seed=args.seed)
-  result = split.split(args.data, args.name, opts, overwrite=args.overwrite)
-  return f"wrote {args.data}/splits/{args.name}.json\n" + split.table(result)
+                       test_source=args.test_source, group_by=args.group_by,
+                       group_min_match=args.group_min_match, seed=args.seed)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", split.SplitWarning)
+    result = split.split(args.data, args.name, opts, overwrite=args.overwrite)
+  for w in caught:
+    print(f"warning: {w.message}", file=sys.stderr)
+  matched = result.get("group_by_matched")
+  grouped = (f"\n--group-by found an identity in {matched['ids']} of {matched['of']} record ids"
+             if matched else "")
+  return f"wrote {args.data}/splits/{args.name}.json\n" + split.table(result) + grouped
 
 
 def _run_folds(args) -> str:
@@ -189,7 +200,8 @@ def _run_folds(args) -> str:
     raise ValueError(f"--folds excludes {' and '.join(given)}: fold k's test list is fold k "
                      "(every labeled record is tested once); drop them, or drop --folds")
   opts = split.FoldOptions(folds=args.folds, val_fraction=args.val_fraction,
-                           group_by=args.group_by, seed=args.seed)
+                           group_by=args.group_by, group_min_match=args.group_min_match,
+                           seed=args.seed)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always", split.FoldWarning)
     results = split.kfold(args.data, args.name, opts, overwrite=args.overwrite)

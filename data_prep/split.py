@@ -36,6 +36,7 @@ class Options:
   test_fraction: float | None = None  # default 0.1, or 0 with test_source
   test_source: str | None = None
   group_by: str | None = None         # regex on the basename; group 1 is the identity
+  group_min_match: float = 0.9        # refuse a group_by that matches fewer record ids
   seed: int = 0
 
   def check(self):
@@ -71,6 +72,7 @@ class FoldOptions:
   folds: int
   val_fraction: float = 0.1
   group_by: str | None = None         # regex on the basename; group 1 is the identity
+  group_min_match: float = 0.9        # refuse a group_by that matches fewer record ids
   seed: int = 0
 
   def check(self):
@@ -91,6 +93,40 @@ def _check_group_by(pattern: str | None):
                        r"'^(.*)_\d+\.\w+$'")
   except re.error as e:
     raise ValueError(f"--group-by {pattern!r}: not a regular expression ({e})") from e
+
+
+class SplitWarning(UserWarning):
+  """A class that val or test holds none of."""
+
+
+def check_group_matches(recs: list["RecordInfo"], pattern: str | None,
+                        min_match: float) -> int | None:
+  """How many record ids `pattern` finds an identity in; ValueError below `min_match` of
+  them: an id the pattern misses is its own identity, so a typo would silently write an
+  ungrouped split (the same person in train and test)."""
+  if pattern is None:
+    return None
+  regex = re.compile(pattern)
+  matched = sum(1 for r in recs if regex.search(r.id.rsplit("/", 1)[-1]))
+  if matched < min_match * len(recs):
+    example = recs[0].id.rsplit("/", 1)[-1] if recs else "?"
+    raise ValueError(
+        f"--group-by {pattern!r} finds an identity in {matched} of {len(recs)} record ids "
+        f"({100 * matched / max(len(recs), 1):.0f}%, want >= {100 * min_match:.0f}%); the rest "
+        f"would be ungrouped, leaking identities across lists. The pattern is searched in the "
+        f"file name (e.g. {example!r}) and group 1 is the identity; fix it, or lower "
+        "--group-min-match to accept.")
+  return matched
+
+
+def _empty_classes(result: dict, lists: tuple[str, ...]) -> list[str]:
+  """'class c has no val records' lines for classes the build labels but a list lacks."""
+  labeled = {c for ln, counts in result["counts"].items() for c, n in counts.items()
+             if n and c != UNLABELED_KEY}
+  return [f"{result['name']}: class {c!r} has no {ln} records (too few labeled, or its "
+          "identities went elsewhere); its per-class figures there will be empty."
+          for ln in lists if ln in result["counts"]
+          for c in sorted(labeled) if not result["counts"][ln].get(c)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,9 +166,15 @@ def split(data_dir: str, name: str, opts: Options, *, overwrite: bool = False) -
   if opts.test_source is not None and opts.test_source not in manifest["sources"]:
     raise ValueError(f"--test-source {opts.test_source!r}: the build has sources "
                      f"{sorted(manifest['sources'])}")
+  matched = check_group_matches(recs, opts.group_by, opts.group_min_match)
   result = _content(manifest, recs, name,
                     dict(dataclasses.asdict(opts), test_fraction=opts.test_frac),
                     assign(recs, opts))
+  if matched is not None:
+    result["group_by_matched"] = {"ids": matched, "of": len(recs)}
+  wanted = tuple(ln for ln, f in (("val", opts.val_fraction), ("test", opts.test_frac)) if f)
+  for msg in _empty_classes(result, wanted + (("test",) if opts.test_source else ())):
+    warnings.warn(msg, SplitWarning, stacklevel=2)
   _write(path, result)
   return result
 
@@ -160,6 +202,7 @@ def kfold(data_dir: str, name: str, opts: FoldOptions, *, overwrite: bool = Fals
                           "or choose another --name (training runs may depend on this one).")
   manifest = records.load_manifest(data_dir)
   recs = read_records(data_dir)
+  check_group_matches(recs, opts.group_by, opts.group_min_match)
   results = [_content(manifest, recs, fold_name(name, k),
                       dict(dataclasses.asdict(opts), fold=k), lists)
              for k, lists in enumerate(assign_folds(recs, opts))]

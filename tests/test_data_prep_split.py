@@ -286,7 +286,8 @@ def test_folds_cli_writes_the_set_and_prints_warnings(data, capsys):
   assert "warning: class 'contempt'" in err
   assert split.fold_names(data, "cvcli") == [f"cvcli_fold{k}" for k in range(7)]
   assert json.load(open(f"{data}/splits/cvcli_fold3.json"))["options"] == {
-      "folds": 7, "fold": 3, "val_fraction": 0.1, "group_by": None, "seed": 1}
+      "folds": 7, "fold": 3, "val_fraction": 0.1, "group_by": None, "group_min_match": 0.9,
+      "seed": 1}
 
 
 @hypothesis.given(st.lists(st.integers(1, 500), min_size=1, max_size=9), st.data())
@@ -297,3 +298,20 @@ def test_proportional_allocation_sums_exactly(counts, draw):
   alloc = split.proportional(counts, total)
   assert sum(alloc.values()) == total
   assert all(1 <= alloc[c] <= counts[c] for c in counts)
+
+
+def test_group_by_matching_too_few_ids_is_refused_and_empty_classes_warn(data, capsys):
+  typo = r"^(.*)-\d+\.\w+$"   # "-" for "_": matches no demo file name
+  with pytest.raises(ValueError, match=r"finds an identity in 0 of \d+ record ids"):
+    split.split(data, "typo", split.Options(labeled_fraction=0.1, group_by=typo))
+  with pytest.raises(ValueError, match="group-min-match"):
+    split.kfold(data, "typo", split.FoldOptions(folds=3, group_by=typo))
+  assert not (pathlib.Path(data) / "splits" / "typo.json").exists()
+  # The CLI reports how many matched, and warns for classes val or test lack.
+  assert cli.main(["split", "--data", data, "--name", "gm", "--labeled-fraction", "0.1",
+                   "--group-by", IDENTITY, "--val-fraction", "0.01", "--seed", "2"]) == 0
+  out = capsys.readouterr()
+  n = json.loads((pathlib.Path(data) / "splits" / "gm.json").read_text())["group_by_matched"]
+  assert f"found an identity in {n['ids']} of {n['of']} record ids" in out.out
+  assert n["ids"] >= 0.9 * n["of"]
+  assert re.search(r"warning: gm: class '\w+' has no val records", out.err)
