@@ -9,6 +9,7 @@ guards against loading checkpoints from an incompatible layout.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -111,14 +112,47 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any | None,
               stage: str) -> Any:
-    """Restores into `abstract_state` (ShapeDtypeStructs carrying NamedShardings)."""
+    """Restores into `abstract_state` (ShapeDtypeStructs carrying NamedShardings): any mesh.
+
+    A step written by another number of processes still restores: every process saved the
+    same data position (the global batch number: each process's rows are a function of it,
+    the global batch size and its index), so each process of this run continues the global
+    stream from there."""
     self._check_meta(step, stage)
     items = dict(state=ocp.args.StandardRestore(abstract_state))
+    foreign = None
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      foreign = self._foreign_data_state(step)
+      if foreign is None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    if foreign is not None:
+      data_iterator.set_state(foreign)
     logging.info("restored step %d from %s", step, self.directory)
     return restored["state"]
+
+  def _foreign_data_state(self, step: int) -> dict | None:
+    """The data position saved by a different process count (None when this run's own
+    files are there); CheckpointError if those processes disagree."""
+    data = os.path.join(self.directory, str(step), "data")
+    mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    names = sorted(n for n in (os.listdir(data) if os.path.isdir(data) else [])
+                   if n.startswith("process_") and n.endswith(".json"))
+    if mine in names or not names:
+      return None
+    states = {}
+    for n in names:
+      with open(os.path.join(data, n)) as f:
+        states[n] = json.load(f)
+    if len({json.dumps(v, sort_keys=True) for v in states.values()}) != 1:
+      raise CheckpointError(
+          f"{data}: the {len(names)} processes that wrote step {step} saved different data "
+          f"positions ({states}); this run has {jax.process_count()} process(es) and cannot "
+          f"continue their streams: resume with {len(names)} processes.")
+    logging.warning("step %d was written by %d process(es), this run has %d: the data stream "
+                    "continues from the same global position (%s)", step, len(names),
+                    jax.process_count(), states[names[0]])
+    return states[names[0]]
 
   def restore_latest(self, abstract_state: Any, data_iterator: Any | None, stage: str,
                      check_config: Callable[[dict, str], None]) -> tuple[int, Any] | None:

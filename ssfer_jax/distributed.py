@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import time
 
 import jax
 
@@ -16,6 +18,30 @@ _CLUSTER_HINTS = {
 }
 
 
+class JoinError(RuntimeError):
+  """This process could not join the multi-process job."""
+
+
+def _wait_for_coordinator(address: str, num_processes: int, process_id: int,
+                          timeout_s: int) -> None:
+  """Returns once process 0's coordination service accepts connections; JoinError, naming
+  the address and the fix, if it does not within `timeout_s`."""
+  host, _, port = address.rpartition(":")
+  deadline, error = time.monotonic() + timeout_s, None
+  while time.monotonic() < deadline:
+    try:
+      socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+      return
+    except (OSError, ValueError) as e:
+      error = e
+      time.sleep(0.5)
+  raise JoinError(
+      f"process {process_id} of {num_processes} could not reach the coordinator at {address} "
+      f"within {timeout_s}s ({error}). Check that the address is process 0's host and port, "
+      "reachable from here, and that process 0 was started (--distributed_timeout_s sets "
+      "the wait).")
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, timeout_s: int = 300) -> bool:
   """Joins the job's processes; returns whether `jax.distributed` was initialised.
@@ -26,6 +52,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if coordinator_address:
     if num_processes is None or process_id is None:
       raise ValueError("--coordinator_address needs --num_processes and --process_id as well.")
+    if process_id != 0:   # JAX aborts the process (no Python error) when it cannot connect
+      _wait_for_coordinator(coordinator_address, num_processes, process_id, timeout_s)
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                initialization_timeout=timeout_s)
   else:

@@ -57,8 +57,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                         _INIT_TIMEOUT.value)
+  try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           _INIT_TIMEOUT.value)
+  except distributed.JoinError as e:
+    sys.stderr.write(f"JoinError: {e}\n")
+    sys.exit(1)
   try:
     workdir.prepare(_WORKDIR.value)
   except workdir.WorkdirError as e:

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -65,3 +66,80 @@ def test_two_processes_finetune_and_evaluate_every_record_once(tmp_path, data_di
   assert all(o["eval_count"] == o["eval_read"] == n for o in outs)
   assert outs[0]["eval_accuracy"] == outs[1]["eval_accuracy"]
   assert os.path.exists(os.path.join(workdir, "result.json"))
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process_on_the_same_stream(tmp_path, data_dir):
+  """Another process count: each process continues the global stream from the saved batch
+  number (the rows of a global batch depend on it, not on the process count)."""
+  import jax
+  from configs import pretrain_mae
+  from ssfer_jax import checkpointing
+  from ssfer_jax.input import pipeline
+  from ssfer_jax.trainers import loop, pretrain
+  jax.config.update("jax_threefry_partitionable", True)
+  _, workdir = run_two(tmp_path, data_dir, "pretrain")   # 6 steps, 2 processes x 4 devices
+  config = pretrain_mae.get_config("test").unlock()
+  config.data.dir, config.mesh.shape, config.total_steps = data_dir, (-1, 2), 8
+  kw = dict(kind="unlabeled", global_batch_size=config.batch_size, image_size=32,
+            seed=config.seed, num_threads=1)
+  lists = ("default", config.data.train_lists)
+  it = pipeline.make_train_iterator(data_dir, *lists, process_index=0, process_count=1, **kw)
+  plan = loop.plan_run(config)
+  abstract, _ = loop.state_layout(config, pretrain.make_stage(config, plan, None), plan.mesh)
+  ckpt = checkpointing.Checkpointer(workdir)
+  ckpt.restore(6, abstract, it, pretrain.STAGE)
+  ckpt.close()
+  two = [pipeline.make_train_iterator(data_dir, *lists, process_index=p, process_count=2, **kw)
+         for p in range(2)]
+  for _ in range(6):
+    [next(t) for t in two]
+  want = sorted(np.concatenate([next(t)["index"] for t in two]).tolist())
+  assert sorted(next(it)["index"].tolist()) == want   # global batch 7: the same records
+  loop.train(config, workdir, pretrain.make_stage, allow_schedule_change=True)
+  losses = {r["step"]: r["loss"] for r in writers.read_metrics(workdir) if r["split"] == "train"}
+  assert sorted(losses) == list(range(1, 9)) and np.all(np.isfinite(list(losses.values())))
+
+
+def test_a_process_that_cannot_reach_the_coordinator_fails_clearly_in_time(tmp_path, data_dir):
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE), JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  t = time.time()
+  run = subprocess.run(
+      [sys.executable, "-m", "ssfer_jax.main", "--config", "configs/pretrain_mae.py:test",
+       "--workdir", str(tmp_path / "run"), f"--config.data.dir={data_dir}",
+       "--coordinator_address", f"localhost:{free_port()}", "--num_processes", "2",
+       "--process_id", "1", "--distributed_timeout_s", "5"],
+      cwd=os.path.dirname(HERE), capture_output=True, text=True, timeout=120, env=env)
+  assert run.returncode == 1 and time.time() - t < 60
+  assert "JoinError: process 1 of 2 could not reach the coordinator at localhost:" in run.stderr
+  assert "Traceback" not in run.stderr
+
+
+def test_a_checkpoint_restores_onto_fewer_devices(tmp_path, data_dir):
+  """8 devices (mesh 4 x 2) to 4 (mesh 2 x 2) mid-run: the run ends as a straight one."""
+  import jax
+  from conftest import small_config
+  from configs import pretrain_mae
+  from ssfer_jax.trainers import loop, pretrain
+  jax.config.update("jax_threefry_partitionable", True)
+  run = str(tmp_path / "run")
+  loop.train(small_config(pretrain_mae, data_dir), run, pretrain.make_stage, stop_at=3)
+  script = ("import sys, jax; jax.config.update('jax_threefry_partitionable', True)\n"
+            "from configs import pretrain_mae\nfrom ssfer_jax.trainers import loop, pretrain\n"
+            "c = pretrain_mae.get_config('test').unlock()\n"
+            "c.data.dir, c.mesh.shape = sys.argv[1], (2, 2)\n"
+            "assert jax.device_count() == 4\n"
+            "print(int(loop.train(c, sys.argv[2], pretrain.make_stage).step))\n")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]),
+             XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", script, data_dir, run], cwd=os.path.dirname(HERE),
+                       capture_output=True, text=True, timeout=300, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip().splitlines()[-1] == "6"
+  loop.train(small_config(pretrain_mae, data_dir), str(tmp_path / "straight"),
+             pretrain.make_stage)
+  loss = lambda d: {r["step"]: r["loss"] for r in writers.read_metrics(d) if r["split"] == "train"}
+  got, want = loss(run), loss(str(tmp_path / "straight"))
+  assert sorted(got) == list(range(1, 7))
+  np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)],
+                             rtol=1e-5)
