@@ -43,11 +43,14 @@ def _wait_for_coordinator(address: str, num_processes: int, process_id: int,
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, timeout_s: int = 300) -> bool:
+               process_id: int | None = None, timeout_s: int = 300,
+               heartbeat_timeout_s: int = 100) -> bool:
   """Joins the job's processes; returns whether `jax.distributed` was initialised.
 
   Explicit coordinator flags win; otherwise a recognised cluster environment triggers
-  JAX's own auto-detection; a plain single process does nothing.
+  JAX's own auto-detection; a plain single process does nothing. When a process dies, JAX's
+  coordination service notices within `heartbeat_timeout_s` and terminates the others
+  (non-zero exit) instead of leaving them blocked in a collective; rerunning the job resumes.
   """
   if coordinator_address:
     if num_processes is None or process_id is None:
@@ -55,13 +58,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if process_id != 0:   # JAX aborts the process (no Python error) when it cannot connect
       _wait_for_coordinator(coordinator_address, num_processes, process_id, timeout_s)
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                               initialization_timeout=timeout_s)
+                               initialization_timeout=timeout_s,
+                               heartbeat_timeout_seconds=heartbeat_timeout_s)
   else:
     detected = [name for name, hint in _CLUSTER_HINTS.items() if hint(os.environ)]
     if not detected:
       return False
     logging.info("cluster environment detected (%s): auto-initialising jax.distributed", detected)
-    jax.distributed.initialize(initialization_timeout=timeout_s)
+    jax.distributed.initialize(initialization_timeout=timeout_s,
+                               heartbeat_timeout_seconds=heartbeat_timeout_s)
   logging.info("process %d of %d; %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return True

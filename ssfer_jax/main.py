@@ -34,6 +34,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the j
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _INIT_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 300,
                                      "Seconds to wait for all processes to join.")
+_HEARTBEAT = flags.DEFINE_integer("distributed_heartbeat_s", 100,
+                                  "Seconds after which a silent process counts as dead and the "
+                                  "others stop (non-zero exit) instead of waiting for it.")
 _ALLOW_SCHEDULE_CHANGE = flags.DEFINE_bool(
     "allow_schedule_change", False,
     "Resume although total_steps / num_epochs changed (the learning-rate schedule reshapes).")
@@ -59,7 +62,7 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                           _INIT_TIMEOUT.value)
+                           _INIT_TIMEOUT.value, _HEARTBEAT.value)
   except distributed.JoinError as e:
     sys.stderr.write(f"JoinError: {e}\n")
     sys.exit(1)

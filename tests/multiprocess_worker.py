@@ -1,6 +1,7 @@
 """One process of a two-process run under jax.distributed on localhost (run by a test).
 
-argv: coordinator_port process_id data_dir workdir stage. Prints one JSON line: this
+argv: coordinator_port process_id data_dir workdir stage [total_steps heartbeat_s].
+Prints one JSON line: this
 process's view of the trained parameters (a global checksum) and of the mesh; for the
 fine-tuning stage also its evaluation of the val and test lists.
 """
@@ -9,7 +10,10 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+# SSFER_TEST_PROCESSES processes (default 2) share 8 simulated devices; stage "semisup"
+# starts from the stage-2 run in SSFER_TEST_INIT_FROM.
+PROCESSES = int(os.environ.get("SSFER_TEST_PROCESSES", "2"))
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // PROCESSES}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # pylint: disable=g-import-not-at-top
@@ -18,21 +22,30 @@ from jax.experimental import multihost_utils
 
 from configs import finetune as finetune_config
 from configs import pretrain_mae
+from configs import semisup as semisup_config
 from ssfer_jax import distributed, evaluate
 from ssfer_jax.input import records
-from ssfer_jax.trainers import finetune, loop, pretrain
+from ssfer_jax.trainers import finetune, loop, pretrain, semisup
 
 
 def main():
-  port, pid, data_dir, workdir, stage = sys.argv[1:]
-  distributed.initialize(f"localhost:{port}", 2, int(pid), timeout_s=120)
+  port, pid, data_dir, workdir, stage = sys.argv[1:6]
+  total_steps, heartbeat = (int(a) for a in (sys.argv[6:8] or (0, 100)))
+  distributed.initialize(f"localhost:{port}", PROCESSES, int(pid), timeout_s=120,
+                         heartbeat_timeout_s=heartbeat)
   jax.config.update("jax_threefry_partitionable", True)
   module, make_stage = {"pretrain": (pretrain_mae, pretrain.make_stage),
-                        "finetune": (finetune_config, finetune.make_stage)}[stage]
+                        "finetune": (finetune_config, finetune.make_stage),
+                        "semisup": (semisup_config, semisup.make_stage)}[stage]
   config = module.get_config("test").unlock()
   config.data.dir = data_dir
+  if stage == "semisup":
+    config.init_from = os.environ["SSFER_TEST_INIT_FROM"]
+    config.batch_size = 8
   config.mesh.shape = (-1, 2)
-  state = loop.train(config, workdir, make_stage)
+  if total_steps:
+    config.total_steps = total_steps
+  state = loop.train(config, workdir, make_stage, allow_schedule_change=bool(total_steps))
   leaves = [multihost_utils.process_allgather(x, tiled=True) for x in jax.tree.leaves(state.params)]
   out = {"process": jax.process_index(), "processes": jax.process_count(),
          "devices": jax.device_count(), "step": int(state.step),

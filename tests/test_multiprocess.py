@@ -24,27 +24,28 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_two(tmp_path, data_dir, stage):
+def run_two(tmp_path, data_dir, stage, processes=2, init_from=None):
   port, workdir = free_port(), str(tmp_path / stage)
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]),
+             SSFER_TEST_PROCESSES=str(processes), SSFER_TEST_INIT_FROM=init_from or "")
   env.pop("XLA_FLAGS", None)
   procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_worker.py"),
                              str(port), str(i), data_dir, workdir, stage],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-           for i in range(2)]
+           for i in range(processes)]
   outs = []
   for p in procs:
     try:
-      out, err = p.communicate(timeout=300)
+      out, err = p.communicate(timeout=600)
     except subprocess.TimeoutExpired:
       for q in procs:
         q.kill()
-      pytest.fail("two-process run timed out")
+      pytest.fail(f"{processes}-process run timed out")
     assert p.returncode == 0, err[-3000:]
     outs.append(json.loads(out.strip().splitlines()[-1]))
-  assert [o["process"] for o in outs] == [0, 1]
-  assert all(o["processes"] == 2 and o["devices"] == 8 and o["step"] == 6 for o in outs)
-  assert outs[0]["checksum"] == outs[1]["checksum"]
+  assert [o["process"] for o in outs] == list(range(processes))
+  assert all(o["processes"] == processes and o["devices"] == 8 and o["step"] == 6 for o in outs)
+  assert len({o["checksum"] for o in outs}) == 1
   losses = [r["loss"] for r in writers.read_metrics(workdir) if r["split"] == "train"]
   assert len(losses) == 6 and np.all(np.isfinite(losses))
   return outs, workdir
@@ -143,3 +144,51 @@ def test_a_checkpoint_restores_onto_fewer_devices(tmp_path, data_dir):
   assert sorted(got) == list(range(1, 7))
   np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)],
                              rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_killing_one_process_stops_the_other_and_a_restart_resumes(tmp_path, data_dir):
+  port, workdir = free_port(), str(tmp_path / "job")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+  env.pop("XLA_FLAGS", None)
+
+  def start(port, total):
+    return [subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_worker.py"),
+                              str(port), str(i), data_dir, workdir, "pretrain", str(total), "10"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for i in range(2)]
+
+  procs = start(port, 100_000)
+  metrics = os.path.join(workdir, writers.METRICS_FILE)
+  deadline = time.time() + 240
+  while time.time() < deadline and not (os.path.exists(metrics)
+                                         and len(open(metrics).read().splitlines()) >= 7):
+    assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
+    time.sleep(0.2)
+  procs[1].kill()
+  t = time.time()
+  try:
+    procs[0].wait(timeout=90)   # heartbeat 10 s: the survivor must not hang
+  except subprocess.TimeoutExpired:
+    procs[0].kill()
+    pytest.fail("the surviving process hung after its peer died")
+  assert procs[0].returncode != 0 and time.time() - t < 90
+  for p in procs:
+    p.communicate()
+  from ssfer_jax import checkpointing
+  saved = checkpointing.Checkpointer(workdir).latest_step()
+  assert saved is not None and saved >= 3
+  # Restart both (a changed total: the test's way to end the job): they resume at `saved`.
+  procs = start(free_port(), saved + 3)
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:]
+  assert [json.loads(o.strip().splitlines()[-1])["step"] for o, _ in outs] == [saved + 3] * 2
+
+
+@pytest.mark.slow
+def test_four_processes_pretrain_and_two_run_stage_3_from_a_two_process_stage_2(tmp_path,
+                                                                                 data_dir):
+  run_two(tmp_path / "four", data_dir, "pretrain", processes=4)
+  _, stage2 = run_two(tmp_path, data_dir, "finetune")
+  outs, workdir = run_two(tmp_path, data_dir, "semisup", init_from=stage2)
+  assert os.path.exists(os.path.join(workdir, "result.json"))
