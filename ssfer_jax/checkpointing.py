@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -93,10 +94,14 @@ class Checkpointer:
       logging.error("checkpoint write failed: %s", self._error)
 
   def _failed_pending(self) -> int | None:
-    """The step of the last save if it did not commit (call after waiting for it)."""
-    if self._pending is None or self._committed(self._pending[0]):
+    """The step of the last save if it did not commit (call after waiting for it, on every
+    process: process 0 commits, and its verdict is every process's, so all retry or none)."""
+    if self._pending is None:
       return None
-    return self._pending[0]
+    failed = not self._committed(self._pending[0])
+    if jax.process_count() > 1:
+      failed = bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
+    return self._pending[0] if failed else None
 
   def _committed(self, step: int) -> bool:
     return os.path.isdir(os.path.join(self.directory, str(step)))

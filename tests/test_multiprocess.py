@@ -186,9 +186,12 @@ def test_killing_one_process_stops_the_other_and_a_restart_resumes(tmp_path, dat
 
 
 @pytest.mark.slow
-def test_four_processes_pretrain_and_two_run_stage_3_from_a_two_process_stage_2(tmp_path,
-                                                                                 data_dir):
-  run_two(tmp_path / "four", data_dir, "pretrain", processes=4)
-  _, stage2 = run_two(tmp_path, data_dir, "finetune")
-  outs, workdir = run_two(tmp_path, data_dir, "semisup", init_from=stage2)
-  assert os.path.exists(os.path.join(workdir, "result.json"))
+@pytest.mark.parametrize("processes", [2, 4])
+def test_every_stage_runs_multi_process(tmp_path, data_dir, processes):
+  """Stage 1 and stage 2 (evaluation counts each record once), then stage 3 from stage 2."""
+  run_two(tmp_path, data_dir, "pretrain", processes=processes)
+  outs, stage2 = run_two(tmp_path, data_dir, "finetune", processes=processes)
+  n = len(records.load_split(data_dir, "default", ["val", "test"]))
+  assert all(o["eval_count"] == o["eval_read"] == n for o in outs)
+  _, stage3 = run_two(tmp_path, data_dir, "semisup", processes=processes, init_from=stage2)
+  assert os.path.exists(os.path.join(stage3, "result.json"))
