@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from configs import finetune as finetune_config
 from configs import pretrain_mae
 from configs import semisup as semisup_config
-from ssfer_jax import distributed, evaluate
+from ssfer_jax import distributed, evaluate, preemption
 from ssfer_jax.input import records
 from ssfer_jax.trainers import finetune, loop, pretrain, semisup
 
@@ -45,7 +45,11 @@ def main():
   config.mesh.shape = (-1, 2)
   if total_steps:
     config.total_steps = total_steps
-  state = loop.train(config, workdir, make_stage, allow_schedule_change=bool(total_steps))
+  try:
+    state = loop.train(config, workdir, make_stage, allow_schedule_change=bool(total_steps))
+  except preemption.Preempted as e:
+    print(json.dumps({"process": jax.process_index(), "preempted_at": e.step}), flush=True)
+    sys.exit(e.exit_code)
   leaves = [multihost_utils.process_allgather(x, tiled=True) for x in jax.tree.leaves(state.params)]
   out = {"process": jax.process_index(), "processes": jax.process_count(),
          "devices": jax.device_count(), "step": int(state.step),

@@ -210,8 +210,8 @@ def test_best_checkpoint_survives_and_resume_starts_from_the_latest(small_datase
   assert steps == [2, 6]                      # the best (2) and the latest (6)
   result = finetune.read_result(workdir)
   assert result["step"] == 2 and result["val"] == {"step": 2} and result["classes"] == ["x"]
-  c.total_steps = 8
-  loop.train(c, workdir, make_stage)
+  c.total_steps = 8   # a longer run: the resume must be allowed to reshape the schedule
+  loop.train(c, workdir, make_stage, allow_schedule_change=True)
   logged = [r["step"] for r in writers.read_metrics(workdir) if r["split"] == "train"]
   assert logged == [1, 2, 3, 4, 5, 6, 7, 8]   # resumed from 6, not from the best step 2
   assert finetune.read_result(workdir)["step"] == 2
@@ -247,7 +247,7 @@ def test_hooks_update_stage_state_and_it_is_checkpointed(small_dataset, tmp_path
 
   c.total_steps = 8
   with pytest.raises(loop.NonFiniteError, match="hook left non-finite stage state at step 7"):
-    loop.train(c, workdir, poisoned)
+    loop.train(c, workdir, poisoned, allow_schedule_change=True)
 
 
 def test_facemix_logs_the_kappa_distribution(small_dataset, tmp_path):

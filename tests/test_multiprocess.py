@@ -3,6 +3,7 @@ fine-tuning whose sharded evaluation counts every val/test record once."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -195,3 +196,28 @@ def test_every_stage_runs_multi_process(tmp_path, data_dir, processes):
   assert all(o["eval_count"] == o["eval_read"] == n for o in outs)
   _, stage3 = run_two(tmp_path, data_dir, "semisup", processes=processes, init_from=stage2)
   assert os.path.exists(os.path.join(stage3, "result.json"))
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_saves_the_step_all_agree_on(tmp_path, data_dir):
+  """JAX's preemption service: a SIGTERM to any process makes every process stop at the same
+  step, save it once, and exit 143."""
+  port, workdir = free_port(), str(tmp_path / "job")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_worker.py"),
+                             str(port), str(i), data_dir, workdir, "pretrain", "100000", "30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for i in range(2)]
+  metrics = os.path.join(workdir, writers.METRICS_FILE)
+  deadline = time.time() + 240
+  while time.time() < deadline and not (os.path.exists(metrics)
+                                         and len(open(metrics).read().splitlines()) >= 5):
+    assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [143, 143], outs[0][1][-3000:]
+  steps = {json.loads(o.strip().splitlines()[-1])["preempted_at"] for o, _ in outs}
+  from ssfer_jax import checkpointing
+  assert len(steps) == 1 and checkpointing.Checkpointer(workdir).latest_step() == steps.pop()
