@@ -52,6 +52,28 @@ def run_two(tmp_path, data_dir, stage, processes=2, init_from=None):
   return outs, workdir
 
 
+def start_pretrain_job(data_dir, workdir, total_steps, heartbeat_s):
+  """Two worker processes pretraining for `total_steps` (long: the test interrupts them)."""
+  port = free_port()
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+  env.pop("XLA_FLAGS", None)
+  return [subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_worker.py"),
+                            str(port), str(i), data_dir, workdir, "pretrain", str(total_steps),
+                            str(heartbeat_s)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+          for i in range(2)]
+
+
+def wait_for_rows(workdir, procs, rows):
+  """Until the job has logged `rows` metric rows (all processes still alive)."""
+  metrics = os.path.join(workdir, writers.METRICS_FILE)
+  deadline = time.time() + 240
+  while time.time() < deadline and not (os.path.exists(metrics)
+                                         and len(open(metrics).read().splitlines()) >= rows):
+    assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
+    time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   return build_demo_subset(tmp_path_factory.mktemp("mp"), rows=150, size=32)
@@ -149,23 +171,9 @@ def test_a_checkpoint_restores_onto_fewer_devices(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_killing_one_process_stops_the_other_and_a_restart_resumes(tmp_path, data_dir):
-  port, workdir = free_port(), str(tmp_path / "job")
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
-  env.pop("XLA_FLAGS", None)
-
-  def start(port, total):
-    return [subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_worker.py"),
-                              str(port), str(i), data_dir, workdir, "pretrain", str(total), "10"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-            for i in range(2)]
-
-  procs = start(port, 100_000)
-  metrics = os.path.join(workdir, writers.METRICS_FILE)
-  deadline = time.time() + 240
-  while time.time() < deadline and not (os.path.exists(metrics)
-                                         and len(open(metrics).read().splitlines()) >= 7):
-    assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
-    time.sleep(0.2)
+  workdir = str(tmp_path / "job")
+  procs = start_pretrain_job(data_dir, workdir, 100_000, heartbeat_s=10)
+  wait_for_rows(workdir, procs, 7)
   procs[1].kill()
   t = time.time()
   try:
@@ -180,7 +188,7 @@ def test_killing_one_process_stops_the_other_and_a_restart_resumes(tmp_path, dat
   saved = checkpointing.Checkpointer(workdir).latest_step()
   assert saved is not None and saved >= 3
   # Restart both (a changed total: the test's way to end the job): they resume at `saved`.
-  procs = start(free_port(), saved + 3)
+  procs = start_pretrain_job(data_dir, workdir, saved + 3, heartbeat_s=10)
   outs = [p.communicate(timeout=300) for p in procs]
   assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:]
   assert [json.loads(o.strip().splitlines()[-1])["step"] for o, _ in outs] == [saved + 3] * 2
@@ -202,19 +210,9 @@ def test_every_stage_runs_multi_process(tmp_path, data_dir, processes):
 def test_sigterm_to_one_process_saves_the_step_all_agree_on(tmp_path, data_dir):
   """JAX's preemption service: a SIGTERM to any process makes every process stop at the same
   step, save it once, and exit 143."""
-  port, workdir = free_port(), str(tmp_path / "job")
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
-  env.pop("XLA_FLAGS", None)
-  procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_worker.py"),
-                             str(port), str(i), data_dir, workdir, "pretrain", "100000", "30"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-           for i in range(2)]
-  metrics = os.path.join(workdir, writers.METRICS_FILE)
-  deadline = time.time() + 240
-  while time.time() < deadline and not (os.path.exists(metrics)
-                                         and len(open(metrics).read().splitlines()) >= 5):
-    assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
-    time.sleep(0.2)
+  workdir = str(tmp_path / "job")
+  procs = start_pretrain_job(data_dir, workdir, 100_000, heartbeat_s=30)
+  wait_for_rows(workdir, procs, 5)
   procs[1].send_signal(signal.SIGTERM)
   outs = [p.communicate(timeout=120) for p in procs]
   assert [p.returncode for p in procs] == [143, 143], outs[0][1][-3000:]
