@@ -14,6 +14,13 @@ SHARED_DATASET = REPO.parent / "shared" / "datasets" / "facial_expressions"
 DEMO_DATA = REPO / "data_prep" / "demo_data"
 
 
+def train_losses(workdir) -> dict:
+  """step -> loss of the train rows a run logged in `workdir`."""
+  from ssfer_jax import writers  # pylint: disable=g-import-not-at-top   (after XLA_FLAGS)
+  return {r["step"]: r["loss"] for r in writers.read_metrics(str(workdir))
+          if r["split"] == "train"}
+
+
 def small_config(config_module, data_dir, variant="test", **overrides):
   """A stage config's `test` variant (with any options, e.g. "test,leaf") on `data_dir` over
   the 8 simulated devices as data 4 x fsdp 2, with top-level `overrides`."""

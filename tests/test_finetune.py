@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import small_config
+from conftest import small_config, train_losses
 from configs import finetune as finetune_config
 from configs import pretrain_mae
 from ssfer_jax import checkpointing, optim, sharding, writers
@@ -156,10 +156,6 @@ def test_init_from_errors(small_dataset, mae_run, tmp_path):
   with pytest.raises(finetune.InitError, match="'finetune' checkpoint"):
     loop.train(ft_config(small_dataset, init_from=str(tmp_path / "ft")), str(tmp_path / "c"),
                finetune.make_stage)
-
-
-def train_losses(workdir):
-  return {r["step"]: r["loss"] for r in writers.read_metrics(workdir) if r["split"] == "train"}
 
 
 def test_resume_restores_the_ema_exactly_and_keeps_the_best(small_dataset, tmp_path):

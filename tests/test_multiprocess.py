@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import build_demo_subset
+from conftest import build_demo_subset, train_losses
 from ssfer_jax import writers
 from ssfer_jax.input import records
 
@@ -120,7 +120,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process_on_the_same_stream(tmp_
   want = sorted(np.concatenate([next(t)["index"] for t in two]).tolist())
   assert sorted(next(it)["index"].tolist()) == want   # global batch 7: the same records
   loop.train(config, workdir, pretrain.make_stage, allow_schedule_change=True)
-  losses = {r["step"]: r["loss"] for r in writers.read_metrics(workdir) if r["split"] == "train"}
+  losses = train_losses(workdir)
   assert sorted(losses) == list(range(1, 9)) and np.all(np.isfinite(list(losses.values())))
 
 
@@ -162,8 +162,7 @@ def test_a_checkpoint_restores_onto_fewer_devices(tmp_path, data_dir):
   assert out.stdout.strip().splitlines()[-1] == "6"
   loop.train(small_config(pretrain_mae, data_dir), str(tmp_path / "straight"),
              pretrain.make_stage)
-  loss = lambda d: {r["step"]: r["loss"] for r in writers.read_metrics(d) if r["split"] == "train"}
-  got, want = loss(run), loss(str(tmp_path / "straight"))
+  got, want = train_losses(run), train_losses(tmp_path / "straight")
   assert sorted(got) == list(range(1, 7))
   np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)],
                              rtol=1e-5)

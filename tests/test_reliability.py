@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import small_config
+from conftest import small_config, train_losses
 from configs import pretrain_mae
 from ssfer_jax import checkpointing, sharding, workdir, writers
 from ssfer_jax.trainers import loop, pretrain
@@ -33,8 +33,9 @@ def mae_config(data_dir, **overrides):
 
 
 def train_rows(run):
-  rows = [r for r in writers.read_metrics(str(run)) if r["split"] == "train"]
-  return {r["step"]: r["loss"] for r in rows}, [r["step"] for r in rows]
+  """(step -> loss, the logged steps in file order: a repeated step shows twice)."""
+  steps = [r["step"] for r in writers.read_metrics(str(run)) if r["split"] == "train"]
+  return train_losses(run), steps
 
 
 def test_resume_under_another_config_is_refused_with_what_changed(small_dataset, tmp_path):

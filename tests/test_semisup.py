@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import small_config
+from conftest import small_config, train_losses
 from configs import finetune as finetune_config
 from configs import semisup as semisup_config
 from ssfer_jax import evaluate, sharding, thresholds, writers
@@ -254,9 +254,7 @@ def test_resume_restores_teacher_thresholds_and_both_streams(small_dataset, stag
   straight = loop.train(config, str(tmp_path / "straight"), semisup.make_stage)
   loop.train(config, str(tmp_path / "resumed"), semisup.make_stage, stop_at=3)
   resumed = loop.train(config, str(tmp_path / "resumed"), semisup.make_stage)
-  losses = lambda d: {r["step"]: r["loss"] for r in writers.read_metrics(str(d))
-                      if r["split"] == "train"}
-  s, r = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+  s, r = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
   assert sorted(s) == sorted(r) == list(range(1, 7))
   np.testing.assert_allclose([r[k] for k in s], [s[k] for k in s], rtol=1e-6)
   train = [r for r in writers.read_metrics(str(tmp_path / "resumed")) if r["split"] == "train"]

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import small_config
+from conftest import small_config, train_losses as losses
 from configs import pretrain_mae
 from ssfer_jax import checkpointing, sharding, writers
 from ssfer_jax.trainers import loop, pretrain
@@ -21,10 +21,6 @@ def data_dir(small_dataset):
 
 def make_config(data_dir, **overrides):
   return small_config(pretrain_mae, data_dir, **overrides)
-
-
-def losses(workdir):
-  return {r["step"]: r["loss"] for r in writers.read_metrics(workdir) if r["split"] == "train"}
 
 
 def test_resume_continues_with_the_same_losses(data_dir, tmp_path):
