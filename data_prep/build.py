@@ -94,8 +94,10 @@ def plan(srcs: list, cfg: Config) -> Plan:
     classes = [sources_lib.normalise_label(c, aliases) for c in cfg.classes]
     if len(set(classes)) != len(classes):
       raise ValueError(f"--classes {','.join(cfg.classes)}: names repeat after normalising")
-  else:
-    classes = sorted({it.label for it in items if it.label is not None and not it.skip})
+  else:   # the first benchmark's own order, then any other label seen, sorted
+    declared = next((list(s.class_order) for s in srcs if getattr(s, "class_order", None)), [])
+    seen = {it.label for it in items if it.label is not None and not it.skip}
+    classes = declared + sorted(seen - set(declared))
   if UNLABELED_KEY in classes:
     raise DatasetError(f"a class is named {UNLABELED_KEY!r}, which the manifest's counts use for "
                        "label -1; rename it with --alias unlabeled=NAME.")
@@ -105,11 +107,17 @@ def plan(srcs: list, cfg: Config) -> Plan:
            if not it.skip and it.label is not None and it.label not in known else it
            for it in items]
   if cfg.detector == "dataset":
-    boxless = [s.name for s in srcs if not getattr(s, "box_cols", None)]
+    boxless = [s.name for s in srcs if not getattr(s, "has_boxes", None)]
     if boxless:
       raise DatasetError(f"--detector dataset needs the dataset's boxes, but source(s) {boxless} "
-                         "have none: give box_cols=x0,y0,x1,y1 on their csv --source, or use "
-                         "--detector haar.")
+                         "have none: give box_cols=x0,y0,x1,y1 on their csv --source (rafdb: "
+                         "images=original), or use --detector haar.")
+  if cfg.crop == "align" and cfg.detector != "yunet":
+    blind = [s.name for s in srcs if s.kind not in ("rafdb", "affectnet")
+             or not getattr(s, "has_boxes", False)]
+    if blind:
+      raise DatasetError(f"--crop align needs five landmarks per face, but source(s) {blind} "
+                         "ship none: use --detector yunet (it finds them), or another --crop.")
   detector_params = faces.params(cfg.detector)
   if cfg.detector == "yunet":
     faces.YuNet(cfg.yunet_model)  # fails now, clearly, rather than in every worker
@@ -273,6 +281,10 @@ def _init_worker(cfg: Config, classes: list[str], tfds_sources: dict, in_pool: b
 
 def _read(item: sources_lib.Item) -> tuple[bytes | np.ndarray, str]:
   """The input's encoded bytes (or TFDS's decoded array) and its sha256."""
+  if item.pixels is not None:   # FERPlus: grey pixels from its CSV
+    side = int(round(len(item.pixels) ** 0.5))
+    array = np.frombuffer(item.pixels, np.uint8).reshape(side, side)
+    return array, hashlib.sha256(item.pixels).hexdigest()
   if item.tfds_index is None:
     try:
       if not stat.S_ISREG(os.stat(item.path).st_mode):   # a FIFO would block the read forever
@@ -318,19 +330,29 @@ def _process(item: sources_lib.Item) -> tuple[bytes | None, str | None, str | No
     if min(h, w) < cfg.min_size:
       raise images.ImageError(f"too small: {w}x{h} px, shorter side below --min-size "
                               f"{cfg.min_size}")
+    landmarks = item.landmarks
     if cfg.detector == "dataset":
       box = faces.clip(item.box, w, h)
       if box is None:
         raise images.ImageError(f"bad box: {item.box} lies outside the {w}x{h} image")
+    elif cfg.crop == "align" and landmarks is None and hasattr(_STATE["detect"],
+                                                                "with_landmarks"):
+      box, landmarks = _STATE["detect"].with_landmarks(image)
     else:
       box = _STATE["detect"](image) if _STATE["detect"] else None
-    stored, norm_box = images.frame(image, box, cfg.crop, cfg.margin, cfg.size)
+    if cfg.crop == "align":
+      if landmarks is None:
+        raise images.ImageError("no landmarks: --crop align needs five (the dataset ships none "
+                                "for this image and the detector found no face)")
+      stored, norm_box = images.align(image, landmarks, box, cfg.margin, cfg.size)
+    else:
+      stored, norm_box = images.frame(image, box, cfg.crop, cfg.margin, cfg.size)
     jpeg = images.encode_jpeg(stored, cfg.jpeg_quality)
   except images.ImageError as e:
     return None, str(e), digest, False, None
   label = records.UNLABELED if item.label is None else _STATE["label"][item.label]
   rec = records.Record(image=jpeg, label=label, box=norm_box, id=item.id, source=item.source,
-                       face_found=box is not None)
+                       face_found=box is not None, identity=item.identity)
   return records.encode(rec), None, digest, box is not None, corrupt
 
 
@@ -391,13 +413,19 @@ def _write_shard(p: Plan, cfg: Config, shard: int, lo: int, hi: int, results, ou
           "inputs_sha256": {},
           "counts": {c: 0 for c in p.classes + [UNLABELED_KEY]},
           "sources": {s: dict.fromkeys(("read", "written", "skipped", "faces_found",
-                                        "duplicate_rows"), 0) for s in p.header["sources"]}}
+                                        "duplicate_rows"), 0) for s in p.header["sources"]},
+          "partitions": {}, "labels": {}}
   writer = ArrayRecordWriter(os.path.join(out_dir, name), WRITER_OPTIONS)
   for i in range(lo, hi):
     item = p.items[i]
     raw, reason, digest, face_found, corrupt = next(results)
     stats = part["sources"][item.source]
     stats["read"] += 1
+    if item.original_label is not None:   # the dataset's own word, and what it became
+      seen = part["labels"].setdefault(item.source, {}).setdefault(
+          item.original_label, {"class": item.label, "read": 0, "written": 0})
+      seen["read"] += 1
+      seen["written"] += int(raw is not None)
     stats["duplicate_rows"] += item.rows - 1
     if digest is not None:
       part["inputs_sha256"][item.id] = digest
@@ -414,6 +442,8 @@ def _write_shard(p: Plan, cfg: Config, shard: int, lo: int, hi: int, results, ou
     stats["faces_found"] += int(face_found)
     part["ids"].append(item.id)
     part["counts"][UNLABELED_KEY if item.label is None else item.label] += 1
+    if item.partition is not None:
+      part["partitions"].setdefault(item.partition, []).append(item.id)
   writer.close()
   part["num_records"] = len(part["ids"])
   part["sha256"] = sources_lib.sha256_file(os.path.join(out_dir, name))
@@ -437,6 +467,22 @@ def _assemble(out_dir: str, header: dict, parts: list) -> dict:
     if spec["read"] != spec["written"] + spec["skipped"]:
       raise RuntimeError(f"source {name}: read {spec['read']} != written {spec['written']} + "
                          f"skipped {spec['skipped']}; this is a bug, please report it.")
+  partitions = {}
+  for part in parts:
+    for name, ids_of in part.get("partitions", {}).items():
+      partitions.setdefault(name, []).extend(ids_of)
+    for source, labels in part.get("labels", {}).items():
+      merged = manifest["sources"][source].setdefault("label_map", {})
+      for original, seen in labels.items():
+        into = merged.setdefault(original, {"class": seen["class"], "read": 0, "written": 0})
+        into["read"] += seen["read"]
+        into["written"] += seen["written"]
+  if partitions:   # the dataset's own lists: `split` takes test (and val) from here
+    for name, spec in manifest["sources"].items():
+      spec["partitions"] = {p: sum(1 for rid in partitions[p] if rid.startswith(name + "/"))
+                            for p in sorted(partitions)}
+    manifest["partitions"] = {p: ids_of for p, ids_of in sorted(partitions.items())
+                              if p != "train"}
   counts = {c: sum(part["counts"][c] for part in parts) for c in parts[0]["counts"]}
   if sum(counts.values()) != len(ids) or len(set(ids)) != len(ids):
     raise RuntimeError("record counts or ids do not reconcile; this is a bug, please report it.")

@@ -108,11 +108,18 @@ class YuNet:
                                           YUNET["nms_threshold"], YUNET["top_k"])
 
   def __call__(self, image: np.ndarray) -> Box | None:
+    return self.with_landmarks(image)[0]
+
+  def with_landmarks(self, image: np.ndarray) -> tuple[Box | None, tuple | None]:
+    """The largest face's box and its five keypoints (YuNet's order is the alignment
+    template's: the image's left eye first, nose, then the mouth corners), or (None, None)."""
     h, w = image.shape[:2]
     bgr = image if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     self._net.setInputSize((w, h))
-    _, faces = self._net.detect(bgr)
-    if faces is None:
-      return None
-    face = largest((x, y, x + bw, y + bh) for x, y, bw, bh in faces[:, :4].tolist())
-    return None if face is None else clip(face, w, h)
+    _, found = self._net.detect(bgr)
+    if found is None or not len(found):
+      return None, None
+    row = max(found.tolist(), key=lambda f: f[2] * f[3])
+    box = clip((row[0], row[1], row[0] + row[2], row[1] + row[3]), w, h)
+    points = tuple((row[4 + 2 * k], row[5 + 2 * k]) for k in range(5))
+    return box, (points if box is not None else None)

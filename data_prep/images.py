@@ -19,7 +19,12 @@ import numpy as np
 # a model sees a single "no image here" colour. Black, because replicated borders smear
 # skin texture into stripes that look like face.
 PAD_VALUE = 0
-CROPS = ("face", "none")
+CROPS = ("face", "none", "align")
+# Five-point alignment template (ArcFace's, 112 px frame): the image's left eye, right eye,
+# nose tip, left and right mouth corner. At --margin 1 the stored image is that frame; a
+# larger margin zooms out about its centre, keeping more context.
+TEMPLATE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                         [41.5493, 92.3655], [70.7299, 92.2041]], np.float64)
 _EXIF_ORIENTATION_TAG = 0x0112
 
 
@@ -142,6 +147,7 @@ def frame(image: np.ndarray, box: tuple[float, float, float, float] | None, crop
   crop "face": a square of side margin x the box's longer side, centred on the box, padded
   with PAD_VALUE past the borders (without a face: the image padded to a square).
   crop "none": the whole image resized to a square (for pre-aligned datasets).
+  crop "align" is `align` (it needs landmarks).
   """
   h, w = image.shape[:2]
   face = (0.0, 0.0, float(w), float(h)) if box is None else box
@@ -154,6 +160,52 @@ def frame(image: np.ndarray, box: tuple[float, float, float, float] | None, crop
   x0, y0, x1, y1 = face
   norm = ((x0 - left) / side, (y0 - top) / side, (x1 - left) / side, (y1 - top) / side)
   return resize(padded_crop(image, left, top, side), size), _clip01(norm)
+
+
+def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+  """The 2x3 least-squares similarity (rotation, uniform scale, shift) taking points `src`
+  to `dst` (Umeyama's closed form: deterministic, unlike OpenCV's RANSAC estimators)."""
+  mu_s, mu_d = src.mean(0), dst.mean(0)
+  s, d = src - mu_s, dst - mu_d
+  u, sig, vt = np.linalg.svd(d.T @ s / len(src))
+  sign = np.diag([1.0, np.sign(np.linalg.det(u @ vt))])
+  rot = u @ sign @ vt
+  scale = np.trace(np.diag(sig) @ sign) / s.var(0).sum()
+  return np.hstack([scale * rot, (mu_d - scale * rot @ mu_s)[:, None]])
+
+
+def template(margin: float, size: int) -> np.ndarray:
+  """TEMPLATE_112 in a size x size image at `margin` (1 = ArcFace's 112 px framing)."""
+  return ((TEMPLATE_112 / 112.0 - 0.5) / margin + 0.5) * size
+
+
+def align(image: np.ndarray, landmarks, box, margin: float,
+          size: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+  """The size x size image whose five landmarks sit on the template, and the face box in it
+  (the dataset's box mapped through the warp and bounded; without one, the template's
+  margin-1 frame). Shrinks with INTER_AREA first when the warp would shrink by over 2x,
+  so small faces in big photos do not alias."""
+  src = np.asarray(landmarks, np.float64).reshape(5, 2)
+  m = similarity(src, template(margin, size))
+  scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
+  if scale < 0.5:
+    h, w = image.shape[:2]
+    f = 2 * scale
+    small = cv2.resize(image, (max(1, round(w * f)), max(1, round(h * f))),
+                       interpolation=cv2.INTER_AREA)
+    fx, fy = small.shape[1] / w, small.shape[0] / h
+    src = src * (fx, fy)
+    box = None if box is None else (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+    image, m = small, similarity(src, template(margin, size))
+  out = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR,
+                       borderMode=cv2.BORDER_CONSTANT, borderValue=(PAD_VALUE,) * 4)
+  if box is None:
+    lo, hi = 0.5 - 0.5 / margin, 0.5 + 0.5 / margin
+    return out, _clip01((lo, lo, hi, hi))
+  corners = np.array([[box[0], box[1], 1], [box[2], box[1], 1], [box[0], box[3], 1],
+                      [box[2], box[3], 1]]) @ m.T
+  (x0, y0), (x1, y1) = corners.min(0) / size, corners.max(0) / size
+  return out, _clip01((x0, y0, x1, y1))
 
 
 def square(box: tuple[float, float, float, float], margin: float) -> tuple[int, int, int]:

@@ -15,10 +15,14 @@ import hashlib
 import os
 import posixpath
 
+from data_prep import vocabulary
 from ssfer_jax.input.records import DatasetError
 
 Box = tuple[float, float, float, float]
-KINDS = ("csv", "folder", "tfds")
+Point = tuple[float, float]
+BENCHMARK_KINDS = ("rafdb", "ferplus", "affectnet")   # readers in data_prep.benchmarks
+KINDS = ("csv", "folder", "tfds") + BENCHMARK_KINDS
+PARTITIONS = ("train", "val", "test")   # a dataset's own partition of its records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,12 +35,19 @@ class Item:
   tfds_index: int | None = None
   rows: int = 1            # CSV rows collapsed into this item (exact duplicates)
   skip: str | None = None  # skip reason found while listing
+  pixels: bytes | None = None    # raw 8-bit grey pixels (FERPlus), square; read, not `path`
+  landmarks: tuple[Point, ...] | None = None   # 5 points (eyes, nose, mouth corners), pixels
+  partition: str | None = None   # the dataset's own train / val / test
+  original_label: str | None = None   # the label as the dataset writes it, when it differs
+  identity: str = ""             # the person (face-recognition collections), "" = unknown
 
 
 def normalise_label(raw: str, aliases: dict[str, str]) -> str:
-  """Strip, lower-case, then map through the aliases (`happy` -> `happiness`)."""
+  """Strip, lower-case, then map through the aliases (the user's, then the canonical
+  vocabulary's: `happy` -> `happiness`)."""
   label = raw.strip().lower()
-  return aliases.get(label, label)
+  label = aliases.get(label, label)
+  return vocabulary.ALIASES.get(label, label)
 
 
 def sha256_file(path: str) -> str:
@@ -74,6 +85,10 @@ class CsvSource:
   box_cols: tuple[str, str, str, str] | None = None
 
   kind = "csv"
+
+  @property
+  def has_boxes(self) -> bool:
+    return bool(self.box_cols)
 
   @property
   def image_root(self) -> str:
@@ -161,7 +176,9 @@ class CsvSource:
 @dataclasses.dataclass(frozen=True)
 class FolderSource:
   """A tree of images: `labels="subdirs"` takes the class from the first folder level,
-  `labels="none"` makes every file unlabeled. Hidden files and folders are ignored."""
+  `labels="none"` makes every file unlabeled, `labels="identity"` too, with the first folder
+  level as the person (a face-recognition collection such as CASIA-WebFace: one folder per
+  identity), kept in the record for grouped splits. Hidden files and folders are ignored."""
   name: str
   path: str
   labels: str
@@ -172,9 +189,10 @@ class FolderSource:
     return {"kind": self.kind, "path": self.path, "labels": self.labels}
 
   def items(self, aliases: dict[str, str]) -> list[Item]:
-    if self.labels not in ("subdirs", "none"):
+    if self.labels not in ("subdirs", "none", "identity"):
       raise DatasetError(f"--source folder {self.path}: labels={self.labels!r}; say labels=subdirs "
-                         "(class sub-folders) or labels=none (unlabeled tree).")
+                         "(class sub-folders), labels=none (unlabeled tree) or labels=identity "
+                         "(unlabeled, one sub-folder per person).")
     if not os.path.isdir(self.path):
       raise DatasetError(f"--source folder {self.path}: not a directory; give the images folder.")
     out = []
@@ -187,9 +205,12 @@ class FolderSource:
         if self.labels == "none":
           out.append(_item(self.name, rel, path=full, label=None))
         elif len(parts) == 1:
+          what = "a class" if self.labels == "subdirs" else "an identity"
           out.append(_item(self.name, rel, path=full, label=None,
-                           skip="not in a class sub-folder (labels=subdirs reads the class from "
+                           skip=f"not in {what} sub-folder (labels={self.labels} reads it from "
                            "the first folder level)"))
+        elif self.labels == "identity":
+          out.append(_item(self.name, rel, path=full, label=None, identity=parts[0]))
         else:
           out.append(_item(self.name, rel, path=full, label=normalise_label(parts[0], aliases)))
     return out
@@ -228,7 +249,7 @@ class TfdsSource:
                   label=None, tfds_index=i) for i in range(n)]
 
 
-Source = CsvSource | FolderSource | TfdsSource
+Source = CsvSource | FolderSource | TfdsSource  # and the benchmark readers of data_prep.benchmarks
 
 
 def parse(tokens: list[str]) -> Source:
@@ -238,7 +259,8 @@ def parse(tokens: list[str]) -> Source:
   folder PATH labels=subdirs|none [name=]
   tfds DATASET [name= split= data_dir= image_key=]
   """
-  usage = ("--source KIND PATH [key=value ...], KIND one of csv, folder, tfds; "
+  from data_prep import benchmarks  # pylint: disable=g-import-not-at-top  (it imports this)
+  usage = (f"--source KIND PATH [key=value ...], KIND one of {', '.join(KINDS)}; "
            "see `python -m data_prep build --help`")
   if len(tokens) < 2 or tokens[0] not in KINDS:
     raise DatasetError(f"--source {' '.join(tokens)}: expected {usage}.")
@@ -252,9 +274,9 @@ def parse(tokens: list[str]) -> Source:
   if not name or "/" in name:
     raise DatasetError(f"--source {' '.join(tokens)}: source name {name!r} must be non-empty "
                        "without '/'; set name=...")
-  fields = {f.name for f in dataclasses.fields(
-      {"csv": CsvSource, "folder": FolderSource, "tfds": TfdsSource}[kind])} - {"name", "path",
-                                                                              "dataset"}
+  classes = {"csv": CsvSource, "folder": FolderSource, "tfds": TfdsSource,
+             **benchmarks.READERS}
+  fields = {f.name for f in dataclasses.fields(classes[kind])} - {"name", "path", "dataset"}
   unknown = sorted(set(opts) - fields)
   if unknown:
     raise DatasetError(f"--source {' '.join(tokens)}: unknown option(s) {unknown}; "
@@ -269,15 +291,21 @@ def parse(tokens: list[str]) -> Source:
     return CsvSource(name=name, path=path, **opts)
   if kind == "folder":
     if "labels" not in opts:
-      raise DatasetError(f"--source {' '.join(tokens)}: say labels=subdirs (class sub-folders) or "
-                         "labels=none (an unlabeled tree of images).")
+      raise DatasetError(f"--source {' '.join(tokens)}: say labels=subdirs (class sub-folders), "
+                         "labels=none (an unlabeled tree of images) or labels=identity (one "
+                         "sub-folder per person, unlabeled).")
     return FolderSource(name=name, path=path, **opts)
+  if kind in benchmarks.READERS:
+    return benchmarks.parse(kind, name, path, opts, " ".join(tokens))
   return TfdsSource(name=name, dataset=path, **opts)
 
 
 def _default_name(kind: str, path: str) -> str:
+  if kind in BENCHMARK_KINDS:
+    return kind
   if kind == "csv":
     return os.path.basename(os.path.dirname(os.path.abspath(path)))
   if kind == "folder":
     return os.path.basename(os.path.abspath(path))
   return path.split("/")[0].split(":")[0]
+

@@ -3,7 +3,9 @@
 One record per image, msgpack-encoded (deterministic bytes: fixed key order, no timestamps):
   {"v": SCHEMA_VERSION, "image": JPEG bytes, "label": int (-1 = unlabeled),
    "box": [x0, y0, x1, y1] normalised to the stored image, "id": str (stable),
-   "source": str, "face_found": bool}
+   "source": str, "face_found": bool, "identity": str ("" = unknown)}
+Version 2 added "identity" (the person, from a face-recognition collection's folders) for
+grouped splits; version-1 builds stay readable, their records decode with identity "".
 
 A built dataset directory holds:
   manifest.json                      classes, counts, preprocessing, skipped inputs, checksums
@@ -25,7 +27,8 @@ import msgpack
 import numpy as np
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 UNLABELED = -1
 MANIFEST = "manifest.json"
 IDS_FILE = "ids.txt"
@@ -45,6 +48,7 @@ class Record:
   id: str
   source: str
   face_found: bool
+  identity: str = ""
 
 
 def encode(rec: Record) -> bytes:
@@ -57,6 +61,7 @@ def encode(rec: Record) -> bytes:
           "id": rec.id,
           "source": rec.source,
           "face_found": bool(rec.face_found),
+          "identity": rec.identity,
       },
       use_bin_type=True,
   )
@@ -65,10 +70,11 @@ def encode(rec: Record) -> bytes:
 def decode(raw: bytes) -> dict:
   """Returns the record as a dict (cheap: the JPEG stays encoded)."""
   d = msgpack.unpackb(raw, raw=False)
-  if d.get("v") != SCHEMA_VERSION:
+  if d.get("v") not in READABLE_VERSIONS:
     raise DatasetError(
-        f"record schema version {d.get('v')} != {SCHEMA_VERSION}; rebuild the dataset "
-        "with this version of `python -m data_prep build`.")
+        f"record schema version {d.get('v')} is not one of {READABLE_VERSIONS}; rebuild the "
+        "dataset with this version of `python -m data_prep build`.")
+  d.setdefault("identity", "")
   return d
 
 
@@ -126,9 +132,9 @@ def load_manifest(data_dir: str) -> dict:
                        f"build it with `python -m data_prep build --out {data_dir} ...`.")
   with open(path) as f:
     manifest = json.load(f)
-  if manifest.get("schema_version") != SCHEMA_VERSION:
-    raise DatasetError(f"{path}: schema_version {manifest.get('schema_version')} != "
-                       f"{SCHEMA_VERSION}; rebuild the dataset with this version.")
+  if manifest.get("schema_version") not in READABLE_VERSIONS:
+    raise DatasetError(f"{path}: schema_version {manifest.get('schema_version')} is not one of "
+                       f"{READABLE_VERSIONS}; rebuild the dataset with this version.")
   return manifest
 
 
@@ -161,6 +167,29 @@ def load_split(data_dir: str, split_file: str, names: Sequence[str]) -> np.ndarr
   (planning, the iterators, every evaluation), and a split of a 1.2M-record build is
   megabytes of JSON.
   """
+  path, versions = _split_version(data_dir, split_file)
+  return _load_split_version(os.path.abspath(data_dir), os.path.abspath(path), tuple(names),
+                             versions)
+
+
+def load_label_noise(data_dir: str, split_file: str) -> dict[int, int]:
+  """Global record index -> the label a split with `--label-noise` gives it in place of the
+  record's own ({} for other splits). Every reader of labels for training applies it."""
+  path, versions = _split_version(data_dir, split_file)
+  return _load_noise_version(os.path.abspath(data_dir), os.path.abspath(path), versions)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_noise_version(data_dir: str, path: str, versions: tuple) -> dict[int, int]:
+  del versions  # the cache key
+  with open(path) as f:
+    noisy = json.load(f).get("noisy_labels", {})
+  index_of = _index_of(data_dir) if noisy else {}
+  return {index_of[rid]: int(label) for rid, label in noisy.items()}
+
+
+def _split_version(data_dir: str, split_file: str) -> tuple[str, tuple]:
+  """The split file's path and the (inode, mtime, size) of it, the manifest and ids.txt."""
   path = split_file if os.sep in split_file or split_file.endswith(".json") else os.path.join(
       data_dir, SPLITS_DIR, split_file + ".json")
   if not os.path.exists(path):
@@ -171,8 +200,7 @@ def load_split(data_dir: str, split_file: str, names: Sequence[str]) -> np.ndarr
     load_manifest(data_dir)  # raises the error that says how to build it
   versions = tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in map(os.stat, (
       path, manifest_path, os.path.join(data_dir, IDS_FILE))))
-  return _load_split_version(os.path.abspath(data_dir), os.path.abspath(path), tuple(names),
-                             versions)
+  return path, versions
 
 
 @functools.lru_cache(maxsize=16)
@@ -209,8 +237,11 @@ def manifest_digest(manifest: dict) -> str:
   return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def read_labels(data_dir: str, indices: np.ndarray) -> np.ndarray:
-  """The labels of the records at `indices` (reads each record once; the JPEGs stay encoded)."""
+def read_labels(data_dir: str, indices: np.ndarray, split_file: str | None = None) -> np.ndarray:
+  """The labels of the records at `indices` (reads each record once; the JPEGs stay encoded),
+  with `split_file`'s label noise applied when given."""
   source = ArrayRecordDataSource(shard_paths(data_dir, load_manifest(data_dir)))
-  return np.asarray([decode(raw)["label"] for raw in source.__getitems__(list(map(int, indices)))],
+  noise = load_label_noise(data_dir, split_file) if split_file else {}
+  raws = source.__getitems__(list(map(int, indices)))
+  return np.asarray([noise.get(int(i), decode(raw)["label"]) for i, raw in zip(indices, raws)],
                     np.int64)
