@@ -18,8 +18,17 @@ sources (repeat --source; record ids are "NAME/relative/path"):
       --detector dataset.
   --source folder DIR labels=subdirs|none [name=NAME]
       subdirs: DIR/CLASS/**/image files; none: any tree of images, all unlabeled.
+  --source folder DIR labels=identity [name=NAME]
+      a face-recognition collection, DIR/PERSON/**/image files: unlabeled, the person kept
+      in the record (split --group-by identity).
   --source tfds DATASET [split=train] [data_dir=DIR] [image_key=image] [name=NAME]
       a TFDS dataset already prepared in array_record format; unlabeled.
+  --source rafdb BASIC_DIR [images=aligned|original]
+  --source ferplus DIR [fer2013=fer2013.csv] [labels=fer2013new.csv]
+  --source affectnet DIR [classes=8|7] [train_csv=training.csv] [test_csv=validation.csv]
+                         [images=Manually_Annotated_Images]
+      the paper's benchmarks in their own formats (data_prep/README.md): canonical class
+      names, the dataset's class order and train/val/test partition, its boxes and landmarks.
 
 examples:
   # the shared dataset (mixed-case labels, repeated rows), 112 px, Haar face crops
@@ -31,6 +40,10 @@ examples:
   python -m data_prep build --out data/mix --crop none --detector none \\
       --classes neutral,happiness,sadness --alias happy=happiness \\
       --source folder raf/train labels=subdirs --source folder webfaces labels=none
+
+  # RAF-DB from its original photos, aligned on its five landmarks, 224 px
+  python -m data_prep build --out data/rafdb --size 224 --crop align --detector dataset \
+      --source rafdb RAF-DB/basic images=original
 
   # scale out: one shard per job (any machine), then assemble
   python -m data_prep build --num-shards 64 --shard-index $I --parts-dir parts/ --source ...
@@ -45,6 +58,11 @@ SPLIT_EPILOG = r"""examples:
   # 25 labels per class, the test set is a whole source
   python -m data_prep split --data data/mix --name l25 --labels-per-class 25 \
       --test-source rafdb_test
+
+  # a benchmark build: its own test (and FERPlus's val) partition is kept; 10% of each
+  # class of its train part labeled, val drawn from the train part; 20% symmetric noise
+  python -m data_prep split --data data/rafdb --name p10_noise20 --labeled-fraction 0.1 \
+      --label-noise 0.2
 
   # 5-fold cross-validation: writes splits/cv5_fold0.json ... cv5_fold4.json; fold k tests
   # fold k, val is 10% per class of the other four folds, train_labeled the rest
@@ -68,7 +86,9 @@ def _build_parser(sub):
                  help="stored image side in px (default %(default)s)")
   p.add_argument("--crop", choices=images.CROPS, default=d.crop,
                  help="face: square crop around the face box x --margin; none: whole image "
-                 "(pre-aligned data) (default %(default)s)")
+                 "(pre-aligned data); align: five landmarks warped onto a template (from the "
+                 "dataset, or --detector yunet), --margin 1 = ArcFace's framing "
+                 "(default %(default)s)")
   p.add_argument("--margin", type=float, default=d.margin,
                  help="crop side / the face box's longer side (default %(default)s)")
   p.add_argument("--detector", choices=faces.DETECTORS, default=d.detector,
@@ -127,8 +147,23 @@ def _split_parser(sub):
   test.add_argument("--test-fraction", type=float, help="per class (default 0.1)")
   test.add_argument("--test-source", help="every labeled record of this source is test")
   p.add_argument("--group-by", metavar="REGEX",
-                 help="capture group 1 on the file's basename is the identity; an identity "
-                 "never spans two lists (non-matching files are their own group)")
+                 help="capture group 1 on the file's basename is the identity, or 'identity' "
+                 "for the records' own (labels=identity folders); an identity never spans two "
+                 "lists (non-matching files are their own group)")
+  p.add_argument("--group-fill", choices=split.FILLS, default="first_fit",
+                 help="how identities fill the per-class targets: first_fit (each to the first "
+                 "list it fits) or best (closer when a class lives in a few big identities); "
+                 "the table shows targets missed (default %(default)s)")
+  p.add_argument("--partition", choices=("dataset", "ignore"), default="dataset",
+                 help="dataset: a build with its own test (and val) partition keeps it, and "
+                 "the rest is drawn from its train part; ignore: draw from every record "
+                 "(default %(default)s)")
+  p.add_argument("--merge-val", action="store_true",
+                 help="the dataset's own val partition joins test (the paper's FERPlus "
+                 "protocol); val is then drawn from the train part")
+  p.add_argument("--label-noise", type=float, default=0.0, metavar="RATE",
+                 help="give exactly round(RATE x n) train_labeled records another class, "
+                 "uniformly (seeded, symmetric; the paper's Table 8)")
   p.add_argument("--group-min-match", type=float, default=0.9,
                  help="refuse a --group-by that finds an identity in fewer than this share of "
                  "the record ids (default %(default)s)")
@@ -181,7 +216,9 @@ def _run_split(args) -> str:
                        labels_per_class=args.labels_per_class, labels_total=args.labels_total,
                        val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                        test_source=args.test_source, group_by=args.group_by,
-                       group_min_match=args.group_min_match, seed=args.seed)
+                       group_min_match=args.group_min_match, group_fill=args.group_fill,
+                       partition=args.partition, merge_val=args.merge_val,
+                       label_noise=args.label_noise, seed=args.seed)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always", split.SplitWarning)
     result = split.split(args.data, args.name, opts, overwrite=args.overwrite)

@@ -35,11 +35,21 @@ class Options:
   val_fraction: float = 0.1
   test_fraction: float | None = None  # default 0.1, or 0 with test_source
   test_source: str | None = None
-  group_by: str | None = None         # regex on the basename; group 1 is the identity
+  group_by: str | None = None         # regex on the basename (group 1), or "identity"
   group_min_match: float = 0.9        # refuse a group_by that matches fewer record ids
+  group_fill: str = "first_fit"       # or "best": closer to per-class targets with identities
+  partition: str = "dataset"          # the build's own train/val/test, where it has one; "ignore"
+  merge_val: bool = False             # the dataset's val joins test (the paper's FERPlus)
+  label_noise: float = 0.0            # share of train_labeled given another class (symmetric)
   seed: int = 0
 
   def check(self):
+    if self.partition not in ("dataset", "ignore"):
+      raise ValueError(f"--partition {self.partition!r}: want dataset or ignore")
+    if self.group_fill not in FILLS:
+      raise ValueError(f"--group-fill {self.group_fill!r}: want one of {FILLS}")
+    if not 0 <= self.label_noise < 1:
+      raise ValueError(f"--label-noise {self.label_noise}: want 0 <= rate < 1")
     picked = [n for n in ("labeled_fraction", "labels_per_class", "labels_total")
               if getattr(self, n) is not None]
     if len(picked) != 1:
@@ -84,8 +94,12 @@ class FoldOptions:
     _check_group_by(self.group_by)
 
 
+FILLS = ("first_fit", "best")
+IDENTITY = "identity"   # --group-by identity: the record's own identity field
+
+
 def _check_group_by(pattern: str | None):
-  if pattern is None:
+  if pattern is None or pattern == IDENTITY:
     return
   try:
     if re.compile(pattern).groups < 1:
@@ -106,6 +120,14 @@ def check_group_matches(recs: list["RecordInfo"], pattern: str | None,
   ungrouped split (the same person in train and test)."""
   if pattern is None:
     return None
+  if pattern == IDENTITY:
+    matched = sum(1 for r in recs if r.identity)
+    if matched < min_match * len(recs):
+      raise ValueError(
+          f"--group-by identity: only {matched} of {len(recs)} records carry an identity (a "
+          "folder source with labels=identity sets it); give a --group-by regex instead, or "
+          "lower --group-min-match to accept.")
+    return matched
   regex = re.compile(pattern)
   matched = sum(1 for r in recs if regex.search(r.id.rsplit("/", 1)[-1]))
   if matched < min_match * len(recs):
@@ -134,11 +156,15 @@ class RecordInfo:
   id: str
   label: int
   source: str
+  identity: str = ""
+  partition: str | None = None   # "val" / "test" of the dataset's own partition
 
 
 def read_records(data_dir: str) -> list[RecordInfo]:
-  """(id, label, source) of every record in global order; checks ids.txt against the shards."""
+  """Every record's id, label, source, identity and own partition, in global order; checks
+  ids.txt against the shards."""
   manifest = records.load_manifest(data_dir)
+  partition_of = {rid: p for p, ids in manifest.get("partitions", {}).items() for rid in ids}
   out = []
   for path in records.shard_paths(data_dir, manifest):
     reader = ArrayRecordReader(path)
@@ -146,7 +172,8 @@ def read_records(data_dir: str) -> list[RecordInfo]:
     for lo in range(0, n, 1024):
       for raw in reader.read(list(range(lo, min(n, lo + 1024)))):
         d = records.decode(raw)
-        out.append(RecordInfo(d["id"], d["label"], d["source"]))
+        out.append(RecordInfo(d["id"], d["label"], d["source"], d["identity"],
+                              partition_of.get(d["id"])))
     reader.close()
   if [r.id for r in out] != records.load_ids(data_dir):
     raise DatasetError(f"{os.path.join(data_dir, records.IDS_FILE)} does not match the shards; "
@@ -166,13 +193,27 @@ def split(data_dir: str, name: str, opts: Options, *, overwrite: bool = False) -
   if opts.test_source is not None and opts.test_source not in manifest["sources"]:
     raise ValueError(f"--test-source {opts.test_source!r}: the build has sources "
                      f"{sorted(manifest['sources'])}")
+  partitioned = opts.partition == "dataset" and bool(manifest.get("partitions"))
+  if partitioned and (opts.test_fraction or opts.test_source):
+    raise ValueError(f"{data_dir} has its dataset's own test partition ("
+                     f"{', '.join(f'{p} {len(v)}' for p, v in manifest['partitions'].items())} "
+                     "records), which becomes the test list: drop --test-fraction/--test-source, "
+                     "or pass --partition ignore to draw lists from every record.")
+  if not partitioned:
+    recs = [dataclasses.replace(r, partition=None) for r in recs]
   matched = check_group_matches(recs, opts.group_by, opts.group_min_match)
-  result = _content(manifest, recs, name,
-                    dict(dataclasses.asdict(opts), test_fraction=opts.test_frac),
-                    assign(recs, opts))
+  lists, targets = assign(recs, opts)
+  options = dict(dataclasses.asdict(opts), test_fraction=0.0 if partitioned else opts.test_frac)
+  result = _content(manifest, recs, name, options, lists)
+  result["targets"] = {ln: {manifest["classes"][c]: n for c, n in sorted(t.items())}
+                       for ln, t in targets.items()}
   if matched is not None:
     result["group_by_matched"] = {"ids": matched, "of": len(recs)}
-  wanted = tuple(ln for ln, f in (("val", opts.val_fraction), ("test", opts.test_frac)) if f)
+  if opts.label_noise:
+    result["noisy_labels"] = noisy_labels(recs, lists["train_labeled"], manifest["classes"],
+                                          opts.label_noise, opts.seed)
+  wanted = tuple(ln for ln, f in (("val", opts.val_fraction), ("test", options["test_fraction"]))
+                 if f)
   for msg in _empty_classes(result, wanted + (("test",) if opts.test_source else ())):
     warnings.warn(msg, SplitWarning, stacklevel=2)
   _write(path, result)
@@ -281,19 +322,46 @@ def _write(path: str, result: dict):
   os.replace(tmp, path)
 
 
-def assign(recs: list[RecordInfo], opts: Options) -> dict[str, list[str]]:
-  """The four disjoint lists (ids in global record order) that together cover `recs`."""
+def assign(recs: list[RecordInfo], opts: Options
+           ) -> tuple[dict[str, list[str]], dict[str, dict[int, int]]]:
+  """The four disjoint lists (ids in global record order) that together cover `recs`, and
+  the per-class targets of the drawn ones (val, test, train_labeled).
+
+  Records of the dataset's own val/test partition (`RecordInfo.partition`) go there as they
+  are; val (unless the dataset has one) and the labeled subset are drawn from the rest."""
   rng = random.Random(opts.seed)
   group_of = _grouper(opts.group_by)
+  fill = _fill if opts.group_fill == "first_fit" else _fill_best
   where, labeled = _settled(recs, group_of, opts.test_source)
-  held = {"test": opts.test_frac if opts.test_source is None else 0.0, "val": opts.val_fraction}
+  own = {r.partition for r in labeled if r.partition}
+  for r in labeled:
+    if r.partition:
+      where[r.id] = "test" if opts.merge_val else r.partition
+  labeled = [r for r in labeled if not r.partition]
+  held = {"test": opts.test_frac if opts.test_source is None and not own else 0.0,
+          "val": 0.0 if "val" in own and not opts.merge_val else opts.val_fraction}
   per_class = collections.Counter(r.label for r in labeled)
-  targets = {ln: {c: round(f * n) for c, n in per_class.items()} for ln, f in held.items()}
-  pool = _fill(_groups(labeled, group_of), targets, "train", rng, where)
+  targets = {ln: {c: round(f * n) for c, n in per_class.items()} for ln, f in held.items() if f}
+  pool = fill(_groups(labeled, group_of), targets, "train", rng, where)
   pool_counts = collections.Counter(r.label for r in pool)
-  _fill(_groups(pool, group_of), {"train_labeled": labeled_targets(pool_counts, opts)},
-        "train_unlabeled", rng, where)
-  return _lists(recs, where)
+  targets["train_labeled"] = labeled_targets(pool_counts, opts)
+  fill(_groups(pool, group_of), {"train_labeled": targets["train_labeled"]},
+       "train_unlabeled", rng, where)
+  return _lists(recs, where), targets
+
+
+def noisy_labels(recs: list[RecordInfo], train_labeled: list[str], classes: list[str],
+                 rate: float, seed: int) -> dict[str, int]:
+  """Symmetric label noise for the paper's Table 8: exactly round(rate x n) train_labeled
+  records (seeded) each get one of the other classes, uniformly. The split file keeps them
+  ({id: class index}); the input pipeline reads these labels in place of the records'."""
+  label_of = {r.id: r.label for r in recs}
+  rng = random.Random(f"{seed}/label_noise")
+  chosen = sorted(rng.sample(sorted(train_labeled), round(rate * len(train_labeled))))
+  if len(classes) < 2 and chosen:
+    raise ValueError("--label-noise needs at least two classes")
+  return {rid: rng.choice([c for c in range(len(classes)) if c != label_of[rid]])
+          for rid in chosen}
 
 
 def assign_folds(recs: list[RecordInfo], opts: FoldOptions) -> list[dict[str, list[str]]]:
@@ -435,9 +503,11 @@ def proportional(counts: dict[int, int], total: int) -> dict[int, int]:
 
 
 def _grouper(pattern: str | None):
-  regex = re.compile(pattern) if pattern else None
+  regex = re.compile(pattern) if pattern and pattern != IDENTITY else None
 
   def group_of(rec: RecordInfo) -> str:
+    if pattern == IDENTITY:
+      return f"identity:{rec.identity}" if rec.identity else rec.id
     if regex is None:
       return rec.id
     m = regex.search(rec.id.rsplit("/", 1)[-1])
@@ -490,6 +560,78 @@ def _fill(groups: dict[str, list[RecordInfo]], targets: dict[str, dict[int, int]
   return sorted(rest_recs, key=lambda r: r.id)
 
 
+def _fill_best(groups: dict[str, list[RecordInfo]], targets: dict[str, dict[int, int]],
+               rest: str, rng: random.Random, where: dict[str, str]) -> list[RecordInfo]:
+  """`_fill`, then local search on the total miss sum_l sum_c |n_lc - target_lc|: move one
+  group to another list (or `rest`), or swap two groups between lists, while that lowers
+  the miss, never emptying a list of a class it wants. Never worse than first fit; closer
+  when a class lives in a few big identities (first fit must then overshoot). Swaps are
+  tried up to `_SWAP_LIMIT` groups.""" 
+  trial = {}
+  _fill(groups, targets, rest, rng, trial)
+  order = sorted(groups)
+  counts = {g: collections.Counter(r.label for r in groups[g]) for g in order}
+  placed = {g: trial[groups[g][0].id] for g in order}
+  have = {ln: collections.Counter() for ln in targets}
+  for g in order:
+    if placed[g] != rest:
+      have[placed[g]].update(counts[g])
+
+  lacking = 1 + sum(len(rs) for rs in groups.values())   # outweighs any count miss
+
+  def cost(n, want):   # a list that wants a class never loses its last record of it
+    return abs(n - want) + (lacking if want > 0 and n <= 0 else 0)
+
+  def delta(ln, change):   # the cost's change when list ln's counts change by `change`
+    if ln == rest:
+      return 0
+    want, got = targets[ln], have[ln]
+    return sum(cost(got[c] + k, want.get(c, 0)) - cost(got[c], want.get(c, 0))
+               for c, k in change.items())
+
+  def shift(g, to):
+    if placed[g] != rest:
+      have[placed[g]].subtract(counts[g])
+    placed[g] = to
+    if to != rest:
+      have[to].update(counts[g])
+
+  lists = list(targets) + [rest]
+  for _ in range(len(order) + 1):   # each pass lowers the (integer) miss, or stops
+    improved = False
+    for g in order:
+      here, minus = placed[g], {c: -k for c, k in counts[g].items()}
+      gains = [(delta(here, minus) + delta(ln, counts[g]), ln) for ln in lists if ln != here]
+      best, to = min(gains, key=lambda t: (t[0], lists.index(t[1])))
+      if best < 0:
+        shift(g, to)
+        improved = True
+    if len(order) <= _SWAP_LIMIT:
+      for g in order:
+        for h in order:
+          a, b = placed[g], placed[h]
+          if a == b or (a == rest and b == rest):
+            continue
+          move = collections.Counter(counts[h])
+          move.subtract(counts[g])   # list a loses g, gains h; list b the opposite
+          back = {c: -k for c, k in move.items()}
+          if delta(a, move) + delta(b, back) < 0:
+            shift(g, b)
+            shift(h, a)
+            improved = True
+    if not improved:
+      break
+  rest_recs = []
+  for g in order:
+    where.update((r.id, placed[g]) for r in groups[g])
+    if placed[g] == rest:
+      rest_recs.extend(groups[g])
+  return sorted(rest_recs, key=lambda r: r.id)
+
+
+_SWAP_LIMIT = 2000
+
+
 def _overshoot(group: list[RecordInfo], want: dict[int, int]) -> int:
   count = collections.Counter(r.label for r in group)
   return sum(max(0, k - want.get(c, 0)) for c, k in count.items())
@@ -506,4 +648,12 @@ def table(result: dict) -> str:
     row = counts[ln]
     lines.append(f"{ln:16s}" + "".join(f"{row[c]:>{width + 1}d}" for c in cols)
                  + f"{sum(row.values()):>{width + 1}d}")
+    target = result.get("targets", {}).get(ln)
+    if target and any(target.get(c, 0) != row[c] for c in target):   # grouped draws miss
+      lines.append(f"{'  target':16s}" + "".join(
+          f"{target[c]:>{width + 1}d}" if c in target else " " * (width + 1) for c in cols)
+          + f"{sum(target.values()):>{width + 1}d}")
+  if result.get("noisy_labels"):
+    lines.append(f"label noise: {len(result['noisy_labels'])} of {sum(counts['train_labeled'].values())} "
+                 "train_labeled records carry another class (listed in the split file)")
   return "\n".join(lines)

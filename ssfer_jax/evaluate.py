@@ -96,7 +96,8 @@ def subset_mean_class_accuracy(report: dict, min_support: int) -> float | None:
 def majority_report(data_dir: str, split: str, lists: Sequence[str] = ("test",)) -> dict:
   """The baseline: always predicting the most frequent class of train_labeled."""
   classes = records.load_manifest(data_dir)["classes"]
-  train = records.read_labels(data_dir, records.load_split(data_dir, split, ["train_labeled"]))
+  train = records.read_labels(data_dir, records.load_split(data_dir, split, ["train_labeled"]),
+                              split)
   test = records.read_labels(data_dir, records.load_split(data_dir, split, lists))
   majority = int(np.bincount(train).argmax())
   cm = np.zeros((len(classes), len(classes)), np.int64)

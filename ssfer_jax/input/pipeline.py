@@ -190,6 +190,7 @@ class _Batch:
   transform: augment.Transform
   seed: int
   strong_views: int = 1
+  label_noise: dict | None = None   # record index -> label, from a split's --label-noise
 
   def __call__(self, number: int) -> dict:
     indices, positions = self.rows(number)
@@ -228,7 +229,7 @@ class _Batch:
         strong = augment.weak_view(*decoded.shape[:2], rec["box"], u[at:at + weak])
         out["strong_crop"][row, v], out["strong_flip"][row, v] = strong.crop, strong.flip
       if "label" in out:
-        label = rec["label"]
+        label = self.label_noise.get(index, rec["label"]) if self.label_noise else rec["label"]
         if not lowest <= label < self.num_classes:
           raise records.DatasetError(
               f"{self.where}: record {rec['id']!r} (index {index}) has label {label}, not one "
@@ -278,6 +279,7 @@ def _open(data_dir, split, names, kind, image_size, source=None):
   else:
     indices = records.load_split(data_dir, split, names)
     where = f"{data_dir} (split {split!r}, lists {list(names)})"
+  noise = records.load_label_noise(data_dir, split) if split is not None else {}
   if not len(indices):
     raise records.DatasetError(f"{where}: no records; name lists that are not empty.")
   if source is None:
@@ -287,7 +289,8 @@ def _open(data_dir, split, names, kind, image_size, source=None):
     except Exception as e:  # pylint: disable=broad-except   (a damaged shard's footer)
       raise records.open_error(data_dir, paths, e) from e
   return indices, dict(source=source, kind=kind, image_size=image_size,
-                       num_classes=len(manifest["classes"]), where=where, data_dir=data_dir)
+                       num_classes=len(manifest["classes"]), where=where, data_dir=data_dir,
+                       label_noise=noise or None)
 
 
 def _iterate(ds: grain.MapDataset, num_threads, prefetch_batches, worker_count):

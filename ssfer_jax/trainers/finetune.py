@@ -80,7 +80,7 @@ def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
   classes = list(manifest["classes"])
   kind = config.loss.class_weighting
   labels = None if kind == "none" else records.read_labels(config.data.dir, records.load_split(
-      config.data.dir, config.data.split, config.data.train_lists))   # only to weigh
+      config.data.dir, config.data.split, config.data.train_lists), config.data.split)
   weights = class_weights(labels, len(classes), kind)
   if weights is not None:
     logging.info("class weights: %s", dict(zip(classes, np.round(weights, 3).tolist())))

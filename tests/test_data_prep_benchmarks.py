@@ -1,0 +1,280 @@
+"""The benchmark readers on fixtures in each dataset's own format, landmark alignment, the
+datasets' own partitions in splits, identities, label noise and best-effort grouped splits."""
+
+import collections
+import dataclasses
+import os
+import random
+
+import cv2
+import msgpack
+import numpy as np
+import pytest
+
+import benchmark_fixtures as bf
+from data_prep import benchmarks, build, images, sources, split, vocabulary
+from ssfer_jax.input import pipeline, records
+from test_data_prep_build import read_shards
+
+NONE = build.Config(size=48, crop="none", detector="none")
+
+
+def check_reader(out, manifest, name, want, skipped, label_of):
+  """Every wanted row is a record with its class and partition, every bad row is skipped
+  with its reason, and the counts reconcile."""
+  recs = {r["id"]: r for r in read_shards(out)[1]}
+  assert set(recs) == set(want)
+  for rid, (raw_label, partition) in want.items():
+    assert manifest["classes"][recs[rid]["label"]] == label_of(raw_label), rid
+    in_list = [p for p, ids in manifest.get("partitions", {}).items() if rid in ids]
+    assert in_list == ([] if partition == "train" else [partition]), rid
+  reasons = {s["id"]: s["reason"] for s in manifest["skipped"]}
+  assert set(reasons) == set(skipped)
+  for rid, why in skipped.items():
+    assert reasons[rid].startswith(why), (rid, reasons[rid])
+  spec = manifest["sources"][name]
+  assert spec["read"] == spec["written"] + spec["skipped"] == len(want) + len(skipped)
+  assert sum(spec["partitions"].values()) == len(want)
+  return recs
+
+
+def test_rafdb_reader_aligned_and_original(demo_data_dir, tmp_path):
+  want, skipped = bf.write_rafdb(tmp_path / "basic", demo_data_dir)
+  src = benchmarks.RafDbSource("rafdb", str(tmp_path / "basic"))
+  manifest = build.build([src], str(tmp_path / "aligned"), NONE, workers=1, progress=False)
+  assert manifest["classes"] == [vocabulary.RAFDB[i] for i in range(1, 8)]   # RAF-DB's order
+  check_reader(tmp_path / "aligned", manifest, "rafdb", want, skipped,
+               lambda raw: vocabulary.RAFDB[raw])
+  assert manifest["sources"]["rafdb"]["label_map"]["Happiness"]["class"] == "happiness"
+  assert manifest["sources"]["rafdb"]["paper_counts"] == {"train": 12271, "test": 3068}
+  # The original photos with the dataset's boxes and landmarks; the missing photo now fails
+  # on its missing annotation files, named.
+  original = dataclasses.replace(src, images="original")
+  aligned = build.Config(size=64, crop="align", detector="dataset", margin=1.25)
+  manifest = build.build([original], str(tmp_path / "original"), aligned, workers=1,
+                         progress=False)
+  check_reader(tmp_path / "original", manifest, "rafdb", want,
+               dict(skipped, **{"rafdb/test_9999.jpg": "missing annotation"}),
+               lambda raw: vocabulary.RAFDB[raw])
+
+
+def test_ferplus_reader_applies_the_majority_rule(demo_data_dir, tmp_path):
+  want, skipped = bf.write_ferplus(tmp_path / "fer", demo_data_dir)
+  src = sources.parse(["ferplus", str(tmp_path / "fer")])
+  manifest = build.build([src], str(tmp_path / "out"), NONE, workers=1, progress=False)
+  assert manifest["classes"] == list(vocabulary.FERPLUS_CLASSES)
+  recs = check_reader(tmp_path / "out", manifest, "ferplus", want, skipped, lambda raw: raw)
+  assert manifest["sources"]["ferplus"]["partitions"] == {"test": 2, "train": 2, "val": 1}
+  # The stored image is the CSV's 48x48 grey pixels (JPEG at quality 90).
+  first = recs["ferplus/Training/fer0000000.png"]
+  stored = cv2.imdecode(np.frombuffer(first["image"], np.uint8), cv2.IMREAD_UNCHANGED)
+  face = bf.demo_images(demo_data_dir, 10)[0]
+  grey = cv2.resize(cv2.cvtColor(face, cv2.COLOR_BGR2GRAY), (48, 48), interpolation=cv2.INTER_AREA)
+  assert stored.shape == (48, 48)
+  assert np.abs(stored.astype(int) - grey).mean() < 4
+
+
+@pytest.mark.parametrize("votes,expect", [
+    ([0, 10, 0, 0, 0, 0, 0, 0, 0, 0], (1, None)),
+    ([6, 1, 1, 1, 1, 0, 0, 0, 0, 0], (0, None)),          # single votes zeroed first
+    ([3, 0, 3, 0, 0, 0, 0, 0, 0, 0], (None, "no majority")),
+    ([2, 0, 0, 0, 0, 0, 0, 0, 0, 0], (0, None)),
+    ([1, 1, 1, 1, 1, 1, 1, 1, 1, 1], (None, "no majority")),
+    ([0, 0, 0, 0, 0, 0, 0, 0, 5, 2], (None, "majority 'unknown'")),
+    ([0, 0, 0, 0, 0, 0, 0, 0, 2, 5], (None, "majority 'NF'")),
+])
+def test_ferplus_majority_on_hand_made_votes(votes, expect):
+  winner, why = benchmarks.majority(np.asarray(votes, float))
+  assert winner == expect[0]
+  assert (why is None) == (expect[1] is None) and (why or "").startswith(expect[1] or "")
+
+
+@pytest.mark.parametrize("classes", [8, 7])
+def test_affectnet_reader_classes_exclusions_and_landmarks(demo_data_dir, tmp_path, classes):
+  want, skipped = bf.write_affectnet(tmp_path / "aff", demo_data_dir)
+  if classes == 7:
+    moved = [rid for rid, (expr, _) in want.items() if expr == 7]
+    skipped.update({rid: "excluded expression 7 (Contempt)" for rid in moved})
+    want = {rid: v for rid, v in want.items() if rid not in moved}
+  src = sources.parse(["affectnet", str(tmp_path / "aff"), f"classes={classes}"])
+  cfg = build.Config(size=64, crop="align", detector="dataset")
+  manifest = build.build([src], str(tmp_path / "out"), cfg, workers=1, progress=False)
+  assert manifest["classes"] == [vocabulary.AFFECTNET[i] for i in range(classes)]
+  check_reader(tmp_path / "out", manifest, "affectnet", want, skipped,
+               lambda raw: vocabulary.AFFECTNET[raw])
+  label_map = manifest["sources"]["affectnet"]["label_map"]
+  assert label_map["Happy"]["class"] == "happiness" and label_map["None"]["class"] is None
+  assert manifest["partitions"]["test"] == sorted(r for r, (_, p) in want.items() if p == "test")
+
+
+def test_align_undoes_a_rotation_on_real_faces(demo_data_dir):
+  """A face rotated, scaled and shifted (landmarks moved with it) aligns to what the face
+  itself aligns to; the landmarks land on the template."""
+  for face in bf.demo_images(demo_data_dir, 3):
+    marks = bf.face_landmarks(face)
+    h, w = face.shape[:2]
+    box = (0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h)
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), 25.0, 1.3)
+    m[:, 2] += (w / 2, h / 2)   # the whole face stays inside the 2w x 2h canvas
+    big = cv2.warpAffine(face, m, (2 * w, 2 * h), flags=cv2.INTER_CUBIC)
+    moved = np.hstack([marks, np.ones((5, 1))]) @ m.T
+    ref, ref_box = images.align(face, marks, box, 1.5, 64)
+    got, _ = images.align(big, moved, None, 1.5, 64)
+    # Compare where both show the photo (the source's own edge pads differently in each).
+    both = (ref.max(-1) > 0) & (got.max(-1) > 0)
+    assert both.mean() > 0.3
+    assert np.abs(got.astype(int) - ref)[both].mean() < 8
+    fit = images.similarity(marks, images.template(1.5, 64))
+    mapped = np.hstack([marks, np.ones((5, 1))]) @ fit.T
+    np.testing.assert_allclose(mapped, images.template(1.5, 64), atol=1e-6 * 64)
+    assert 0 <= ref_box[0] < ref_box[2] <= 1 and 0 <= ref_box[1] < ref_box[3] <= 1
+
+
+def test_similarity_recovers_a_known_transform():
+  rng = np.random.default_rng(0)
+  src = rng.uniform(0, 100, (5, 2))
+  angle, scale, shift = 0.4, 0.7, np.array([12.0, -3.0])
+  rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+  m = images.similarity(src, src @ rot.T + shift)
+  np.testing.assert_allclose(m, np.hstack([rot, shift[:, None]]), atol=1e-9)
+
+
+def test_identity_folders_round_trip_and_group_splits(demo_data_dir, tmp_path):
+  """labels=identity keeps each person in its records; --group-by identity never splits a
+  person; version-1 records (no identity) still decode."""
+  root = tmp_path / "casia"
+  files = sorted(os.listdir(demo_data_dir / "images"))[:24]
+  for i, fn in enumerate(files):
+    os.makedirs(root / f"{i % 6:07d}", exist_ok=True)
+    os.link(demo_data_dir / "images" / fn, root / f"{i % 6:07d}" / fn)
+  labeled = bf.write_rafdb(tmp_path / "basic", demo_data_dir)[0]
+  srcs = [sources.parse(["folder", str(root), "labels=identity", "name=casia"]),
+          benchmarks.RafDbSource("rafdb", str(tmp_path / "basic"))]
+  build.build(srcs, str(tmp_path / "out"), NONE, workers=1, progress=False)
+  recs = read_shards(tmp_path / "out")[1]
+  identities = {r["id"]: r["identity"] for r in recs}
+  assert all(identities[f"casia/{i % 6:07d}/{fn}"] == f"{i % 6:07d}" for i, fn in enumerate(files))
+  assert all(identities[rid] == "" for rid in labeled)
+  v1 = msgpack.packb({"v": 1, "image": b"", "label": 0, "box": [0, 0, 1, 1], "id": "a",
+                      "source": "s", "face_found": True}, use_bin_type=True)
+  assert records.decode(v1)["identity"] == ""
+  with pytest.raises(ValueError, match="carry an identity"):
+    split.split(str(tmp_path / "out"), "g", split.Options(labeled_fraction=0.5,
+                                                         group_by="identity"))
+
+
+@pytest.fixture(scope="module")
+def ferplus_build(demo_data_dir, tmp_path_factory):
+  """FERPlus-format data with enough rows to split: 60 faces over the three Usages."""
+  root = tmp_path_factory.mktemp("ferplus")
+  faces = bf.demo_images(demo_data_dir, 60)
+  pixel_rows, vote_rows = [], []
+  for i, face in enumerate(faces):
+    usage = "Training" if i < 40 else "PublicTest" if i < 50 else "PrivateTest"
+    grey = cv2.resize(cv2.cvtColor(face, cv2.COLOR_BGR2GRAY), (48, 48))
+    pixel_rows.append([0, " ".join(map(str, grey.ravel().tolist())), usage])
+    votes = [0] * 10
+    votes[i % 4] = 10
+    vote_rows.append([usage, f"fer{i:07d}.png"] + votes)
+  import csv
+  with open(root / "fer2013.csv", "w", newline="") as f:
+    csv.writer(f).writerows([["emotion", "pixels", "Usage"]] + pixel_rows)
+  with open(root / "fer2013new.csv", "w", newline="") as f:
+    csv.writer(f).writerows([bf.FERPLUS_HEADER] + vote_rows)
+  out = str(root / "out")
+  build.build([sources.parse(["ferplus", str(root)])], out, NONE, workers=1, progress=False)
+  return out
+
+
+def test_split_keeps_the_datasets_own_partition(ferplus_build):
+  manifest = records.load_manifest(ferplus_build)
+  result = split.split(ferplus_build, "own", split.Options(labeled_fraction=0.5))
+  lists = result["lists"]
+  assert lists["test"] == manifest["partitions"]["test"]
+  assert lists["val"] == manifest["partitions"]["val"]
+  assert not set(lists["train_labeled"] + lists["train_unlabeled"]) & set(
+      manifest["partitions"]["test"] + manifest["partitions"]["val"])
+  assert len(lists["train_labeled"]) == 20   # half of each class of the 40 train rows
+  merged = split.split(ferplus_build, "merged", split.Options(labeled_fraction=0.5,
+                                                              merge_val=True))
+  assert merged["lists"]["test"] == sorted(manifest["partitions"]["test"]
+                                           + manifest["partitions"]["val"])
+  assert len(merged["lists"]["val"]) == 4   # 10% of each class of the train part
+  with pytest.raises(ValueError, match="own test partition"):
+    split.split(ferplus_build, "bad", split.Options(labeled_fraction=0.5, test_fraction=0.1))
+  ignored = split.split(ferplus_build, "all", split.Options(labeled_fraction=0.5,
+                                                            partition="ignore"))
+  assert ignored["lists"]["test"] != lists["test"]
+
+
+def test_label_noise_is_exact_seeded_and_read_by_the_pipeline(ferplus_build):
+  result = split.split(ferplus_build, "noisy", split.Options(labeled_fraction=1.0,
+                                                             label_noise=0.3, seed=3))
+  labeled = result["lists"]["train_labeled"]
+  noisy = result["noisy_labels"]
+  assert len(noisy) == round(0.3 * len(labeled)) and set(noisy) <= set(labeled)
+  again = split.split(ferplus_build, "noisy", split.Options(labeled_fraction=1.0,
+                                                            label_noise=0.3, seed=3),
+                      overwrite=True)
+  assert again["noisy_labels"] == noisy
+  index_of = {rid: i for i, rid in enumerate(records.load_ids(ferplus_build))}
+  clean = records.read_labels(ferplus_build, np.asarray([index_of[r] for r in labeled]))
+  assert all(noisy[r] != clean[k] for k, r in enumerate(labeled) if r in noisy)
+  it = pipeline.make_eval_iterator(ferplus_build, "noisy", ["train_labeled"],
+                                   global_batch_size=8, image_size=48, process_index=0,
+                                   process_count=1, num_threads=1)
+  seen = {}
+  for batch in it:
+    seen.update({int(i): int(lab) for i, lab, ok in zip(batch["index"], batch["label"],
+                                                        batch["valid"]) if ok})
+  for k, rid in enumerate(labeled):
+    assert seen[index_of[rid]] == noisy.get(rid, clean[k])
+
+
+def _miss(lists, recs, targets):
+  label_of = {r.id: r.label for r in recs}
+  total = 0
+  for ln, want in targets.items():
+    got = collections.Counter(label_of[i] for i in lists[ln])
+    total += sum(abs(got[c] - n) for c, n in want.items())
+  return total
+
+
+def test_best_effort_grouped_fill_gets_closer_to_the_targets():
+  """A rare class held by a few big identities: over several seeds the best-effort fill
+  never misses the per-class targets by more than first fit and misses less overall; both
+  keep identities whole and give every list that wants a class some of it."""
+  rng = random.Random(0)
+  recs = []
+  for person in range(80):
+    n = rng.choice([1, 2, 3, 8])
+    for k in range(n):
+      rare = person < 5 and k % 2 == 0
+      recs.append(split.RecordInfo(f"fe/p{person:03d}_{k:04d}.jpg",
+                                   2 if rare else rng.choice([0, 1]), "fe"))
+  totals = collections.Counter()
+  for seed in range(4):
+    misses = {}
+    for fill in split.FILLS:
+      opts = split.Options(labeled_fraction=0.3, val_fraction=0.15, test_fraction=0.15,
+                           group_by=r"^(p\d+)_\d+\.jpg$", group_fill=fill, seed=seed)
+      lists, targets = split.assign(recs, opts)
+      assert sorted(sum(lists.values(), [])) == sorted(r.id for r in recs)
+      person_list = {}
+      for ln, ids in lists.items():
+        for i in ids:
+          assert person_list.setdefault(i.split("/")[1].split("_")[0], ln) == ln
+      label_of = {r.id: r.label for r in recs}
+      for ln, want in targets.items():
+        got = collections.Counter(label_of[i] for i in lists[ln])
+        assert all(got[c] > 0 for c, n in want.items() if n > 0), (fill, ln, got, want)
+      misses[fill] = _miss(lists, recs, targets)
+    assert misses["best"] <= misses["first_fit"], (seed, misses)
+    totals.update(misses)
+  assert totals["best"] < totals["first_fit"], totals
+
+
+def test_split_table_shows_missed_targets(ferplus_build):
+  result = split.split(ferplus_build, "t", split.Options(labeled_fraction=0.5), overwrite=True)
+  result["targets"]["train_labeled"]["neutral"] += 1    # as a grouped split would miss it
+  assert "  target" in split.table(result)
