@@ -90,6 +90,16 @@ def plan(srcs: list, cfg: Config) -> Plan:
   aliases = {sources_lib.normalise_label(a, {}): sources_lib.normalise_label(b, {})
              for a, b in cfg.aliases}
   items = sorted((it for s in srcs for it in s.items(aliases)), key=lambda it: it.id)
+  # One record per id: a reader may list an image twice (AffectNet's two CSVs, say); the
+  # first listing stands (sort is stable: source order, then listing order).
+  kept = set()
+  for k, it in enumerate(items):
+    if it.skip:
+      continue
+    if it.id in kept:
+      items[k] = dataclasses.replace(it, skip=f"duplicate: {it.id} is listed again (as "
+                                     f"{it.path})")
+    kept.add(it.id)
   if cfg.classes is not None:
     classes = [sources_lib.normalise_label(c, aliases) for c in cfg.classes]
     if len(set(classes)) != len(classes):

@@ -142,6 +142,8 @@ def write_affectnet(root, demo_data_dir) -> tuple[dict, dict]:
       skipped[f"affectnet/{rel}"] = "excluded expression" if expr != "x" else "bad expression"
   rows["training.csv"].append(["999/gone.jpg", 1, 1, 20, 20, marks, 1, 0, 0])
   skipped["affectnet/999/gone.jpg"] = "missing file"
+  rows["validation.csv"].append(rows["training.csv"][0])   # listed in both CSVs: train wins
+  skipped["affectnet/" + rows["training.csv"][0][0]] = "duplicate"
   for name, rs in rows.items():
     with open(os.path.join(root, name), "w", newline="") as f:
       csv.writer(f).writerows([AFFECTNET_HEADER] + rs)
