@@ -89,6 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.dir = ml_collections.config_dict.placeholder(str)  # a `python -m data_prep build` output
   c.data.split = "default"    # DATA_DIR/splits/NAME.json, or a path
   c.data.train_lists = ("train_labeled",)
+  # Several builds in one train stream (stages 1 and 2): "DIR[@SPLIT]=WEIGHT,...", each batch
+  # round(w x B) rows of each (every record of DIR, or SPLIT's train_lists); data.dir stays
+  # the run's reference build (classes, evaluation, figures). "" = data.dir alone.
+  c.data.mix = ""
   c.data.image_size = 224
   c.data.num_threads = 16
   c.data.mean = FACE_MEAN

@@ -165,25 +165,7 @@ def test_identity_folders_round_trip_and_group_splits(demo_data_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def ferplus_build(demo_data_dir, tmp_path_factory):
-  """FERPlus-format data with enough rows to split: 60 faces over the three Usages."""
-  root = tmp_path_factory.mktemp("ferplus")
-  faces = bf.demo_images(demo_data_dir, 60)
-  pixel_rows, vote_rows = [], []
-  for i, face in enumerate(faces):
-    usage = "Training" if i < 40 else "PublicTest" if i < 50 else "PrivateTest"
-    grey = cv2.resize(cv2.cvtColor(face, cv2.COLOR_BGR2GRAY), (48, 48))
-    pixel_rows.append([0, " ".join(map(str, grey.ravel().tolist())), usage])
-    votes = [0] * 10
-    votes[i % 4] = 10
-    vote_rows.append([usage, f"fer{i:07d}.png"] + votes)
-  import csv
-  with open(root / "fer2013.csv", "w", newline="") as f:
-    csv.writer(f).writerows([["emotion", "pixels", "Usage"]] + pixel_rows)
-  with open(root / "fer2013new.csv", "w", newline="") as f:
-    csv.writer(f).writerows([bf.FERPLUS_HEADER] + vote_rows)
-  out = str(root / "out")
-  build.build([sources.parse(["ferplus", str(root)])], out, NONE, workers=1, progress=False)
-  return out
+  return bf.ferplus_dataset(tmp_path_factory.mktemp("ferplus"), demo_data_dir)
 
 
 def test_split_keeps_the_datasets_own_partition(ferplus_build):

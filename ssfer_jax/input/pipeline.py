@@ -91,6 +91,7 @@ KINDS = {
 }
 SEMISUP = "semisup"
 _UNLABELED_STREAM = 1   # `augment.uniforms` key of the unlabeled stream of a semisup batch
+_MIX_STREAM = 1000      # + i: the key of the i-th source of a mixed stream (i > 0)
 DEFAULT_THREADS = min(os.cpu_count() or 1, 16)
 
 
@@ -191,6 +192,7 @@ class _Batch:
   seed: int
   strong_views: int = 1
   label_noise: dict | None = None   # record index -> label, from a split's --label-noise
+  label_map: tuple[int, ...] | None = None   # this build's label -> the run's (a mixed stream)
 
   def __call__(self, number: int) -> dict:
     indices, positions = self.rows(number)
@@ -230,6 +232,8 @@ class _Batch:
         out["strong_crop"][row, v], out["strong_flip"][row, v] = strong.crop, strong.flip
       if "label" in out:
         label = self.label_noise.get(index, rec["label"]) if self.label_noise else rec["label"]
+        if self.label_map is not None and 0 <= label < len(self.label_map):
+          label = self.label_map[label]
         if not lowest <= label < self.num_classes:
           raise records.DatasetError(
               f"{self.where}: record {rec['id']!r} (index {index}) has label {label}, not one "
@@ -252,6 +256,66 @@ class _SemisupBatch:
 
   def __call__(self, number: int) -> dict:
     return {"labeled": self.labeled(number), "unlabeled": self.unlabeled(number)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MixSource:
+  """One build of a mixed train stream: every record of `data_dir` (split None) or the train
+  lists of its `split`, drawn at `weight` (weights are relative)."""
+  data_dir: str
+  split: str | None
+  weight: float
+
+
+def parse_mix(text: str) -> list[MixSource]:
+  """`DIR[@SPLIT]=WEIGHT,...` (config `data.mix`) -> its sources; "" -> none."""
+  out = []
+  for part in (p.strip() for p in text.split(",") if p.strip()):
+    where, eq, weight = part.rpartition("=")
+    data_dir, at, split = where.partition("@")
+    try:
+      w = float(weight)
+    except ValueError:
+      w = -1.0
+    if not eq or not data_dir or w <= 0:
+      raise ValueError(f"data.mix entry {part!r}: want DIR=WEIGHT or DIR@SPLIT=WEIGHT with a "
+                       "weight > 0, entries separated by commas (e.g. "
+                       "'data/casia=0.7,data/affectnet@p10=0.3').")
+    out.append(MixSource(data_dir, split if at else None, w))
+  return out
+
+
+def mix_counts(weights: Sequence[float], batch: int) -> list[int]:
+  """Rows of each source in a batch of `batch`: round(w / sum(w) x batch), by largest
+  remainders so they sum to `batch` exactly; every source gets at least one row."""
+  total = sum(weights)
+  quota = [w / total * batch for w in weights]
+  counts = [math.floor(q) for q in quota]
+  for i in sorted(range(len(quota)), key=lambda i: (counts[i] - quota[i], i))[:batch - sum(counts)]:
+    counts[i] += 1
+  if min(counts) < 1:
+    raise ValueError(f"data.mix weights {list(weights)} give a source no row of a batch of "
+                     f"{batch} ({counts}); raise its weight or the batch size.")
+  return counts
+
+
+@dataclasses.dataclass(frozen=True)
+class _MixedBatch:
+  """Batch number -> the rows of every source's batch, concatenated then shuffled (seeded
+  per batch) so each device's shard holds a mix. `index` is offset per source (the sum of
+  the record counts of the builds before it), so it names one record of one build."""
+  parts: tuple[_Batch, ...]
+  offsets: tuple[int, ...]
+  seed: int
+
+  def __call__(self, number: int) -> dict:
+    outs = [p(number) for p in self.parts]
+    for out, offset in zip(outs, self.offsets):
+      out["index"] += offset
+    batch = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    order = np.random.default_rng((self.seed, _MIX_STREAM, number)).permutation(
+        len(batch["index"]))
+    return {k: v[order] for k, v in batch.items()}
 
 
 def _check(what, value, allowed):
@@ -312,8 +376,14 @@ def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind
                         process_index: int | None = None,
                         process_count: int | None = None, num_threads: int = DEFAULT_THREADS,
                         prefetch_batches: int | None = None,
-                        worker_count: int = 0) -> grain.DatasetIterator:
+                        worker_count: int = 0,
+                        mix: Sequence[MixSource] = ()) -> grain.DatasetIterator:
   """An endless iterator of this process's train batches.
+
+  `mix` (kinds "unlabeled" and "labeled") reads several builds instead of `data_dir`:
+  source i gives `mix_counts` rows of every batch from its own stream (its own epochs,
+  permutations and seed), its labels mapped by class name onto `data_dir`'s classes. The
+  state is still one integer.
 
   kind "semisup" pairs `global_batch_size` rows of the `names` lists (labeled, weak) with
   `unlabeled_ratio` times as many of the `unlabeled_names` lists (a weak and `strong_views`
@@ -338,7 +408,10 @@ def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind
     return _Batch(**fields, rows=rows, transform=augment.TRANSFORMS[transform], seed=seed,
                   strong_views=strong_views)
 
-  if kind == SEMISUP:
+  if mix:
+    make_batch = _mixed(data_dir, names, kind, image_size, seed, mix, global_batch_size,
+                        process_index, process_count, augment.TRANSFORMS[transform])
+  elif kind == SEMISUP:
     _check_semisup(unlabeled_ratio, strong_views)
     if not unlabeled_names:
       raise ValueError("a semisup iterator needs unlabeled_names (e.g. ('train_unlabeled',)).")
@@ -351,6 +424,41 @@ def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind
     make_batch = stream(names, kind, batch, seed)
   ds = grain.MapDataset.range(sys.maxsize // global_batch_size).map(make_batch)
   return _iterate(ds, num_threads, prefetch_batches, worker_count)
+
+
+def _mixed(data_dir, names, kind, image_size, seed, mix, global_batch_size, process_index,
+           process_count, transform) -> _MixedBatch:
+  if kind not in ("unlabeled", "labeled"):
+    raise ValueError(f"data.mix reads several builds for kinds 'unlabeled' and 'labeled' (stages "
+                     f"1 and 2), not {kind!r}: stage 3's per-record state indexes one build's "
+                     "unlabeled list.")
+  counts = mix_counts([m.weight for m in mix], global_batch_size)
+  uneven = [(m.data_dir, c) for m, c in zip(mix, counts) if c % process_count]
+  if uneven:
+    raise ValueError(f"data.mix rows per batch {counts} must each split over the "
+                     f"{process_count} processes ({uneven} do not); adjust the weights or "
+                     "batch size.")
+  classes = records.load_manifest(data_dir)["classes"]
+  parts, offsets, offset = [], [], 0
+  for i, (m, count) in enumerate(zip(mix, counts)):
+    indices, fields = _open(m.data_dir, m.split, names, kind, image_size)
+    theirs = records.load_manifest(m.data_dir)["classes"]
+    if kind == "labeled":
+      missing = [c for c in theirs if c not in classes]
+      if missing:
+        raise records.DatasetError(
+            f"data.mix: {m.data_dir} has class(es) {missing} that {data_dir} (the run's "
+            f"data.dir, classes {classes}) lacks; a labeled mix maps classes by name.")
+      fields["label_map"] = tuple(classes.index(c) for c in theirs)
+    fields["num_classes"] = len(classes)   # labels are checked after the mapping
+    stream_seed = seed if i == 0 else int(augment.uniforms(seed, [_MIX_STREAM + i], 1)[0, 0]
+                                          * 2**53)
+    rows = _TrainRows(_Epochs(indices, stream_seed), count // process_count, process_index,
+                      process_count)
+    parts.append(_Batch(**fields, rows=rows, transform=transform, seed=stream_seed))
+    offsets.append(offset)
+    offset += records.load_manifest(m.data_dir)["num_records"]
+  return _MixedBatch(tuple(parts), tuple(offsets), seed)
 
 
 def make_eval_iterator(data_dir: str, split: str | None, names: Sequence[str], *,

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from ssfer_jax import checkpointing, evaluate, facemix, optim, sharding
-from ssfer_jax.input import device, records
+from ssfer_jax.input import device, leakage, records
 from ssfer_jax.models import flops, vit
 from ssfer_jax.trainers import loop, pretrain
 
@@ -76,6 +76,8 @@ def check_mixing(config: ml_collections.ConfigDict, mesh) -> None:
 
 def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
                workdir: str | None) -> loop.Stage:
+  if config.init_from:
+    check_pretraining_data(config)
   manifest = records.load_manifest(config.data.dir)
   classes = list(manifest["classes"])
   kind = config.loss.class_weighting
@@ -264,6 +266,17 @@ def _resolve_checkpoint(path: str, what: str) -> tuple[checkpointing.Checkpointe
     raise InitError(f"{what} {path}: no checkpoint {'' if step is None else step} there "
                     f"(steps: {steps}); train that stage first.")
   return ckpt, step
+
+
+def check_pretraining_data(config: ml_collections.ConfigDict) -> None:
+  """Refuses (before compiling) a stage-1 run that saw images of this split's val or test."""
+  ckpt, step = _resolve_checkpoint(config.init_from, "init_from")
+  try:
+    src = ckpt.read_config(step)
+  finally:
+    ckpt.close()
+  if src.get("stage") == pretrain.STAGE:
+    leakage.check(src["data"], config.data.dir, config.data.split, config.init_from)
 
 
 def warm_start(config, mesh, state: loop.TrainState) -> loop.TrainState:

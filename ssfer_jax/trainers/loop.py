@@ -179,7 +179,16 @@ def plan_run(config: ml_collections.ConfigDict, mesh_devices=None) -> RunPlan:
                                "(the global batch, across all devices).")
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, mesh_devices)
   sharding.check_batch_size(config.batch_size, mesh)
-  n = len(records.load_split(config.data.dir, config.data.split, config.data.train_lists))
+  mix = pipeline.parse_mix(config.data.get("mix", ""))
+  if mix:   # an epoch is a pass over every record the mix can draw
+    if config.data.get("unlabeled_lists"):
+      raise sharding.ConfigError("data.mix is for stages 1 and 2; stage 3 reads one build (its "
+                                 "per-record threshold state indexes that build's unlabeled "
+                                 "list). Unset data.mix.")
+    pipeline.mix_counts([m.weight for m in mix], config.batch_size)
+    n = sum(mix_size(m, config.data.train_lists) for m in mix)
+  else:
+    n = len(records.load_split(config.data.dir, config.data.split, config.data.train_lists))
   if n < config.batch_size:
     raise sharding.ConfigError(
         f"{config.data.dir}: lists {tuple(config.data.train_lists)} of split "
@@ -211,6 +220,13 @@ def plan_run(config: ml_collections.ConfigDict, mesh_devices=None) -> RunPlan:
   if total <= 0:
     raise sharding.ConfigError("set total_steps > 0 or num_epochs > 0.")
   return RunPlan(mesh, n, int(total), steps_per_epoch, n_unlabeled, ratio, views)
+
+
+def mix_size(source: pipeline.MixSource, train_lists) -> int:
+  """Records a mix source draws from: its split's train lists, or every record."""
+  if source.split is None:
+    return records.load_manifest(source.data_dir)["num_records"]
+  return len(records.load_split(source.data_dir, source.split, train_lists))
 
 
 def _peak_flops(config: ml_collections.ConfigDict, mesh) -> float | None:
@@ -256,7 +272,7 @@ def _train(config, workdir, make_stage, stop_at, allow_schedule_change) -> Train
       global_batch_size=config.batch_size, image_size=config.data.image_size,
       seed=config.seed, transform="weak", unlabeled_names=config.data.get("unlabeled_lists", ()),
       unlabeled_ratio=plan.unlabeled_ratio, strong_views=plan.strong_views,
-      num_threads=config.data.num_threads)
+      num_threads=config.data.num_threads, mix=pipeline.parse_mix(config.data.get("mix", "")))
 
   # State: shapes first, then a jitted init into the shardings, or a restore into them.
   abstract_state, state_shardings = state_layout(config, stage, mesh)

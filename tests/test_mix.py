@@ -1,0 +1,149 @@
+"""Several builds in one train stream (data.mix): exact per-batch counts, labels mapped by
+class name, exact resume; and the check that pretraining never saw an evaluation image."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import benchmark_fixtures as bf
+from data_prep import split
+from ssfer_jax.input import leakage, pipeline, records
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def ferplus(demo_data_dir, tmp_path_factory):
+  """FERPlus-format build (48 px, FERPlus class order), split over its own partition."""
+  out = bf.ferplus_dataset(tmp_path_factory.mktemp("ferplus"), demo_data_dir)
+  split.split(out, "default", split.Options(labeled_fraction=0.5))
+  return out
+
+
+def test_mix_counts_are_exact_and_refuse_an_empty_source():
+  assert pipeline.mix_counts([0.7, 0.3], 10) == [7, 3]
+  assert pipeline.mix_counts([1, 1, 1], 8) == [3, 3, 2]
+  for weights, batch in (([0.5, 0.25, 0.25], 16), ([2, 1], 9), ([1, 3, 4], 64)):
+    counts = pipeline.mix_counts(weights, batch)
+    assert sum(counts) == batch
+    assert all(abs(c - w / sum(weights) * batch) < 1 for c, w in zip(counts, weights))
+  with pytest.raises(ValueError, match="no row"):
+    pipeline.mix_counts([0.99, 0.01], 8)
+
+
+def test_parse_mix():
+  assert pipeline.parse_mix("") == []
+  assert pipeline.parse_mix("data/a=0.7, data/b@p10=0.3") == [
+      pipeline.MixSource("data/a", None, 0.7), pipeline.MixSource("data/b", "p10", 0.3)]
+  for bad in ("data/a", "data/a=0", "data/a=x", "=1"):
+    with pytest.raises(ValueError, match="data.mix entry"):
+      pipeline.parse_mix(bad)
+
+
+def _mixed(small_dataset, ferplus, **kw):
+  mix = [pipeline.MixSource(small_dataset, "default", 3.0), pipeline.MixSource(ferplus, None, 1.0)]
+  args = dict(kind="unlabeled", global_batch_size=8, image_size=SIZE, seed=5, num_threads=2,
+              mix=mix, process_index=0, process_count=1)
+  return pipeline.make_train_iterator(small_dataset, "default", ["train_labeled",
+                                                                "train_unlabeled"],
+                                      **{**args, **kw})
+
+
+def test_mixed_batches_hold_exact_counts_and_resume_exactly(small_dataset, ferplus):
+  offset = records.load_manifest(small_dataset)["num_records"]
+  it = _mixed(small_dataset, ferplus)
+  batches = [next(it) for _ in range(12)]
+  for b in batches:
+    assert b["image"].shape == (8, SIZE, SIZE, 3)
+    assert int(np.sum(b["index"] >= offset)) == 2     # round(1/4 x 8) FERPlus rows, always
+  # Both sources cycle through their own lists: FERPlus (60 records) in 30 batches.
+  seen = {int(i) for b in batches for i in b["index"] if i >= offset}
+  assert len(seen) == 24
+  it = _mixed(small_dataset, ferplus)
+  for _ in range(5):
+    next(it)
+  state = it.get_state()
+  resumed = _mixed(small_dataset, ferplus)
+  resumed.set_state(state)
+  for want in batches[5:9]:
+    got = next(resumed)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_labeled_mix_maps_classes_by_name(small_dataset, ferplus):
+  """Labels come out in the run's class order (its data.dir, here FERPlus's), whatever order
+  each build stores; a build with a class the run lacks is refused."""
+  ours = records.load_manifest(ferplus)["classes"]
+  theirs = records.load_manifest(small_dataset)["classes"]
+  assert ours != theirs and set(theirs) <= set(ours)
+  labels = records.read_labels(small_dataset,
+                               np.arange(records.load_manifest(small_dataset)["num_records"]))
+  offset = len(labels)   # the mix's first source is small_dataset, at offset 0
+  it = pipeline.make_train_iterator(
+      ferplus, "default", ["train_labeled"], kind="labeled", global_batch_size=8,
+      image_size=SIZE, seed=1, num_threads=2, process_index=0, process_count=1,
+      mix=[pipeline.MixSource(small_dataset, "default", 1.0),
+           pipeline.MixSource(ferplus, "default", 1.0)])
+  mapped = 0
+  for _ in range(4):
+    b = next(it)
+    for index, label in zip(b["index"], b["label"]):
+      if index < offset:
+        assert ours[label] == theirs[labels[int(index)]]
+        mapped += 1
+  assert mapped == 16
+  with pytest.raises(records.DatasetError, match="has class"):
+    _mixed(small_dataset, ferplus, kind="labeled", seed=0)
+
+
+def test_a_mix_is_refused_for_stage_3(small_dataset, ferplus):
+  with pytest.raises(ValueError, match="stage 3"):
+    _mixed(small_dataset, ferplus, kind="semisup", unlabeled_names=("train_unlabeled",),
+           unlabeled_ratio=1)
+
+
+def test_pretraining_on_evaluation_images_is_refused(small_dataset, ferplus, tmp_path):
+  """Pretraining on a split's train lists passes; on every record of the build, or on a copy
+  of it under another path, or through another split whose train lists hold this split's
+  test records, is refused naming the images."""
+  data = {"dir": small_dataset, "split": "default",
+          "train_lists": ["train_labeled", "train_unlabeled"], "mix": ""}
+  leakage.check(data, small_dataset, "default", "runs/mae")
+  leakage.check(dict(data, mix=f"{ferplus}@default=1"), small_dataset, "default", "runs/mae")
+  with pytest.raises(records.DatasetError, match="pretrained on .* image"):
+    leakage.check(dict(data, mix=f"{small_dataset}=1,{ferplus}=1"), small_dataset, "default",
+                  "runs/mae")
+  copy = str(tmp_path / "copy")
+  shutil.copytree(small_dataset, copy)   # the same photos, another build path
+  with pytest.raises(records.DatasetError, match="runs/mae pretrained on"):
+    leakage.check(dict(data, mix=f"{copy}=1"), small_dataset, "default", "runs/mae")
+  other = split.split(copy, "other", split.Options(labeled_fraction=0.5, seed=9))
+  held = set(json.load(open(os.path.join(small_dataset, "splits", "default.json")))["lists"][
+      "test"])
+  assert held & set(other["lists"]["train_labeled"] + other["lists"]["train_unlabeled"])
+  with pytest.raises(records.DatasetError, match="val/test lists of split 'default'"):
+    leakage.check(dict(data, dir=copy, split="other"), small_dataset, "default", "runs/mae")
+
+
+def test_stage_1_trains_on_a_mix_and_stage_2_refuses_what_it_saw(small_dataset, ferplus,
+                                                                 tmp_path):
+  """A real MAE run over two whole builds; fine-tuning on the first build's split is refused
+  before compiling (its val/test were pretrained on). What passes is checked above."""
+  from conftest import small_config  # pylint: disable=g-import-not-at-top
+  from configs import finetune as finetune_config, pretrain_mae
+  from ssfer_jax.trainers import finetune, loop, pretrain
+
+  mae = small_config(pretrain_mae, small_dataset, total_steps=2)
+  mae.data.mix = f"{small_dataset}=3,{ferplus}=1"
+  plan = loop.plan_run(mae)
+  assert plan.train_indices_count == (records.load_manifest(small_dataset)["num_records"]
+                                      + records.load_manifest(ferplus)["num_records"])
+  loop.train(mae, str(tmp_path / "mae"), pretrain.make_stage)
+  ft = small_config(finetune_config, small_dataset, init_from=str(tmp_path / "mae"))
+  with pytest.raises(records.DatasetError, match="pretrained on"):
+    loop.train(ft, str(tmp_path / "ft"), finetune.make_stage)
+  assert not os.path.exists(tmp_path / "ft" / "checkpoints" / "1")
