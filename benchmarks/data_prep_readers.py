@@ -13,6 +13,8 @@ datasets issue is >= 500 at 112 px for readers without detection. Rows:
   affectnet face   --crop face around the CSV's box (--detector dataset)
   affectnet align  --crop align on the CSV's 68 landmarks reduced to five
   identity folders labels=identity, --crop none
+  folders+blazeface  the same with --crop align --detector blazeface (detection included:
+                   the keypoint detector's cost, not a reader's)
 
   python benchmarks/data_prep_readers.py [--images 600] [--size 112] [--repeats 3]
 """
@@ -101,6 +103,8 @@ def write_all(root: pathlib.Path, imgs: list[np.ndarray]) -> dict[str, tuple[lis
       "affectnet align": ([p("affectnet", aff)], dict(crop="align", detector="dataset")),
       "identity folders": ([p("folder", casia, "labels=identity")],
                            dict(crop="none", detector="none")),
+      "folders+blazeface": ([p("folder", casia, "labels=identity")],
+                            dict(crop="align", detector="blazeface")),
   }
 
 

