@@ -2,6 +2,7 @@
 datasets' own partitions in splits, identities, label noise and best-effort grouped splits."""
 
 import collections
+import csv
 import dataclasses
 import os
 import random
@@ -97,11 +98,24 @@ def test_affectnet_reader_classes_exclusions_and_landmarks(demo_data_dir, tmp_pa
     skipped.update({rid: "excluded expression 7 (Contempt)" for rid in moved})
     want = {rid: v for rid, v in want.items() if rid not in moved}
   src = sources.parse(["affectnet", str(tmp_path / "aff"), f"classes={classes}"])
-  cfg = build.Config(size=64, crop="align", detector="dataset")
+  # AffectNet-8 aligned on its landmarks; AffectNet-7 cropped around its boxes.
+  cfg = build.Config(size=64, crop="align" if classes == 8 else "face", detector="dataset")
   manifest = build.build([src], str(tmp_path / "out"), cfg, workers=1, progress=False)
   assert manifest["classes"] == [vocabulary.AFFECTNET[i] for i in range(classes)]
-  check_reader(tmp_path / "out", manifest, "affectnet", want, skipped,
-               lambda raw: vocabulary.AFFECTNET[raw])
+  recs = check_reader(tmp_path / "out", manifest, "affectnet", want, skipped,
+                      lambda raw: vocabulary.AFFECTNET[raw])
+  if cfg.crop == "face":   # the stored box is the CSV's face_x/y/width/height, framed
+    with open(tmp_path / "aff" / "training.csv") as f:
+      rows = {r["subDirectory_filePath"]: r for r in csv.DictReader(f)}
+    for rid, rec in recs.items():
+      row = rows.get(rid.split("/", 1)[1])
+      if row is None:
+        continue
+      x, y, w, h = (float(row[k]) for k in ("face_x", "face_y", "face_width", "face_height"))
+      image = cv2.imread(str(tmp_path / "aff" / "Manually_Annotated_Images" /
+                             row["subDirectory_filePath"]))
+      _, box = images.frame(image, (x, y, x + w, y + h), "face", cfg.margin, cfg.size)
+      np.testing.assert_allclose(rec["box"], box, atol=1e-6)
   label_map = manifest["sources"]["affectnet"]["label_map"]
   assert label_map["Happy"]["class"] == "happiness" and label_map["None"]["class"] is None
   assert manifest["partitions"]["test"] == sorted(r for r, (_, p) in want.items() if p == "test")
