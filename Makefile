@@ -32,6 +32,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/input_pipeline.py
+	$(BIN)/python benchmarks/data_prep_readers.py
 	$(BIN)/python benchmarks/step_throughput.py
 
 lock:
