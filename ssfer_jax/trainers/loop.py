@@ -139,6 +139,15 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+# `all_finite` outside a jitted step (on the host, between steps): one compiled program. Eagerly
+# it dispatches two programs per leaf, and a reduction over a sharded leaf is a cross-device
+# all-reduce; dozens of those in flight at once can deadlock XLA:CPU's multi-device client (each
+# device admits 32 computations in flight, launches then block its worker threads, and an
+# all-reduce whose peers cannot launch is aborted after 40 s: "Termination timeout ... Exiting to
+# ensure a consistent program state", SIGABRT). Under jit it is one launch per device.
+_all_finite_jit = jax.jit(all_finite)
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, seed: int,
                     update_extra: Callable | None = None) -> Callable:
@@ -413,7 +422,7 @@ def _best_select(ckpt: checkpointing.Checkpointer) -> float:
 def _run_hook(hook: Hook, state: TrainState, step: int, writer: writers.MetricWriter):
   out = hook.fn(state, step)
   if isinstance(out, StateUpdate):
-    if not bool(all_finite(out.state.extra)):
+    if not bool(_all_finite_jit(out.state.extra)):
       raise NonFiniteError(f"a hook left non-finite stage state at step {step}; the run "
                            "stopped before saving it.")
     state, out = out.state, out.metrics
