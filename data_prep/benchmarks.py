@@ -139,6 +139,7 @@ class FerPlusSource:
 
   kind = "ferplus"
   class_order = vocabulary.FERPLUS_CLASSES
+  # As the paper's text gives them (section 4.1; its Table 1 merges val and test: 7,178).
   paper_counts = {"train": 28709, "val": 3589, "test": 3573}
   has_boxes = False
   USAGE = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
@@ -203,7 +204,11 @@ class FerPlusSource:
       return _item(self.name, rel, **kw, skip=f"bad pixels: values outside 0..255 ({where})")
     winner, skip = majority(votes)
     if winner is not None:
-      kw["original_label"] = kw["label"] = vocabulary.FERPLUS_COLUMNS[winner]
+      kw["label"] = vocabulary.FERPLUS_COLUMNS[winner]
+    # The manifest's label_map counts every voted row: the winner, or why there is none.
+    kw["original_label"] = kw["label"] or ("no majority" if skip.startswith("no majority")
+                                           else vocabulary.FERPLUS_COLUMNS[
+                                               int(np.argmax(np.where(votes <= 1, 0, votes)))])
     return _item(self.name, rel, **kw, pixels=pixels.astype(np.uint8).tobytes(),
                  skip=skip and f"{skip} ({where})")
 
@@ -239,6 +244,7 @@ class AffectNetSource:
   has_boxes = True
   COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
              "facial_landmarks", "expression")
+  ALL_COLUMNS = COLUMNS + ("valence", "arousal")
 
   @property
   def class_order(self) -> tuple[str, ...]:
@@ -266,28 +272,43 @@ class AffectNetSource:
         raise DatasetError(f"--source affectnet {self.path}: {path} not found; give AffectNet's "
                            "folder (training.csv, validation.csv, Manually_Annotated_Images/) or "
                            "name the CSVs with train_csv=... test_csv=...")
-      with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in self.COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-          raise DatasetError(f"{path}: column(s) {missing} not found (it has "
-                             f"{reader.fieldnames}); is this AffectNet's training/validation CSV?")
-        out.extend(self._one(row, f"{path} line {reader.line_num}", partition) for row in reader)
+      out.extend(self._one(row, f"{path} line {line}", partition)
+                 for line, row in self._rows(path))
     return out
 
+  def _rows(self, path: str):
+    """(line, row dict) of one CSV. Releases differ: some ship validation.csv without the
+    header row, so a first row that is not the header is data in the standard column order."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+      rows = list(csv.reader(f))
+    if not rows:
+      raise DatasetError(f"{path}: empty; is this AffectNet's training/validation CSV?")
+    header, first = rows[0], 2
+    if header and header[0].strip() != self.COLUMNS[0]:
+      if len(header) < len(self.COLUMNS):
+        raise DatasetError(f"{path}: no header row and {len(header)} columns in the first row; "
+                           f"AffectNet's CSVs hold {', '.join(self.ALL_COLUMNS)}.")
+      header, first = list(self.ALL_COLUMNS), 1
+      rows = [header] + rows
+    missing = [c for c in self.COLUMNS if c not in header]
+    if missing:
+      raise DatasetError(f"{path}: column(s) {missing} not found (it has {header}); is this "
+                         "AffectNet's training/validation CSV?")
+    return [(n, dict(zip(header, row))) for n, row in enumerate(rows[1:], first)]
+
   def _one(self, row: dict, where: str, partition: str) -> Item:
-    rel = (row["subDirectory_filePath"] or "").strip().lstrip("/")
+    rel = (row.get("subDirectory_filePath") or "").strip().lstrip("/")
     path = os.path.join(self.path, self.images, rel)
     kw = dict(path=path, label=None, partition=partition)
     if not rel:
       return _item(self.name, f"{partition}/{where.rsplit(' ', 1)[-1]}", **kw,
                    skip=f"empty subDirectory_filePath ({where})")
     try:
-      expression = int(row["expression"])
+      expression = int(row.get("expression"))
       kw["original_label"] = vocabulary.AFFECTNET_ORIGINAL[expression]
     except (TypeError, ValueError, KeyError):
       return _item(self.name, rel, **kw,
-                   skip=f"bad expression {row['expression']!r}: want 0..10 ({where})")
+                   skip=f"bad expression {row.get('expression')!r}: want 0..10 ({where})")
     if expression >= self.classes:
       what = ("AffectNet-7 leaves out contempt" if expression == 7
               else "not an expression")
@@ -295,14 +316,15 @@ class AffectNetSource:
                    f"({kw['original_label']}): {what}")
     kw["label"] = vocabulary.AFFECTNET[expression]
     try:
-      x, y, w, h = (float(row[c]) for c in ("face_x", "face_y", "face_width", "face_height"))
+      x, y, w, h = (float(row.get(c)) for c in ("face_x", "face_y", "face_width",
+                                                 "face_height"))
     except (TypeError, ValueError):
       return _item(self.name, rel, **kw, skip=f"malformed box ({where})")
     if w <= 0 or h <= 0:
       return _item(self.name, rel, **kw, skip=f"bad box: width {w}, height {h} ({where})")
     kw["box"] = (x, y, x + w, y + h)
     try:   # only --crop align needs them; it skips the image when they are missing
-      xy = np.asarray([float(v) for v in row["facial_landmarks"].split(";")]).reshape(68, 2)
+      xy = np.asarray([float(v) for v in row.get("facial_landmarks").split(";")]).reshape(68, 2)
       kw["landmarks"] = _five_from_68(xy)
     except (AttributeError, TypeError, ValueError):
       pass

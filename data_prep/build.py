@@ -87,8 +87,7 @@ def plan(srcs: list, cfg: Config) -> Plan:
   names = [s.name for s in srcs]
   if len(set(names)) != len(names):
     raise DatasetError(f"source names {names} repeat; give each --source a distinct name=...")
-  aliases = {sources_lib.normalise_label(a, {}): sources_lib.normalise_label(b, {})
-             for a, b in cfg.aliases}
+  aliases = {sources_lib.normalise_label(a, {}): b.strip().lower() for a, b in cfg.aliases}
   items = sorted((it for s in srcs for it in s.items(aliases)), key=lambda it: it.id)
   # One record per id: a reader may list an image twice (AffectNet's two CSVs, say); the
   # first listing stands (sort is stable: source order, then listing order).

@@ -43,11 +43,12 @@ class Item:
 
 
 def normalise_label(raw: str, aliases: dict[str, str]) -> str:
-  """Strip, lower-case, then map through the aliases (the user's, then the canonical
-  vocabulary's: `happy` -> `happiness`)."""
+  """Strip, lower-case, map to the canonical vocabulary (`happy` -> `happiness`), then
+  through the user's aliases (keys canonical, so `--alias happiness=happy` names the class
+  "happy" on purpose)."""
   label = raw.strip().lower()
-  label = aliases.get(label, label)
-  return vocabulary.ALIASES.get(label, label)
+  label = vocabulary.ALIASES.get(label, label)
+  return aliases.get(label, label)
 
 
 def sha256_file(path: str) -> str:

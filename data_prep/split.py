@@ -204,6 +204,8 @@ def split(data_dir: str, name: str, opts: Options, *, overwrite: bool = False) -
   matched = check_group_matches(recs, opts.group_by, opts.group_min_match)
   lists, targets = assign(recs, opts)
   options = dict(dataclasses.asdict(opts), test_fraction=0.0 if partitioned else opts.test_frac)
+  if partitioned and "val" in manifest["partitions"] and not opts.merge_val:
+    options["val_fraction"] = 0.0   # val is the dataset's own, not drawn
   result = _content(manifest, recs, name, options, lists)
   result["targets"] = {ln: {manifest["classes"][c]: n for c, n in sorted(t.items())}
                        for ln, t in targets.items()}
@@ -332,12 +334,11 @@ def assign(recs: list[RecordInfo], opts: Options
   rng = random.Random(opts.seed)
   group_of = _grouper(opts.group_by)
   fill = _fill if opts.group_fill == "first_fit" else _fill_best
-  where, labeled = _settled(recs, group_of, opts.test_source)
-  own = {r.partition for r in labeled if r.partition}
-  for r in labeled:
-    if r.partition:
-      where[r.id] = "test" if opts.merge_val else r.partition
-  labeled = [r for r in labeled if not r.partition]
+  # The dataset's own val/test first: no identity pull may move them elsewhere.
+  own = {r.partition for r in recs if r.partition}
+  fixed = {r.id: "test" if opts.merge_val else r.partition for r in recs if r.partition}
+  where, labeled = _settled([r for r in recs if not r.partition], group_of, opts.test_source)
+  where.update(fixed)
   held = {"test": opts.test_frac if opts.test_source is None and not own else 0.0,
           "val": 0.0 if "val" in own and not opts.merge_val else opts.val_fraction}
   per_class = collections.Counter(r.label for r in labeled)

@@ -144,9 +144,9 @@ def write_affectnet(root, demo_data_dir) -> tuple[dict, dict]:
   skipped["affectnet/999/gone.jpg"] = "missing file"
   rows["validation.csv"].append(rows["training.csv"][0])   # listed in both CSVs: train wins
   skipped["affectnet/" + rows["training.csv"][0][0]] = "duplicate"
-  for name, rs in rows.items():
+  for name, rs in rows.items():   # validation.csv without its header row, as some releases
     with open(os.path.join(root, name), "w", newline="") as f:
-      csv.writer(f).writerows([AFFECTNET_HEADER] + rs)
+      csv.writer(f).writerows(([AFFECTNET_HEADER] if name == "training.csv" else []) + rs)
   return want, skipped
 
 

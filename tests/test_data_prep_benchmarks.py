@@ -65,6 +65,11 @@ def test_ferplus_reader_applies_the_majority_rule(demo_data_dir, tmp_path):
   manifest = build.build([src], str(tmp_path / "out"), NONE, workers=1, progress=False)
   assert manifest["classes"] == list(vocabulary.FERPLUS_CLASSES)
   recs = check_reader(tmp_path / "out", manifest, "ferplus", want, skipped, lambda raw: raw)
+  label_map = manifest["sources"]["ferplus"]["label_map"]
+  voted = len(want) + sum(1 for why in skipped.values() if why.startswith(("no majority",
+                                                                             "majority")))
+  assert sum(m["read"] for m in label_map.values()) == voted   # every voted row is counted
+  assert label_map["NF"]["class"] is None and label_map["no majority"]["written"] == 0
   assert manifest["sources"]["ferplus"]["partitions"] == {"test": 2, "train": 2, "val": 1}
   # The stored image is the CSV's 48x48 grey pixels (JPEG at quality 90).
   first = recs["ferplus/Training/fer0000000.png"]
@@ -104,6 +109,22 @@ def test_affectnet_reader_classes_exclusions_and_landmarks(demo_data_dir, tmp_pa
   assert manifest["classes"] == [vocabulary.AFFECTNET[i] for i in range(classes)]
   recs = check_reader(tmp_path / "out", manifest, "affectnet", want, skipped,
                       lambda raw: vocabulary.AFFECTNET[raw])
+  if cfg.crop == "align":   # each stored image is its photo warped on its CSV landmarks
+    with open(tmp_path / "aff" / "training.csv") as f:
+      rows = {r["subDirectory_filePath"]: r for r in csv.DictReader(f)}
+    for rid, rec in recs.items():
+      row = rows.get(rid.split("/", 1)[1])
+      if row is None:
+        continue
+      x, y, w, h = (float(row[k]) for k in ("face_x", "face_y", "face_width", "face_height"))
+      xy = np.asarray([float(v) for v in row["facial_landmarks"].split(";")]).reshape(68, 2)
+      five = [xy[36:42].mean(0), xy[42:48].mean(0), xy[30], xy[48], xy[54]]
+      image = cv2.imread(str(tmp_path / "aff" / "Manually_Annotated_Images" /
+                             row["subDirectory_filePath"]))
+      want_img, want_box = images.align(image, five, (x, y, x + w, y + h), cfg.margin, cfg.size)
+      stored = cv2.imdecode(np.frombuffer(rec["image"], np.uint8), cv2.IMREAD_COLOR)
+      assert np.abs(stored.astype(int) - want_img).mean() < 3   # JPEG at quality 90
+      np.testing.assert_allclose(rec["box"], want_box, atol=1e-6)
   if cfg.crop == "face":   # the stored box is the CSV's face_x/y/width/height, framed
     with open(tmp_path / "aff" / "training.csv") as f:
       rows = {r["subDirectory_filePath"]: r for r in csv.DictReader(f)}
@@ -270,10 +291,37 @@ def test_best_effort_grouped_fill_gets_closer_to_the_targets():
   assert totals["best"] < totals["first_fit"], totals
 
 
-def test_split_table_shows_missed_targets(ferplus_build):
-  result = split.split(ferplus_build, "t", split.Options(labeled_fraction=0.5), overwrite=True)
-  result["targets"]["train_labeled"]["neutral"] += 1    # as a grouped split would miss it
-  assert "  target" in split.table(result)
+def test_partition_records_stay_put_whatever_the_identity_groups():
+  """A test-partition record whose identity also has unlabeled records stays in test (the
+  identity pull of a grouped split moves only records the dataset did not place)."""
+  recs = [split.RecordInfo("fe/p1_0001.jpg", 0, "fe", partition="test"),
+          split.RecordInfo("fe/p1_0002.jpg", 1, "fe"),
+          split.RecordInfo("web/p1_0009.jpg", -1, "web"),
+          split.RecordInfo("fe/p2_0001.jpg", 0, "fe"), split.RecordInfo("fe/p3_0001.jpg", 1, "fe")]
+  lists, _ = split.assign(recs, split.Options(labeled_fraction=1.0, val_fraction=0.0,
+                                              group_by=r"^(p\d+)_\d+\.jpg$"))
+  assert lists["test"] == ["fe/p1_0001.jpg"]
+  assert "fe/p1_0002.jpg" in lists["train_unlabeled"]   # its identity was seen unlabeled
+
+
+def test_user_aliases_apply_after_the_canonical_names(demo_data_dir, tmp_path):
+  """`happy` and `HAPPINESS` are one canonical class; `--alias happiness=joyful` renames it
+  on purpose (the user's word wins)."""
+  rows = bf.demo_images(demo_data_dir, 4)
+  root = tmp_path / "imgs"
+  root.mkdir()
+  lines = []
+  for i, (face, label) in enumerate(zip(rows, ["happy", "HAPPINESS", "Sad", "neutral"])):
+    cv2.imwrite(str(root / f"{i}.jpg"), face)
+    lines.append((f"{i}.jpg", label))
+  with open(tmp_path / "l.csv", "w", newline="") as f:
+    csv.writer(f).writerows([("image", "emotion")] + lines)
+  src = sources.CsvSource("s", str(tmp_path / "l.csv"), root=str(root))
+  plain = build.plan([src], NONE)
+  assert plain.classes == ["happiness", "neutral", "sadness"]
+  renamed = build.plan([src], dataclasses.replace(NONE, aliases=(("happiness", "joyful"),)))
+  assert renamed.classes == ["joyful", "neutral", "sadness"]
+  assert [it.label for it in renamed.items][:2] == ["joyful", "joyful"]
 
 
 needs_blazeface = pytest.mark.skipif(

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import benchmark_fixtures as bf
+import dataclasses
 from data_prep import split
 from ssfer_jax.input import leakage, pipeline, records
 
@@ -74,6 +75,19 @@ def test_mixed_batches_hold_exact_counts_and_resume_exactly(small_dataset, ferpl
       np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
+def test_processes_share_each_mixed_batch(small_dataset, ferplus):
+  """Two processes' parts of batch n are, together, the rows one process gets for it."""
+  whole = _mixed(small_dataset, ferplus)
+  halves = [_mixed(small_dataset, ferplus, global_batch_size=8, process_index=p,
+                   process_count=2) for p in (0, 1)]
+  for _ in range(6):
+    want = next(whole)
+    parts = [next(h) for h in halves]
+    assert all(len(p["index"]) == 4 for p in parts)
+    assert sorted(np.concatenate([p["index"] for p in parts]).tolist()) == sorted(
+        want["index"].tolist())
+
+
 def test_labeled_mix_maps_classes_by_name(small_dataset, ferplus):
   """Labels come out in the run's class order (its data.dir, here FERPlus's), whatever order
   each build stores; a build with a class the run lacks is refused."""
@@ -114,12 +128,12 @@ def test_pretraining_on_evaluation_images_is_refused(small_dataset, ferplus, tmp
           "train_lists": ["train_labeled", "train_unlabeled"], "mix": ""}
   leakage.check(data, small_dataset, "default", "runs/mae")
   leakage.check(dict(data, mix=f"{ferplus}@default=1"), small_dataset, "default", "runs/mae")
-  with pytest.raises(records.DatasetError, match="pretrained on .* image"):
+  with pytest.raises(records.DatasetError, match="trains on .* image"):
     leakage.check(dict(data, mix=f"{small_dataset}=1,{ferplus}=1"), small_dataset, "default",
                   "runs/mae")
   copy = str(tmp_path / "copy")
   shutil.copytree(small_dataset, copy)   # the same photos, another build path
-  with pytest.raises(records.DatasetError, match="runs/mae pretrained on"):
+  with pytest.raises(records.DatasetError, match="runs/mae trains on"):
     leakage.check(dict(data, mix=f"{copy}=1"), small_dataset, "default", "runs/mae")
   other = split.split(copy, "other", split.Options(labeled_fraction=0.5, seed=9))
   held = set(json.load(open(os.path.join(small_dataset, "splits", "default.json")))["lists"][
@@ -129,21 +143,70 @@ def test_pretraining_on_evaluation_images_is_refused(small_dataset, ferplus, tmp
     leakage.check(dict(data, dir=copy, split="other"), small_dataset, "default", "runs/mae")
 
 
+def test_a_mix_that_reads_its_own_splits_val_or_test_is_refused(small_dataset, ferplus):
+  """Stage 1 or 2: a data.mix entry over every record of data.dir (or another split of it)
+  would train on the run's own val/test: refused while planning, before compiling."""
+  from conftest import small_config  # pylint: disable=g-import-not-at-top
+  from configs import finetune as finetune_config
+  from ssfer_jax.trainers import loop
+
+  ft = small_config(finetune_config, ferplus, total_steps=2)
+  ft.data.mix = f"{ferplus}=1"
+  with pytest.raises(records.DatasetError, match="data.mix trains on 20 image"):
+    loop.plan_run(ft)
+  ft.data.mix = f"{ferplus}@default=1,{small_dataset}@default=1"
+  assert loop.plan_run(ft).train_indices_count > 0
+
+
+def test_a_labeled_mix_needs_labeled_records(small_dataset, ferplus, tmp_path):
+  unlabeled = str(tmp_path / "unlabeled")
+  shutil.copytree(small_dataset, unlabeled)
+  manifest = records.load_manifest(unlabeled)
+  manifest["counts"]["unlabeled"] = 3   # as a build with an unlabeled source would say
+  with open(os.path.join(unlabeled, records.MANIFEST), "w") as f:
+    json.dump(manifest, f)
+  with pytest.raises(records.DatasetError, match="unlabeled records"):
+    pipeline.make_train_iterator(
+        ferplus, "default", ["train_labeled"], kind="labeled", global_batch_size=8,
+        image_size=SIZE, seed=0, num_threads=1, process_index=0, process_count=1,
+        mix=[pipeline.MixSource(unlabeled, None, 1.0), pipeline.MixSource(ferplus, "default", 1.0)])
+
+
+def test_the_same_benchmark_faces_in_another_variant_are_caught(demo_data_dir, tmp_path):
+  """RAF-DB's aligned and original images are different files of the same faces: pretraining
+  on every aligned record leaks the original build's test faces (matched by RAF-DB's names)."""
+  from data_prep import benchmarks, build  # pylint: disable=g-import-not-at-top
+  bf.write_rafdb(tmp_path / "basic", demo_data_dir)
+  src = benchmarks.RafDbSource("rafdb", str(tmp_path / "basic"))
+  aligned, original = str(tmp_path / "aligned"), str(tmp_path / "original")
+  build.build([src], aligned, build.Config(size=32, crop="none", detector="none"), workers=1,
+              progress=False)
+  build.build([dataclasses.replace(src, images="original")], original,
+              build.Config(size=32, crop="align", detector="dataset"), workers=1, progress=False)
+  split.split(original, "own", split.Options(labeled_fraction=1.0, val_fraction=0.0))
+  split.split(aligned, "own", split.Options(labeled_fraction=1.0, val_fraction=0.0))
+  data = {"dir": aligned, "split": "own", "train_lists": ["train_labeled", "train_unlabeled"]}
+  leakage.check(data, original, "own", "runs/mae")   # the train part only: fine
+  with pytest.raises(records.DatasetError, match="rafdb/test_0001.jpg"):
+    leakage.check(dict(data, mix=f"{aligned}=1"), original, "own", "runs/mae")
+
+
 def test_stage_1_trains_on_a_mix_and_stage_2_refuses_what_it_saw(small_dataset, ferplus,
                                                                  tmp_path):
-  """A real MAE run over two whole builds; fine-tuning on the first build's split is refused
-  before compiling (its val/test were pretrained on). What passes is checked above."""
+  """A real MAE run over one whole build and another's train lists; fine-tuning on the
+  whole build's split is refused before compiling (its val/test were pretrained on)."""
   from conftest import small_config  # pylint: disable=g-import-not-at-top
   from configs import finetune as finetune_config, pretrain_mae
   from ssfer_jax.trainers import finetune, loop, pretrain
 
-  mae = small_config(pretrain_mae, small_dataset, total_steps=2)
-  mae.data.mix = f"{small_dataset}=3,{ferplus}=1"
+  mae = small_config(pretrain_mae, ferplus, total_steps=2)   # its own split: FERPlus's
+  mae.data.mix = f"{small_dataset}=3,{ferplus}@default=1"
   plan = loop.plan_run(mae)
   assert plan.train_indices_count == (records.load_manifest(small_dataset)["num_records"]
-                                      + records.load_manifest(ferplus)["num_records"])
+                                      + loop.mix_size(pipeline.MixSource(ferplus, "default", 1),
+                                                      mae.data.train_lists))
   loop.train(mae, str(tmp_path / "mae"), pretrain.make_stage)
   ft = small_config(finetune_config, small_dataset, init_from=str(tmp_path / "mae"))
-  with pytest.raises(records.DatasetError, match="pretrained on"):
+  with pytest.raises(records.DatasetError, match=r"init_from .* \(stage 1\) trains on"):
     loop.train(ft, str(tmp_path / "ft"), finetune.make_stage)
   assert not os.path.exists(tmp_path / "ft" / "checkpoints" / "1")

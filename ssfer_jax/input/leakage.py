@@ -1,11 +1,13 @@
-"""Pretraining must never see the val/test images of a dataset it is evaluated on.
+"""Training must never see the val/test images of the split a model is evaluated on.
 
-Checked when a fine-tuning run starts from a stage-1 run: every image the MAE run drew from
-(its `data.mix` sources, or its data.dir's train lists) against the val and test lists of
-the fine-tuning split. Images are compared by the sha256 of the input file each record was
-built from (the manifest's `inputs_sha256`), so the same photo in two builds (AffectNet in a
-pretraining mix and in the benchmark build) counts too; a record without one is compared by
-its build and id.
+Checked before compiling: a run with `data.mix` against its own split (stages 1 and 2), and
+a fine-tuning run against every image its stage-1 `init_from` drew from (its `data.mix`
+sources, or its data.dir's train lists). Stage 3 keeps stage 2's split, checked when
+stage 2 started. An image is known by two keys, either of which matching is a leak: the
+sha256 of the input file its record was built from (the manifest's `inputs_sha256`: the
+same photo in two builds), and for the benchmark readers the dataset's own image name
+(`rafdb:test_0001.jpg`: RAF-DB's aligned and original files of one face are different
+files). A record with neither is known by its build and id.
 """
 
 from __future__ import annotations
@@ -31,31 +33,47 @@ def _ids(data_dir: str, split: str | None, lists: Sequence[str]) -> list[str]:
     return records.load_ids(data_dir)
   path = split if os.sep in split or split.endswith(".json") else os.path.join(
       data_dir, records.SPLITS_DIR, split + ".json")
+  if not os.path.exists(path):
+    raise records.DatasetError(f"split file {path} not found; write it with "
+                               f"`python -m data_prep split --data {data_dir} ...`.")
   with open(path) as f:
     named = json.load(f)["lists"]
   return [rid for ln in lists for rid in named.get(ln, [])]
 
 
+DATASET_KINDS = ("rafdb", "ferplus", "affectnet")   # readers whose ids are the dataset's names
+
+
 def _keys(data_dir: str, ids: Sequence[str]) -> dict[str, str]:
-  """Image key (input sha256, else build + id) -> the record id, for these records."""
-  digests = records.load_manifest(data_dir).get("inputs_sha256", {})
+  """Image key -> the record id, for these records (see the module docstring)."""
+  manifest = records.load_manifest(data_dir)
+  digests = manifest.get("inputs_sha256", {})
+  kinds = {name: spec.get("kind") for name, spec in manifest["sources"].items()}
   where = os.path.realpath(data_dir)
-  return {digests.get(rid) or f"{where}:{rid}": rid for rid in ids}
+  out = {}
+  for rid in ids:
+    out[digests.get(rid) or f"{where}:{rid}"] = rid
+    source, _, name = rid.partition("/")
+    if kinds.get(source) in DATASET_KINDS:
+      out[f"{kinds[source]}:{name}"] = rid
+  return out
 
 
-def check(pretrain_data: dict, data_dir: str, split: str, pretrain_run: str) -> None:
-  """DatasetError when the pretraining run drew an image that is in `split`'s val or test."""
+def check(train_data: dict, data_dir: str, split: str, run: str) -> None:
+  """DatasetError when a run with config.json's `data` section `train_data` drew an image
+  that is in `split`'s val or test lists."""
   held = _keys(data_dir, _ids(data_dir, split, EVAL_LISTS))
-  train_lists = pretrain_data.get("train_lists", ("train_labeled", "train_unlabeled"))
-  for source in pretraining_sources(pretrain_data):
+  train_lists = train_data.get("train_lists", ("train_labeled", "train_unlabeled"))
+  for source in pretraining_sources(train_data):
     seen = _keys(source.data_dir, _ids(source.data_dir, source.split, train_lists))
     shared = sorted(set(seen) & set(held))
     if shared:
-      examples = ", ".join(f"{held[k]!r}" for k in shared[:3])
+      examples = ", ".join(dict.fromkeys(f"{held[k]!r}" for k in shared[:6]))
+      images = len({held[k] for k in shared})
       raise records.DatasetError(
-          f"{pretrain_run} pretrained on {len(shared)} image(s) of the val/test lists of split "
-          f"{split!r} of {data_dir} (e.g. {examples}; read from {source.data_dir}"
+          f"{run} trains on {images} image(s) of the val/test lists of split {split!r} of "
+          f"{data_dir} (e.g. {examples}; read from {source.data_dir}"
           f"{'@' + source.split if source.split else ' (every record)'}): its accuracy there "
-          "would be inflated. Pretrain on a split's train lists (DIR@SPLIT in data.mix, or "
-          "data.split) that keeps them out, or fine-tune on a split whose val/test the "
-          "pretraining never saw.")
+          "would be inflated. Train on a split's train lists (DIR@SPLIT in data.mix, or "
+          "data.split) that keeps them out, or evaluate on a split whose val/test it never "
+          "saw.")

@@ -268,11 +268,12 @@ class MixSource:
 
 
 def parse_mix(text: str) -> list[MixSource]:
-  """`DIR[@SPLIT]=WEIGHT,...` (config `data.mix`) -> its sources; "" -> none."""
+  """`DIR[@SPLIT]=WEIGHT,...` (config `data.mix`) -> its sources; "" -> none. A DIR may hold
+  "@" and "=" (the last of each splits), not ","."""
   out = []
   for part in (p.strip() for p in text.split(",") if p.strip()):
     where, eq, weight = part.rpartition("=")
-    data_dir, at, split = where.partition("@")
+    data_dir, at, split = where.rpartition("@") if "@" in where else (where, "", "")
     try:
       w = float(weight)
     except ValueError:
@@ -442,7 +443,13 @@ def _mixed(data_dir, names, kind, image_size, seed, mix, global_batch_size, proc
   parts, offsets, offset = [], [], 0
   for i, (m, count) in enumerate(zip(mix, counts)):
     indices, fields = _open(m.data_dir, m.split, names, kind, image_size)
-    theirs = records.load_manifest(m.data_dir)["classes"]
+    manifest = records.load_manifest(m.data_dir)
+    theirs = manifest["classes"]
+    if kind == "labeled" and m.split is None and manifest["counts"].get("unlabeled", 0):
+      raise records.DatasetError(
+          f"data.mix: {m.data_dir} (every record) holds {manifest['counts']['unlabeled']} "
+          "unlabeled records, which a labeled stream cannot train on; name a split whose "
+          f"train lists are labeled ({m.data_dir}@SPLIT).")
     if kind == "labeled":
       missing = [c for c in theirs if c not in classes]
       if missing:
@@ -457,7 +464,7 @@ def _mixed(data_dir, names, kind, image_size, seed, mix, global_batch_size, proc
                       process_count)
     parts.append(_Batch(**fields, rows=rows, transform=transform, seed=stream_seed))
     offsets.append(offset)
-    offset += records.load_manifest(m.data_dir)["num_records"]
+    offset += manifest["num_records"]
   return _MixedBatch(tuple(parts), tuple(offsets), seed)
 
 

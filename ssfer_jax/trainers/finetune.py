@@ -276,7 +276,8 @@ def check_pretraining_data(config: ml_collections.ConfigDict) -> None:
   finally:
     ckpt.close()
   if src.get("stage") == pretrain.STAGE:
-    leakage.check(src["data"], config.data.dir, config.data.split, config.init_from)
+    leakage.check(src["data"], config.data.dir, config.data.split,
+                  f"init_from {config.init_from} (stage 1)")
 
 
 def warm_start(config, mesh, state: loop.TrainState) -> loop.TrainState:

@@ -31,7 +31,7 @@ from clu import metrics as clu_metrics
 
 from ssfer_jax import checkpointing, preemption, sharding, writers
 from ssfer_jax import workdir as workdir_lib
-from ssfer_jax.input import pipeline, records
+from ssfer_jax.input import leakage, pipeline, records
 
 RESULT_FILE = "result.json"
 
@@ -196,6 +196,8 @@ def plan_run(config: ml_collections.ConfigDict, mesh_devices=None) -> RunPlan:
                                  "list). Unset data.mix.")
     pipeline.mix_counts([m.weight for m in mix], config.batch_size)
     n = sum(mix_size(m, config.data.train_lists) for m in mix)
+    # The mix must keep out its own split's val and test (data.dir / data.split).
+    leakage.check(config.data.to_dict(), config.data.dir, config.data.split, "data.mix")
   else:
     n = len(records.load_split(config.data.dir, config.data.split, config.data.train_lists))
   if n < config.batch_size:
