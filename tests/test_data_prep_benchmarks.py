@@ -109,34 +109,26 @@ def test_affectnet_reader_classes_exclusions_and_landmarks(demo_data_dir, tmp_pa
   assert manifest["classes"] == [vocabulary.AFFECTNET[i] for i in range(classes)]
   recs = check_reader(tmp_path / "out", manifest, "affectnet", want, skipped,
                       lambda raw: vocabulary.AFFECTNET[raw])
-  if cfg.crop == "align":   # each stored image is its photo warped on its CSV landmarks
-    with open(tmp_path / "aff" / "training.csv") as f:
-      rows = {r["subDirectory_filePath"]: r for r in csv.DictReader(f)}
-    for rid, rec in recs.items():
-      row = rows.get(rid.split("/", 1)[1])
-      if row is None:
-        continue
-      x, y, w, h = (float(row[k]) for k in ("face_x", "face_y", "face_width", "face_height"))
+  # Each stored record against its training.csv row: aligned, the photo warped on the row's
+  # landmarks (image and box); cropped, the row's face_x/y/width/height framed.
+  with open(tmp_path / "aff" / "training.csv") as f:
+    rows = {r["subDirectory_filePath"]: r for r in csv.DictReader(f)}
+  for rid, rec in recs.items():
+    row = rows.get(rid.split("/", 1)[1])
+    if row is None:
+      continue
+    x, y, w, h = (float(row[k]) for k in ("face_x", "face_y", "face_width", "face_height"))
+    image = cv2.imread(str(tmp_path / "aff" / "Manually_Annotated_Images" /
+                           row["subDirectory_filePath"]))
+    if cfg.crop == "align":
       xy = np.asarray([float(v) for v in row["facial_landmarks"].split(";")]).reshape(68, 2)
       five = [xy[36:42].mean(0), xy[42:48].mean(0), xy[30], xy[48], xy[54]]
-      image = cv2.imread(str(tmp_path / "aff" / "Manually_Annotated_Images" /
-                             row["subDirectory_filePath"]))
-      want_img, want_box = images.align(image, five, (x, y, x + w, y + h), cfg.margin, cfg.size)
+      want_img, box = images.align(image, five, (x, y, x + w, y + h), cfg.margin, cfg.size)
       stored = cv2.imdecode(np.frombuffer(rec["image"], np.uint8), cv2.IMREAD_COLOR)
       assert np.abs(stored.astype(int) - want_img).mean() < 3   # JPEG at quality 90
-      np.testing.assert_allclose(rec["box"], want_box, atol=1e-6)
-  if cfg.crop == "face":   # the stored box is the CSV's face_x/y/width/height, framed
-    with open(tmp_path / "aff" / "training.csv") as f:
-      rows = {r["subDirectory_filePath"]: r for r in csv.DictReader(f)}
-    for rid, rec in recs.items():
-      row = rows.get(rid.split("/", 1)[1])
-      if row is None:
-        continue
-      x, y, w, h = (float(row[k]) for k in ("face_x", "face_y", "face_width", "face_height"))
-      image = cv2.imread(str(tmp_path / "aff" / "Manually_Annotated_Images" /
-                             row["subDirectory_filePath"]))
+    else:
       _, box = images.frame(image, (x, y, x + w, y + h), "face", cfg.margin, cfg.size)
-      np.testing.assert_allclose(rec["box"], box, atol=1e-6)
+    np.testing.assert_allclose(rec["box"], box, atol=1e-6)
   label_map = manifest["sources"]["affectnet"]["label_map"]
   assert label_map["Happy"]["class"] == "happiness" and label_map["None"]["class"] is None
   assert manifest["partitions"]["test"] == sorted(r for r, (_, p) in want.items() if p == "test")
