@@ -57,10 +57,7 @@ def compiled_memory(size: str, mesh_shape: tuple[int, int], per_device: int,
   spec = pipeline.batch_spec(stage.batch_kind, c.batch_size, c.data.image_size,
                              sharding.batch_sharding(mesh))
   t = time.perf_counter()
-  step = jax.jit(loop.make_train_step(stage.loss_fn, stage.tx, stage.schedule, 0,
-                                      stage.update_extra),
-                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                 donate_argnums=0).lower(abstract, spec).compile()
+  step = loop.compile_train_step(stage, 0, abstract, shardings, spec, mesh)
   m = step.memory_analysis()
   state_bytes = sum(math.prod(s.sharding.shard_shape(s.shape)) * s.dtype.itemsize
                     for s in jax.tree.leaves(abstract))

@@ -134,10 +134,7 @@ def bench(stage_name: str, variant: str, mix: str | None, batch: int, image_size
   batch_arr = jax.device_put(random_batch(spec, np.random.default_rng(0)),
                              sharding.batch_sharding(mesh))
   t = time.perf_counter()
-  step = jax.jit(loop.make_train_step(stage.loss_fn, stage.tx, stage.schedule, 0,
-                                      stage.update_extra),
-                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                 donate_argnums=0).lower(abstract, spec).compile()
+  step = loop.compile_train_step(stage, 0, abstract, shardings, spec, mesh)
   compile_s = time.perf_counter() - t
   for _ in range(3):
     state, out, _ = step(state, batch_arr)

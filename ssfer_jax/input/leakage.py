@@ -31,12 +31,7 @@ def pretraining_sources(data: dict) -> list[MixSource]:
 def _ids(data_dir: str, split: str | None, lists: Sequence[str]) -> list[str]:
   if split is None:
     return records.load_ids(data_dir)
-  path = split if os.sep in split or split.endswith(".json") else os.path.join(
-      data_dir, records.SPLITS_DIR, split + ".json")
-  if not os.path.exists(path):
-    raise records.DatasetError(f"split file {path} not found; write it with "
-                               f"`python -m data_prep split --data {data_dir} ...`.")
-  with open(path) as f:
+  with open(records.split_path(data_dir, split)) as f:
     named = json.load(f)["lists"]
   return [rid for ln in lists for rid in named.get(ln, [])]
 

@@ -188,13 +188,20 @@ def _load_noise_version(data_dir: str, path: str, versions: tuple) -> dict[int, 
   return {index_of[rid]: int(label) for rid, label in noisy.items()}
 
 
-def _split_version(data_dir: str, split_file: str) -> tuple[str, tuple]:
-  """The split file's path and the (inode, mtime, size) of it, the manifest and ids.txt."""
+def split_path(data_dir: str, split_file: str) -> str:
+  """A split's file: `split_file` as a path, or a bare name as DATA_DIR/splits/NAME.json;
+  DatasetError (saying how to write it) when it does not exist."""
   path = split_file if os.sep in split_file or split_file.endswith(".json") else os.path.join(
       data_dir, SPLITS_DIR, split_file + ".json")
   if not os.path.exists(path):
     raise DatasetError(f"split file {path} not found; write it with "
                        f"`python -m data_prep split --data {data_dir} ...`.")
+  return path
+
+
+def _split_version(data_dir: str, split_file: str) -> tuple[str, tuple]:
+  """The split file's path and the (inode, mtime, size) of it, the manifest and ids.txt."""
+  path = split_path(data_dir, split_file)
   manifest_path = os.path.join(data_dir, MANIFEST)
   if not os.path.exists(manifest_path):
     load_manifest(data_dir)  # raises the error that says how to build it

@@ -233,6 +233,18 @@ def plan_run(config: ml_collections.ConfigDict, mesh_devices=None) -> RunPlan:
   return RunPlan(mesh, n, int(total), steps_per_epoch, n_unlabeled, ratio, views)
 
 
+def compile_train_step(stage: Stage, seed: int, abstract_state: Any, state_shardings: Any,
+                       batch_spec: Any, mesh) -> Any:
+  """The stage's train step compiled ahead of time for these shapes and shardings, the state
+  donated (the loop's step; the benchmarks compile the same one)."""
+  batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch_spec)
+  step_fn = make_train_step(stage.loss_fn, stage.tx, stage.schedule, seed, stage.update_extra)
+  return jax.jit(
+      step_fn, in_shardings=(state_shardings, batch_shardings),
+      out_shardings=(state_shardings, sharding.replicated(mesh), sharding.replicated(mesh)),
+      donate_argnums=0).lower(abstract_state, batch_spec).compile()
+
+
 def mix_size(source: pipeline.MixSource, train_lists) -> int:
   """Records a mix source draws from: its split's train lists, or every record."""
   if source.split is None:
@@ -310,14 +322,9 @@ def _train(config, workdir, make_stage, stop_at, allow_schedule_change) -> Train
   batch_spec = pipeline.batch_spec(stage.batch_kind, config.batch_size, config.data.image_size,
                                    unlabeled_ratio=plan.unlabeled_ratio,
                                    strong_views=plan.strong_views)
-  batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch_spec)
-  step_fn = make_train_step(stage.loss_fn, stage.tx, stage.schedule, config.seed,
-                            stage.update_extra)
   t0 = time.perf_counter()
-  compiled = jax.jit(
-      step_fn, in_shardings=(state_shardings, batch_shardings),
-      out_shardings=(state_shardings, sharding.replicated(mesh), sharding.replicated(mesh)),
-      donate_argnums=0).lower(abstract_state, batch_spec).compile()
+  compiled = compile_train_step(stage, config.seed, abstract_state, state_shardings,
+                                batch_spec, mesh)
   logging.info("step compiled in %.1fs; %s", time.perf_counter() - t0,
                _memory_summary(compiled))
 
