@@ -147,7 +147,8 @@ def bench(stage_name: str, variant: str, mix: str | None, batch: int, image_size
   flops_step = stage.train_flops_per_example * batch
   peak = peak_tflops * 1e12 * mesh.devices.size
   images = plan.images_per_step(batch)
-  name = {"mae": "mae", "finetune": f"ft:{mix}"}.get(stage_name, f"ss:{mix.replace(',', '+')}:mu{mu}")
+  name = ("mae" if stage_name == "mae" else f"ft:{mix}" if stage_name == "finetune"
+          else f"ss:{mix.replace(',', '+')}:mu{mu}")
   return dict(stage=name, variant=variant,
               model=arch.size, image=s, patch=arch.patch_size,
               dtype=config.model.dtype, remat=remat, attention=attention_impl or "xla", batch=batch, devices=mesh.devices.size,
