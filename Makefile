@@ -1,13 +1,15 @@
 # Two commands for a newcomer (both install what they need, idempotently):
-#   make demo   build the embedded demo dataset and run the main job on it
+#   make demo   the whole job (data, stages 1-3, evaluation, report) on the embedded demo data
 #   make test   run the test suite (CPU, 8 simulated devices)
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 WORKDIR ?= workdirs/demo
 STAMP   := $(VENV)/.installed
+TIMM_VENV ?= .venv-timm
+TIMM_STAMP := $(TIMM_VENV)/.installed
 
-.PHONY: venv demo test test-slow bench lock clean-demo
+.PHONY: venv timm-env demo test test-slow bench lock clean-demo
 
 $(STAMP): requirements.txt requirements-dev.txt constraints-cpu.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,8 +23,18 @@ $(STAMP): requirements.txt requirements-dev.txt constraints-cpu.txt pyproject.to
 
 venv: $(STAMP)
 
+# The main stack plus torch and timm, apart from .venv (tests/test_timm_interop.py sets it up).
+$(TIMM_STAMP): requirements.txt requirements-timm.txt constraints-cpu.txt pyproject.toml
+	test -x $(TIMM_VENV)/bin/python || $(PY) -m venv $(TIMM_VENV)
+	$(TIMM_VENV)/bin/pip install -q --upgrade pip
+	$(TIMM_VENV)/bin/pip install -q -c constraints-cpu.txt -r requirements.txt -r requirements-timm.txt
+	$(TIMM_VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+timm-env: $(TIMM_STAMP)
+
 demo: $(STAMP)
-	$(BIN)/python -m ssfer_jax.demo --workdir $(WORKDIR)
+	$(BIN)/python -m ssfer_jax.main --config configs/ssfer.py:cpu --workdir $(WORKDIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15

@@ -268,6 +268,21 @@ def format_report(report: dict) -> str:
   return "\n".join(lines)
 
 
+def evaluate_result(run_dir: str, *, data_dir: str, split: str, lists: Sequence[str],
+                    mesh: jax.sharding.Mesh, batch_size: int = 64,
+                    num_threads: int = pipeline.DEFAULT_THREADS) -> dict[str, Any]:
+  """A classifier run's result weights on `lists`, written to RUN/eval/ as NAME.json + PNGs."""
+  from ssfer_jax.trainers import finetune  # pylint: disable=g-import-not-at-top
+
+  clf = finetune.load_classifier(run_dir, mesh=mesh)
+  report = Evaluator.for_classifier(clf, data_dir=data_dir, split=split, lists=lists, mesh=mesh,
+                                    batch_size=batch_size, num_threads=num_threads)(clf.params)
+  report.update(run=os.path.abspath(run_dir), step=clf.step, weights=clf.weights)
+  if jax.process_index() == 0:
+    write_report(report, os.path.join(run_dir, "eval"), "_".join(lists))
+  return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   from ssfer_jax.trainers import finetune  # pylint: disable=g-import-not-at-top
 

@@ -47,12 +47,11 @@ def run_folds(config, workdir: str, folds_name: str) -> dict:
     logging.info("== fold %d/%d: split %s -> %s", k + 1, len(names), split_name, run)
     if not os.path.exists(os.path.join(run, loop.RESULT_FILE)):
       loop.train(fold_config, run, finetune.make_stage)
-    clf = finetune.load_classifier(run, mesh=mesh)
-    report = evaluate.Evaluator.for_classifier(
-        clf, data_dir=config.data.dir, split=split_name, lists=("test",), mesh=mesh,
-        batch_size=config.eval.batch_size, num_threads=config.data.num_threads)(clf.params)
-    evaluate.write_report(report, os.path.join(run, "eval"), "test")
-    per_fold.append({"fold": k, "split": split_name, "step": clf.step, "weights": clf.weights,
+    report = evaluate.evaluate_result(
+        run, data_dir=config.data.dir, split=split_name, lists=("test",), mesh=mesh,
+        batch_size=config.eval.batch_size, num_threads=config.data.num_threads)
+    per_fold.append({"fold": k, "split": split_name, "step": report["step"],
+                     "weights": report["weights"],
                      **{m: report[m] for m in METRICS}, "count": report["count"]})
   summary = {m: {"mean": float(np.mean([f[m] for f in per_fold])),
                  "std": float(np.std([f[m] for f in per_fold], ddof=1)) if len(per_fold) > 1

@@ -1,9 +1,11 @@
-"""Command line for every stage.
+"""Command line for the whole job and for every stage alone.
 
+  python -m ssfer_jax.main --config configs/ssfer.py:cpu --workdir DIR   # the whole job
   python -m ssfer_jax.main --config configs/pretrain_mae.py:cpu --workdir DIR \
       --config.data.dir=DATA_DIR [--config.batch_size=128 ...] [--mode figures]
 
-Modes: `train` (resumes automatically from DIR's latest checkpoint) and `figures` (runs the
+A job config (configs/ssfer.py) runs data preparation, stages 1-3, the evaluation and the
+report (ssfer_jax/job.py); a stage config runs that stage. Modes: `train` (resumes automatically from DIR's latest checkpoint) and `figures` (runs the
 stage's figure/evaluation hooks once on the latest checkpoint). Multi-host: on SLURM, Open
 MPI or a TPU pod the processes find each other on their own; elsewhere pass
 --coordinator_address host:port --num_processes N --process_id I.
@@ -18,12 +20,9 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from ssfer_jax import checkpointing, distributed, logs, preemption, sharding, workdir
+from ssfer_jax import checkpointing, distributed, job, logs, preemption, sharding, workdir
 from ssfer_jax.input import records
-from ssfer_jax.trainers import finetune, loop, pretrain, semisup
-
-STAGES = {pretrain.STAGE: pretrain.make_stage, finetune.STAGE: finetune.make_stage,
-          semisup.STAGE: semisup.make_stage}
+from ssfer_jax.trainers import finetune, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file, with :VARIANT.",
                                           lock_config=True)
@@ -77,23 +76,33 @@ def main(argv):
   # Masking noise and dropout keys then shard instead of being replicated and sliced.
   jax.config.update("jax_threefry_partitionable", True)
   config = _CONFIG.value
-  if config.stage not in STAGES:
-    raise app.UsageError(f"config.stage={config.stage!r}; known stages: {sorted(STAGES)}")
+  if job.is_job_config(config):
+    if _MODE.value != "train":
+      raise app.UsageError("--mode figures runs one stage's hooks: give that stage's config.")
+    _exit_on_errors(lambda: job.run(config, _WORKDIR.value))
+    return
+  if config.stage not in job.STAGES:
+    raise app.UsageError(f"config.stage={config.stage!r}; known stages: {sorted(job.STAGES)}")
   if config.data.dir is None:
     raise app.UsageError("set --config.data.dir to a dataset built by `python -m data_prep build`.")
-  make_stage = STAGES[config.stage]
+  make_stage = job.STAGES[config.stage]
+  if _MODE.value == "train":
+    _exit_on_errors(lambda: loop.train(config, _WORKDIR.value, make_stage,
+                                       allow_schedule_change=_ALLOW_SCHEDULE_CHANGE.value))
+  else:
+    step = _exit_on_errors(lambda: loop.run_hooks(config, _WORKDIR.value, make_stage))
+    logging.info("figures for step %d written under %s", step, _WORKDIR.value)
+
+
+def _exit_on_errors(fn):
+  """Runs `fn`; a preemption exits with its code, a known error with its one-line message."""
   try:
-    if _MODE.value == "train":
-      loop.train(config, _WORKDIR.value, make_stage,
-                 allow_schedule_change=_ALLOW_SCHEDULE_CHANGE.value)
-    else:
-      step = loop.run_hooks(config, _WORKDIR.value, make_stage)
-      logging.info("figures for step %d written under %s", step, _WORKDIR.value)
+    return fn()
   except preemption.Preempted as e:
     logging.warning("%s", e)
     sys.exit(e.exit_code)
   except (sharding.ConfigError, records.DatasetError, checkpointing.CheckpointError,
-          loop.NonFiniteError, finetune.InitError, workdir.WorkdirError) as e:
+          loop.NonFiniteError, finetune.InitError, workdir.WorkdirError, job.JobError) as e:
     logging.error("%s: %s", type(e).__name__, e)
     sys.exit(1)
 

@@ -271,7 +271,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
   """Trains `config.stage` in `workdir`, resuming from its latest checkpoint if any.
 
   `stop_at` ends the run early at that step (with a checkpoint), as a preemption would.
-  A stage with an evaluator leaves `result.json` (its best checkpoint on val) when done.
+  A finished run leaves `result.json` (written atomically): a stage with an evaluator names
+  its best checkpoint on val, stage 1 its last; the one-command job reads it as "done".
   One job at a time holds the workdir (`workdir.Lock`); a resume under another config is
   refused with the fields that changed (`workdir.check_resume`), and a damaged latest
   checkpoint gives way to the previous one. On SIGTERM/SIGINT (or JAX's preemption sync
@@ -381,7 +382,7 @@ def _train(config, workdir, make_stage, stop_at, allow_schedule_change) -> Train
         writer.write_scalars(step, scalars)
         writer.write_histograms(step, {k: v for k, v in outputs.items() if v.ndim > 0})
         logging.info("step %d/%d (%.0f%%), ETA %s", step, plan.total_steps,
-                     100 * step / plan.total_steps, _duration((plan.total_steps - step) * dt))
+                     100 * step / plan.total_steps, duration((plan.total_steps - step) * dt))
         collection, data_wait, steps_since_log = None, 0.0, 0
         last_log_t = time.perf_counter()
       for hook in stage.hooks:
@@ -412,7 +413,7 @@ def _train(config, workdir, make_stage, stop_at, allow_schedule_change) -> Train
     if pending is not None:
       finish_checks(pending)
     ckpt.wait()   # the last save committed (or retried), before anything reads it
-    if stage.evaluate is not None and end == plan.total_steps:
+    if end == plan.total_steps:
       write_result(workdir, stage, ckpt, config_json)
   finally:
     watch.stop()
@@ -442,7 +443,8 @@ def _run_hook(hook: Hook, state: TrainState, step: int, writer: writers.MetricWr
 
 def write_result(workdir: str, stage: Stage, ckpt: checkpointing.Checkpointer,
                  config_json: dict) -> dict:
-  """`result.json`: the best checkpoint on val and all a later stage needs to use it."""
+  """`result.json`: the best checkpoint on val (the last one for a stage that does not
+  evaluate) and all a later stage needs to use it."""
   step = ckpt.best_step()
   best = ckpt.metrics(step) or {}
   result = {"stage": stage.name, "step": step, "checkpoint_dir": ckpt.directory,
@@ -480,7 +482,7 @@ def _run_hooks(config, workdir, make_stage) -> int:
   return step
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
   h, rem = divmod(int(seconds), 3600)
   return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 

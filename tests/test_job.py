@@ -1,0 +1,157 @@
+"""The one-command job (ssfer_jax/job.py, configs/ssfer.py): data preparation from raw photos,
+stages 1-3, the evaluation and the report; resume between and inside stages; a changed
+upstream config refused."""
+
+import json
+import os
+import signal
+
+import pytest
+
+from configs import ssfer
+from conftest import DEMO_DATA
+from ssfer_jax import job, preemption, report, writers
+from ssfer_jax.trainers import loop
+
+
+def job_config(tmp_path, **fields):
+  """The `test` job on the first 150 demo photos: its own build (Haar boxes) and split."""
+  labels = tmp_path / "labels.csv"
+  with open(DEMO_DATA / "labels.csv") as f:
+    labels.write_text("".join(f.readlines()[:151]))
+  c = ssfer.get_config("test").unlock()
+  c.data.build = (f"--source csv {labels} root={{demo}}/images name=demo --crop none "
+                  "--detector haar --size 32 --num-shards 2")
+  c.data.split_args = "--labeled-fraction 0.5 --val-fraction 0.1 --test-fraction 0.1 --seed 0"
+  for name in ssfer.STAGES:
+    c[name].mesh.shape = (4, 2)
+  for k, v in fields.items():
+    section, _, field = k.rpartition(".")
+    (c[section] if section else c)[field] = v
+  return c
+
+
+def steps_logged(run_dir, split="train"):
+  return [r["step"] for r in writers.read_metrics(str(run_dir)) if r["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def interrupted_then_resumed(tmp_path_factory):
+  """A job stopped inside stage 2 (after its step-3 checkpoint, as a preemption), then rerun."""
+  tmp = tmp_path_factory.mktemp("job")
+  workdir = str(tmp / "w")
+  config = job_config(tmp)
+  real_train = loop.train
+  trained = []
+
+  def preempted_in_finetune(c, run_dir, make_stage, **kw):
+    trained.append(c.stage)
+    if c.stage == "finetune":
+      real_train(c, run_dir, make_stage, stop_at=3)
+      raise preemption.Preempted(3, signal.SIGTERM, run_dir)
+    return real_train(c, run_dir, make_stage, **kw)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(loop, "train", preempted_in_finetune)
+    with pytest.raises(preemption.Preempted):
+      job.run(config, workdir)
+    first = list(trained)
+    pretrain_log = open(os.path.join(workdir, "pretrain", writers.METRICS_FILE)).read()
+    trained.clear()
+    mp.setattr(loop, "train", lambda c, *a, **k: (trained.append(c.stage),
+                                                   real_train(c, *a, **k))[1])
+    evaluation = job.run(config, workdir)
+  return workdir, config, first, list(trained), pretrain_log, evaluation
+
+
+def test_job_resumes_inside_and_between_stages(interrupted_then_resumed, monkeypatch):
+  workdir, _, first, second, pretrain_log, _ = interrupted_then_resumed
+  assert first == ["pretrain_mae", "finetune"]
+  # The rerun skipped the finished stage 1 (its log untouched) and resumed stage 2 at step 3.
+  assert second == ["finetune", "semisup"]
+  assert open(os.path.join(workdir, "pretrain", writers.METRICS_FILE)).read() == pretrain_log
+  assert steps_logged(os.path.join(workdir, "finetune")) == [1, 2, 3, 4, 5, 6]
+  for stage in ssfer.STAGES:
+    with open(os.path.join(workdir, stage, loop.RESULT_FILE)) as f:
+      assert json.load(f)["step"] >= 1
+  with open(os.path.join(workdir, "pretrain", loop.RESULT_FILE)) as f:
+    assert json.load(f)["step"] == 6   # stage 1's result is its last checkpoint
+  # A third run has nothing left to train.
+  trained = []
+  monkeypatch.setattr(loop, "train", lambda c, *a, **k: trained.append(c.stage))
+  job.run(interrupted_then_resumed[1], workdir)
+  assert trained == []
+
+
+def test_job_evaluation_and_report(interrupted_then_resumed):
+  workdir, config, _, _, _, evaluation = interrupted_then_resumed
+  names = [r["name"] for r in evaluation["rows"]]
+  assert names == ["majority class (of train_labeled)", "stage 2: FaceMix",
+                   "stage 3: EMA teacher"]
+  with open(os.path.join(workdir, "data", "splits", "default.json")) as f:
+    n_test = len(json.load(f)["lists"]["test"])
+  for r in evaluation["rows"]:
+    assert r["count"] == n_test and 0 <= r["accuracy"] <= 1
+  assert evaluation["rows"][1]["run"] == os.path.join(workdir, "finetune")
+  assert os.path.exists(os.path.join(workdir, "semisup", "eval", "test.json"))
+  text = open(os.path.join(workdir, report.REPORT_FILE)).read()
+  for heading in ("## Accuracy on the test lists", "## Stage 1: MAE pretraining",
+                  "## Stage 2: supervised fine-tuning with FaceMix",
+                  "## Stage 3: semi-supervised fine-tuning (EMA teacher)"):
+    assert heading in text
+  figures = [line.split("](")[1][:-1] for line in text.splitlines() if line.startswith("![")]
+  assert {os.path.basename(f) for f in figures} == {
+      "pretrain_loss.png", "reconstructions.png", "finetune_val.png", "finetune_train.png",
+      "finetune_confusion.png", "semisup_val.png", "semisup_train.png",
+      "semisup_thresholds.png", "semisup_confusion.png"}
+  for f in figures:
+    assert os.path.getsize(os.path.join(workdir, f)) > 1000
+  table = report.accuracy_table(evaluation)
+  for r in evaluation["rows"]:
+    assert f"{100 * r['accuracy']:.1f}" in table.splitlines()[2 + names.index(r["name"])]
+
+
+def test_job_refuses_a_changed_upstream_config(interrupted_then_resumed):
+  workdir, config, *_ = interrupted_then_resumed
+  changed = config.copy_and_resolve_references().unlock()
+  changed.finetune.mix.kind = "mixup"
+  changed.data.split_args = "--labeled-fraction 0.25 --seed 0"
+  with pytest.raises(job.JobError) as e:
+    job.run(changed, workdir)
+  assert "finetune.mix.kind: 'facemix' when it ran, 'mixup' now" in str(e.value)
+  assert "data.split_args" in str(e.value)
+  # Cadence a stage may change on resume is not a change of what it computed.
+  cadence = config.copy_and_resolve_references().unlock()
+  cadence.finetune.log_every = 2
+  job.run(cadence, workdir)
+
+
+def test_stage_configs_and_paper_variants(tmp_path):
+  c = job_config(tmp_path)
+  configs = job.stage_configs(c, str(tmp_path / "w"))
+  assert configs["finetune"].init_from == str(tmp_path / "w" / "pretrain")
+  assert configs["semisup"].init_from == str(tmp_path / "w" / "finetune")
+  assert {k: v.data.dir for k, v in configs.items()} == {
+      k: str(tmp_path / "w" / "data") for k in ssfer.STAGES}
+  c.stages = ("finetune", "pretrain")
+  with pytest.raises(job.JobError, match="in that order"):
+    job.stage_configs(c, str(tmp_path))
+  c.stages = ("semisup",)
+  with pytest.raises(job.JobError, match="semisup.init_from"):
+    job.stage_configs(c, str(tmp_path))
+  c.stages = ("finetune", "semisup")   # stage 2 from scratch: its own init_from (empty)
+  assert job.stage_configs(c, str(tmp_path))["finetune"].init_from == ""
+
+  raf = ssfer.get_config("rafdb,p10")
+  assert raf.data.split == "p10" and raf.paper_accuracy == 85.07
+  assert raf.data.split_args == "--labeled-fraction 0.1 --seed 0"
+  assert raf.finetune.model.size == "B" and raf.finetune.data.image_size == 224
+  assert "--merge-val" in ssfer.get_config("ferplus,n1000").data.split_args
+  assert ssfer.get_config("affectnet7,l25").data.split_args.startswith("--labels-per-class 25")
+  assert ssfer.get_config("affectnet8,p3").paper_accuracy is None   # not a budget it reports
+  with pytest.raises(ValueError, match="unknown budget"):
+    ssfer.get_config("rafdb,q5")
+  with pytest.raises(ValueError, match="DATASET,BUDGET"):
+    ssfer.get_config("casia,p5")
+  with pytest.raises(job.JobError, match="data.raw"):
+    job.prepare_data(raf, str(tmp_path / "raf"))
