@@ -13,8 +13,9 @@ Variants:
                 "reverse the batch" pairing (its FaceMix bug, mixing in place, not copied).
   cpu           a tiny ViT at 96 px on a 2-core CPU (the demo; pairs with pretrain_mae.py:cpu).
   test          the tiniest model at 32 px, for unit tests.
-`init_from` (a stage-1 run directory or RUN/checkpoints/STEP) loads the MAE encoder; unset,
-the classifier starts from scratch.
+`init_from` (a stage-1 run directory or RUN/checkpoints/STEP) loads the MAE encoder, as does a
+weight file in timm or MAE naming (the official mae_pretrain_vit_base.pth, a timm ViT's
+.safetensors; `ssfer_jax/interop.py`); unset, the classifier starts from scratch.
 """
 
 import ml_collections
@@ -25,7 +26,8 @@ from configs import common
 def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
   c = common.base_config()
   c.stage = "finetune"
-  c.init_from = ""                 # a stage-1 run dir or RUN/checkpoints/STEP; "" = scratch
+  c.init_from = ""                 # a stage-1 run dir, RUN/checkpoints/STEP, or a timm / MAE
+                                   # weight file (.safetensors, .pth); "" = scratch
   c.data.train_lists = ("train_labeled",)
   c.data.eval_lists = ("val",)
   c.batch_size = 32

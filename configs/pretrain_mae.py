@@ -21,6 +21,9 @@ def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
   c.stage = "pretrain_mae"
   # Pretraining never sees val/test: only the training lists of the split.
   c.data.train_lists = ("train_labeled", "train_unlabeled")
+  # Continue from an official MAE checkpoint (.pth with torch installed, or .safetensors): the
+  # whole model from a full one (mae_visualize_*, *_full), the encoder from mae_pretrain_*.
+  c.init_from = ""
 
   c.model = ml_collections.ConfigDict()
   c.model.size = "B"

@@ -1,4 +1,5 @@
-"""Face detectors: an image in, the largest face box in pixels (x0, y0, x1, y1) or None out.
+"""Face detectors: an image in, the largest face box in pixels (x0, y0, x1, y1) or None out
+(`detect_all`: every face, largest first, for prediction).
 
 Run once per image at build time; the box travels with the record, so training and
 prediction never detect. `params()` is what the manifest records so prediction can
@@ -63,11 +64,6 @@ def params(name: str) -> dict:
           "blazeface": dict(BLAZEFACE)}.get(name, {})
 
 
-def largest(boxes) -> Box | None:
-  boxes = list(boxes)
-  return max(boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1])) if boxes else None
-
-
 def clip(box: Box, w: int, h: int) -> Box | None:
   """The box inside a w x h image, or None when nothing of it is inside."""
   x0, y0, x1, y1 = max(0.0, box[0]), max(0.0, box[1]), min(float(w), box[2]), min(float(h), box[3])
@@ -89,6 +85,11 @@ class Haar:
                          "(OpenCV 5 ships no Haar files), or use --detector yunet/none.")
 
   def __call__(self, image: np.ndarray) -> Box | None:
+    found = self.detect_all(image)
+    return found[0][0] if found else None
+
+  def detect_all(self, image: np.ndarray) -> list[tuple[Box, None]]:
+    """Every face (box, no landmarks), largest first (prediction classifies each)."""
     h, w = image.shape[:2]
     scale = min(1.0, HAAR["max_side"] / max(h, w))
     grey = _grey(image)
@@ -104,8 +105,7 @@ class Haar:
                                           minSize=(min_side, min_side))
     boxes = [((x - pad) / scale, (y - pad) / scale, (x + bw - pad) / scale, (y + bh - pad) / scale)
              for x, y, bw, bh in np.asarray(hits).reshape(-1, 4).tolist()]
-    face = largest(boxes)
-    return None if face is None else clip(face, w, h)
+    return _largest_first([(b, None) for b in boxes], w, h)
 
 
 class YuNet:
@@ -126,16 +126,18 @@ class YuNet:
   def with_landmarks(self, image: np.ndarray) -> tuple[Box | None, tuple | None]:
     """The largest face's box and its five keypoints (YuNet's order is the alignment
     template's: the image's left eye first, nose, then the mouth corners), or (None, None)."""
+    found = self.detect_all(image)
+    return found[0] if found else (None, None)
+
+  def detect_all(self, image: np.ndarray) -> list[tuple[Box, tuple]]:
     h, w = image.shape[:2]
     bgr = image if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     self._net.setInputSize((w, h))
     _, found = self._net.detect(bgr)
-    if found is None or not len(found):
-      return None, None
-    row = max(found.tolist(), key=lambda f: f[2] * f[3])
-    box = clip((row[0], row[1], row[0] + row[2], row[1] + row[3]), w, h)
-    points = tuple((row[4 + 2 * k], row[5 + 2 * k]) for k in range(5))
-    return box, (points if box is not None else None)
+    rows = [] if found is None else found.tolist()
+    return _largest_first([((r[0], r[1], r[0] + r[2], r[1] + r[3]),
+                            tuple((r[4 + 2 * k], r[5 + 2 * k]) for k in range(5)))
+                           for r in rows], w, h)
 
 
 def blazeface_model() -> str:
@@ -180,6 +182,10 @@ class BlazeFace:
     return self.with_landmarks(image)[0]
 
   def with_landmarks(self, image: np.ndarray) -> tuple[Box | None, tuple | None]:
+    found = self.detect_all(image)
+    return found[0] if found else (None, None)
+
+  def detect_all(self, image: np.ndarray) -> list[tuple[Box, tuple]]:
     h, w = image.shape[:2]
     rgb = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB if image.ndim == 2 else cv2.COLOR_BGR2RGB)
     side = int(round(max(h, w) * (1 + 2 * BLAZEFACE["pad_fraction"])))
@@ -193,17 +199,21 @@ class BlazeFace:
     raw = raw.reshape(-1, 16) / 128.0
     keep = np.flatnonzero(scores >= BLAZEFACE["score_threshold"])
     if not len(keep):
-      return None, None
+      return []
     centre = raw[keep, :2] + self._anchors[keep]
     half = raw[keep, 2:4] / 2
     boxes = np.concatenate([centre - half, centre + half], 1) * side - (left, top, left, top)
     points = (raw[keep, 4:].reshape(-1, 6, 2) + self._anchors[keep, None]) * side - (left, top)
-    chosen = _nms(boxes, scores[keep], BLAZEFACE["nms_threshold"])
-    best = max(chosen, key=lambda i: (boxes[i, 2] - boxes[i, 0]) * (boxes[i, 3] - boxes[i, 1]))
-    box = clip(tuple(float(v) for v in boxes[best]), w, h)
-    if box is None:
-      return None, None
-    return box, tuple((float(x), float(y)) for x, y in points[best, :4])
+    return _largest_first([(tuple(float(v) for v in boxes[i]),
+                            tuple((float(x), float(y)) for x, y in points[i, :4]))
+                           for i in _nms(boxes, scores[keep], BLAZEFACE["nms_threshold"])], w, h)
+
+
+def _largest_first(found: list[tuple[Box, tuple | None]], w: int, h: int) -> list:
+  """(box, landmarks) of each face by decreasing box area, boxes clipped to the image (a face
+  wholly outside it dropped)."""
+  found = sorted(found, key=lambda f: -(f[0][2] - f[0][0]) * (f[0][3] - f[0][1]))
+  return [(clip(b, w, h), p) for b, p in found if clip(b, w, h) is not None]
 
 
 def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:

@@ -252,3 +252,16 @@ def read_labels(data_dir: str, indices: np.ndarray, split_file: str | None = Non
   raws = source.__getitems__(list(map(int, indices)))
   return np.asarray([noise.get(int(i), decode(raw)["label"]) for i, raw in zip(indices, raws)],
                     np.int64)
+
+
+def face_framing(data_dir: str, sample: int = 2000) -> float | None:
+  """The median of (image side / face box's longer side) over up to `sample` records spread
+  over the build whose face was found: how much of the frame the face fills. Prediction frames
+  a wild photo's face this way for a model trained on whole (pre-cropped) images."""
+  manifest = load_manifest(data_dir)
+  n = manifest["num_records"]
+  indices = np.unique(np.linspace(0, n - 1, min(n, sample)).astype(np.int64))
+  raws = ArrayRecordDataSource(shard_paths(data_dir, manifest)).__getitems__(list(map(int, indices)))
+  sides = [max(b[2] - b[0], b[3] - b[1]) for b in
+           (r["box"] for r in map(decode, raws) if r["face_found"])]
+  return float(np.median(1.0 / np.maximum(sides, 1e-3))) if sides else None

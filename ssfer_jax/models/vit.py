@@ -236,7 +236,11 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
-  """`depth` blocks named block_00...; drop-path rate grows linearly to `drop_path_rate`."""
+  """`depth` blocks named block_00...; drop-path rate grows linearly to `drop_path_rate`.
+
+  The last block's input passes through `perturb("last_block_input")`: an identity unless
+  apply is given {"perturbations": {"encoder": {"last_block_input": zeros}}}, whose gradient
+  is then the gradient with respect to those tokens (Grad-CAM's, `gradcam.py`)."""
   depth: int
   num_heads: int
   mlp_dim: int
@@ -249,6 +253,8 @@ class Encoder(nn.Module):
   def __call__(self, x, train: bool):
     block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
     for i, rate in enumerate(np.linspace(0.0, self.drop_path_rate, self.depth)):
+      if i == self.depth - 1 and not self.is_initializing():   # no variable at init
+        x = self.perturb("last_block_input", x)
       x = block(self.num_heads, self.mlp_dim, float(rate), self.dtype, self.attention_impl,
                 name=f"block_{i:02d}")(x, train)
     return x

@@ -1,7 +1,7 @@
 """Stage 2: supervised fine-tuning with FaceMix (or Mixup, CutMix, no mixing) on the labeled few.
 
-The classifier is a ViT whose encoder starts from a stage-1 MAE checkpoint (`init_from`) or
-from scratch; its position embeddings are learned from the sin-cos table, as in MAE's
+The classifier is a ViT whose encoder starts from a stage-1 MAE checkpoint or a timm / MAE
+weight file (`init_from`), or from scratch; its position embeddings are learned from the sin-cos table, as in MAE's
 fine-tuning. The stage keeps a weight EMA beside the params (`TrainState.extra["ema"]`),
 evaluates raw and EMA weights on val, and its result (`result.json`) names the better one.
 """
@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from ssfer_jax import checkpointing, evaluate, facemix, optim, sharding
+from ssfer_jax import checkpointing, evaluate, facemix, interop, optim, sharding
 from ssfer_jax.input import device, leakage, records
 from ssfer_jax.models import flops, vit
 from ssfer_jax.trainers import loop, pretrain
@@ -210,7 +210,8 @@ def result_info(config: ml_collections.ConfigDict, manifest: dict,
           "std": list(config.data.std), "stored_size": manifest["image_size"],
           "crop": manifest.get("crop"), "margin": manifest.get("margin"),
           "detector": manifest.get("detector"),
-          "detector_params": manifest.get("detector_params")},
+          "detector_params": manifest.get("detector_params"),
+          "face_framing": records.face_framing(config.data.dir)},
       "model": {k: (str(v) if k == "dtype" else v) for k, v in model.items()},
       "data": {"dir": os.path.abspath(config.data.dir), "split": config.data.split,
                "manifest_sha256": manifest["manifest_sha256"]},
@@ -270,6 +271,10 @@ def _resolve_checkpoint(path: str, what: str) -> tuple[checkpointing.Checkpointe
 
 def check_pretraining_data(config: ml_collections.ConfigDict) -> None:
   """Refuses (before compiling) a stage-1 run that saw images of this split's val or test."""
+  if interop.is_weight_file(config.init_from):
+    logging.warning("init_from %s is a weight file: whether its pretraining saw images of this "
+                    "split's val or test lists cannot be checked.", config.init_from)
+    return
   ckpt, step = _resolve_checkpoint(config.init_from, "init_from")
   try:
     src = ckpt.read_config(step)
@@ -281,7 +286,26 @@ def check_pretraining_data(config: ml_collections.ConfigDict) -> None:
 
 
 def warm_start(config, mesh, state: loop.TrainState) -> loop.TrainState:
-  """Puts a stage-1 MAE encoder into a fresh classifier state (and its EMA)."""
+  """Puts a pretrained encoder into a fresh classifier state (and its EMA): a stage-1 run's
+  MAE, or a timm / MAE weight file (`interop.load_encoder`)."""
+  if interop.is_weight_file(config.init_from):
+    try:
+      encoder, report = interop.load_encoder(config.init_from, state.params)
+    except interop.WeightsError as e:
+      raise InitError(f"init_from: {e}") from None
+    interop.log_report(config.init_from, report)
+  else:
+    encoder = _encoder_from_run(config, mesh)
+  target = {k: state.params[k] for k in encoder}
+  encoder = jax.tree.map(lambda s, t: jax.device_put(s, t.sharding), encoder, target)
+  params = {**state.params, **encoder}
+  # Its own buffers: the step donates the state, and a buffer may be donated only once.
+  extra = {"ema": jax.tree.map(jnp.copy, params)} if state.extra else state.extra
+  return state.replace(params=params, extra=extra)
+
+
+def _encoder_from_run(config, mesh) -> dict:
+  """The MAE encoder of a stage-1 run's checkpoint, as ViT params."""
   ckpt, step = _resolve_checkpoint(config.init_from, "init_from")
   try:
     meta = ckpt.read_meta(step)
@@ -303,14 +327,9 @@ def warm_start(config, mesh, state: loop.TrainState) -> loop.TrainState:
   finally:
     ckpt.close()
   encoder = vit.encoder_params_from_mae(mae_params, pool=config.model.pool)
-  target = {k: state.params[k] for k in encoder}
-  encoder = jax.tree.map(lambda s, t: jax.device_put(s, t.sharding), encoder, target)
-  params = {**state.params, **encoder}
   logging.info("warm start: MAE encoder (%s) from %s step %d",
                ", ".join(sorted(encoder)), ckpt.directory, step)
-  # Its own buffers: the step donates the state, and a buffer may be donated only once.
-  extra = {"ema": jax.tree.map(jnp.copy, params)} if state.extra else state.extra
-  return state.replace(params=params, extra=extra)
+  return encoder
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ssfer_jax import optim, sharding, viz
+from ssfer_jax import interop, optim, sharding, viz
 from ssfer_jax.input import device, pipeline
 from ssfer_jax.models import flops, mae, vit
 from ssfer_jax.trainers import loop
@@ -58,7 +58,21 @@ def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
            ] if workdir else []
   return loop.Stage(
       name=STAGE, batch_kind="unlabeled", init=init, loss_fn=loss_fn, tx=tx, schedule=schedule,
-      train_flops_per_example=flops.mae_train_flops(kwargs, size, 1), hooks=hooks)
+      train_flops_per_example=flops.mae_train_flops(kwargs, size, 1), hooks=hooks,
+      warm_start=(lambda state: warm_start(config.init_from, state))
+      if config.get("init_from") else None)
+
+
+def warm_start(path: str, state: loop.TrainState) -> loop.TrainState:
+  """Fresh optimiser state around an official MAE checkpoint's weights (`interop.load_mae`)."""
+  try:
+    params, report = interop.load_mae(path, state.params)
+  except interop.WeightsError as e:
+    raise sharding.ConfigError(f"init_from: {e}") from None
+  interop.log_report(path, report)
+  params = jax.tree.map(lambda s, t: jax.device_put(jnp.asarray(s, t.dtype), t.sharding),
+                        params, state.params)
+  return state.replace(params=params)
 
 
 class ReconstructionFigure:

@@ -1,0 +1,344 @@
+"""Expressions of the faces in photos and videos: every face detected, framed as the model's
+training images were, classified in jitted batches.
+
+  python -m ssfer_jax.predict --model runs/ss INPUT... --out DIR [--annotate]
+      [--detector haar|blazeface|yunet] [--every N] [--weights best|raw|ema]
+
+INPUT: image files, folders (searched recursively for images and videos), `.txt` files listing
+paths (one per line), video files (every Nth frame, `--every`). `--model` is a classifier run
+(stage 2 or 3: its result.json), or one checkpoint RUN/checkpoints/STEP. Writes
+DIR/predictions.csv (one row per face: input, frame, face, box in pixels, class,
+confidence, each class's probability), DIR/predictions.json (the same, plus every input with
+no face and every unreadable one with its reason) and, with --annotate, DIR/annotated/.
+
+How a face is framed follows the model's build (its result's preprocessing):
+  crop face   a square of `margin` x the box's longer side around the detected box, as
+              data_prep cut the training faces;
+  crop align  the five landmarks (BlazeFace's or YuNet's) onto the template at the build's
+              margin, as data_prep aligned them;
+  crop none   the build stored whole, already cropped photos (e.g. the demo's). In them the
+              face box spanned a median 1/F of the image side (F = `face_framing`, measured
+              on the build when the model was trained): a wild photo's face is cut as a square
+              of F x its box's longer side, so it fills the input as faces did in training.
+The detector is the build's (haar, yunet, blazeface); a build with the dataset's own boxes
+gets BlazeFace (it finds landmarks, which align needs), unless --detector says otherwise.
+
+In Python: `Predictor("runs/ss").predict(image)` with a path or a BGR uint8 array.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Iterator, Sequence
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_prep import faces, images
+from ssfer_jax import logs
+from ssfer_jax.input import augment, device
+from ssfer_jax.trainers import finetune
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+
+
+class PredictError(ValueError):
+  """The model or the inputs cannot be used as given."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Face:
+  box: tuple[float, float, float, float]   # pixels in the input image, x0 y0 x1 y1
+  label: str
+  confidence: float
+  probabilities: dict[str, float]
+
+
+def _split_model(model: str) -> tuple[str, int | None]:
+  """A run dir, its result.json, or RUN/checkpoints/STEP -> (run dir, step or None)."""
+  model = os.path.abspath(model)
+  if os.path.basename(model) == "result.json":
+    return os.path.dirname(model), None
+  parent = os.path.dirname(model)
+  if os.path.basename(model).isdigit() and os.path.basename(parent) == "checkpoints":
+    return os.path.dirname(parent), int(os.path.basename(model))
+  return model, None
+
+
+class Predictor:
+  """A classifier run's weights with its framing and a detector; `predict` per image."""
+
+  def __init__(self, model: str, *, weights: str = "best", detector: str | None = None,
+               yunet_model: str | None = None, batch_size: int = 32):
+    run_dir, step = _split_model(model)
+    try:
+      self.classifier = finetune.load_classifier(run_dir, step=step, weights=weights,
+                                                 mesh=_one_device_mesh())
+    except finetune.InitError as e:
+      raise PredictError(f"--model {model}: {e}") from None
+    pre = self.classifier.preprocessing
+    self.classes = list(self.classifier.classes)
+    self.crop, self.margin = pre.get("crop") or "none", pre.get("margin") or 1.0
+    self.stored_size, self.image_size = pre["stored_size"], pre["image_size"]
+    self.framing = pre.get("face_framing") or 1.0
+    self.detector_name = detector or (pre.get("detector") if pre.get("detector") in
+                                      ("haar", "yunet", "blazeface") else "blazeface")
+    if self.crop == "align" and self.detector_name == "haar":
+      raise PredictError("the model was trained on landmark-aligned faces (crop align); the Haar "
+                         "detector finds no landmarks: use --detector blazeface or yunet.")
+    try:
+      self._detector = faces.make(self.detector_name, yunet_model)
+    except (FileNotFoundError, RuntimeError) as e:
+      raise PredictError(str(e)) from None
+    self.batch_size = batch_size
+    apply, mean, std = self.classifier.apply, pre["mean"], pre["std"]
+    self._probs = jax.jit(lambda p, x: jax.nn.softmax(
+        apply(p, device.normalize(x, mean, std, jnp.float32)).astype(jnp.float32), axis=-1))
+
+  def describe(self) -> str:
+    how = {"face": f"square crop, margin {self.margin}",
+           "align": f"aligned on 5 landmarks, margin {self.margin}",
+           "none": f"square crop of {self.framing:.2f} x the face box (the build's framing)"}
+    return (f"{len(self.classes)} classes {self.classes}; faces by {self.detector_name}, "
+            f"{how.get(self.crop, self.crop)}, {self.stored_size} px -> {self.image_size} px; "
+            f"weights {self.classifier.weights} of step {self.classifier.step}")
+
+  def detect(self, image: np.ndarray) -> list[tuple[tuple, np.ndarray]]:
+    """(box in pixels, the model's uint8 RGB input) for each face, largest first."""
+    out = []
+    for box, landmarks in self._detector.detect_all(image):
+      if self.crop == "align":
+        stored, _ = images.align(image, landmarks, box, self.margin, self.stored_size)
+      elif self.crop == "face":
+        stored, _ = images.frame(image, box, "face", self.margin, self.stored_size)
+      else:
+        stored, _ = images.frame(image, box, "face", self.framing, self.stored_size)
+      rgb = cv2.cvtColor(stored, cv2.COLOR_GRAY2RGB if stored.ndim == 2 else cv2.COLOR_BGR2RGB)
+      if rgb.shape[0] != self.image_size:
+        rgb = cv2.resize(rgb, (self.image_size, self.image_size),
+                         interpolation=augment.INTERPOLATION)
+      out.append((tuple(float(v) for v in box), rgb))
+    return out
+
+  def classify(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+    """Class probabilities [N, C] of model inputs, in fixed-size batches (one compilation)."""
+    out = []
+    for i in range(0, len(crops), self.batch_size):
+      chunk = np.stack(crops[i:i + self.batch_size])
+      padded = np.zeros((self.batch_size, *chunk.shape[1:]), np.uint8)
+      padded[:len(chunk)] = chunk
+      out.append(np.asarray(self._probs(self.classifier.params, padded))[:len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+  def _faces(self, boxes, probs) -> list[Face]:
+    return [Face(box, self.classes[int(p.argmax())], float(p.max()),
+                 {c: float(v) for c, v in zip(self.classes, p)}) for box, p in zip(boxes, probs)]
+
+  def predict(self, image: str | np.ndarray) -> list[Face]:
+    """Every face of one image (a path, or a BGR / grey uint8 array), largest first."""
+    if isinstance(image, str):
+      image = _read_image(image)
+    found = self.detect(image)
+    return self._faces([b for b, _ in found], self.classify([c for _, c in found]))
+
+  def predict_many(self, frames: Iterator[tuple[dict, np.ndarray | str]]) -> Iterator[tuple[dict, Any]]:
+    """(where, image or error text) -> (where, [Face] or the error), faces of many images
+    classified together in full batches."""
+    pending, crops = [], []
+
+    def flush():
+      probs = self.classify(crops)
+      k = 0
+      for where, found in pending:
+        if isinstance(found, str):
+          yield where, found
+          continue
+        yield where, self._faces([b for b, _ in found], probs[k:k + len(found)])
+        k += len(found)
+      pending.clear()
+      crops.clear()
+
+    for where, image in frames:
+      found = image if isinstance(image, str) else self.detect(image)
+      pending.append((where, found))
+      if not isinstance(found, str):
+        crops.extend(c for _, c in found)
+      if len(crops) >= self.batch_size:
+        yield from flush()
+    yield from flush()
+
+
+def _one_device_mesh():
+  from ssfer_jax import sharding  # pylint: disable=g-import-not-at-top
+  return sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+
+
+def _read_image(path: str) -> np.ndarray:
+  try:
+    with open(path, "rb") as f:
+      return images.decode(f.read())
+  except OSError as e:
+    raise PredictError(f"{path}: cannot read ({e.strerror})") from None
+  except images.ImageError as e:
+    raise PredictError(f"{path}: {e}") from None
+
+
+def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[dict]]:
+  """The image and video files named by `inputs` (folders searched, .txt lists read), and
+  the inputs that are none of these, each with its reason."""
+  files, problems = [], []
+  for item in inputs:
+    if os.path.isdir(item):
+      for root, dirs, names in os.walk(item):
+        dirs.sort()
+        files += [os.path.join(root, n) for n in sorted(names)
+                  if n.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)]
+    elif item.lower().endswith(".txt") and os.path.isfile(item):
+      with open(item) as f:
+        listed = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+      base = os.path.dirname(os.path.abspath(item))
+      sub, bad = expand_inputs([p if os.path.isabs(p) else os.path.join(base, p) for p in listed])
+      files += sub
+      problems += bad
+    elif os.path.isfile(item):
+      files.append(item)
+    else:
+      problems.append({"input": item, "problem": "no such file or folder"})
+  return files, problems
+
+
+def frames(files: Sequence[str], every: int) -> Iterator[tuple[dict, np.ndarray | str]]:
+  """(where, BGR image) per image and per `every`-th video frame; (where, reason) when a file
+  cannot be read."""
+  for path in files:
+    if path.lower().endswith(VIDEO_EXTENSIONS):
+      video = cv2.VideoCapture(path)
+      if not video.isOpened():
+        yield {"input": path, "frame": None}, "cannot open as a video (codec or file damaged)"
+        continue
+      index, read = 0, 0
+      while True:
+        ok, image = video.read()
+        if not ok:
+          break
+        if index % every == 0:
+          read += 1
+          yield {"input": path, "frame": index}, image
+        index += 1
+      video.release()
+      if read == 0:
+        yield {"input": path, "frame": None}, "no frame could be decoded"
+      continue
+    try:
+      yield {"input": path, "frame": None}, _read_image(path)
+    except PredictError as e:
+      yield {"input": path, "frame": None}, str(e)[len(path) + 2:]
+
+
+def annotate(image: np.ndarray, found: Sequence[Face]) -> np.ndarray:
+  out = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image.copy()
+  thick = max(1, round(max(out.shape[:2]) / 300))
+  for f in found:
+    x0, y0, x1, y1 = (int(round(v)) for v in f.box)
+    cv2.rectangle(out, (x0, y0), (x1, y1), (0, 220, 0), thick)
+    cv2.putText(out, f"{f.label} {f.confidence:.2f}", (x0, max(12, y0 - 4)),
+                cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick, (0, 220, 0), thick, cv2.LINE_AA)
+  return out
+
+
+def run(predictor: Predictor, inputs: Sequence[str], out_dir: str, *, every: int = 1,
+        annotate_images: bool = False) -> dict:
+  """Predicts over `inputs`, writes predictions.csv / .json (and annotated images); returns
+  the summary."""
+  os.makedirs(out_dir, exist_ok=True)
+  files, problems = expand_inputs(inputs)
+  rows, no_face, images_seen, t0 = [], [], 0, time.perf_counter()
+  annotated_dir = os.path.join(out_dir, "annotated")
+  kept = {}
+
+  def remembered():   # the images themselves, only while annotating
+    for where, image in frames(files, every):
+      if annotate_images and not isinstance(image, str):
+        kept[(where["input"], where["frame"])] = image
+      yield where, image
+
+  for where, found in predictor.predict_many(remembered()):
+    if isinstance(found, str):
+      problems.append({"input": where["input"], "frame": where["frame"], "problem": found})
+      continue
+    images_seen += 1
+    if not found:
+      no_face.append(where)
+    for k, f in enumerate(found):
+      rows.append({**where, "face": k, "box": [round(v, 1) for v in f.box], "label": f.label,
+                   "confidence": f.confidence, "probabilities": f.probabilities})
+    if annotate_images:
+      image = kept.pop((where["input"], where["frame"]))
+      stem = os.path.splitext(os.path.basename(where["input"]))[0]
+      name = f"{stem}_f{where['frame']:06d}.jpg" if where["frame"] is not None else f"{stem}.jpg"
+      os.makedirs(annotated_dir, exist_ok=True)
+      cv2.imwrite(os.path.join(annotated_dir, name), annotate(image, found))
+  seconds = time.perf_counter() - t0
+  summary = {"model": predictor.describe(), "classes": predictor.classes, "images": images_seen, "faces": len(rows),
+             "no_face": no_face, "unreadable": problems, "seconds": seconds,
+             "faces_per_s": len(rows) / seconds if seconds else None}
+  with open(os.path.join(out_dir, "predictions.json"), "w") as f:
+    json.dump({**summary, "predictions": rows}, f, indent=2)
+  with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["input", "frame", "face", "x0", "y0", "x1", "y1", "label", "confidence",
+                *predictor.classes])
+    for r in rows:
+      w.writerow([r["input"], "" if r["frame"] is None else r["frame"], r["face"], *r["box"],
+                  r["label"], f"{r['confidence']:.4f}",
+                  *(f"{r['probabilities'][c]:.4f}" for c in predictor.classes)])
+  return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("inputs", nargs="+", help="images, folders, .txt lists, videos")
+  ap.add_argument("--model", required=True, help="a stage-2/3 run, or RUN/checkpoints/STEP")
+  ap.add_argument("--out", required=True, help="where predictions go")
+  ap.add_argument("--weights", choices=("best", "raw", "ema"), default="best")
+  ap.add_argument("--detector", choices=("haar", "yunet", "blazeface"),
+                  help="default: the model's build's (blazeface for dataset boxes)")
+  ap.add_argument("--yunet-model", help="YuNet's ONNX file, for --detector yunet")
+  ap.add_argument("--every", type=int, default=1, help="every Nth video frame (default 1)")
+  ap.add_argument("--batch-size", type=int, default=32)
+  ap.add_argument("--annotate", action="store_true", help="also write annotated images")
+  args = ap.parse_args(argv)
+  logs.setup(args.out, "predict_log.txt")
+  try:
+    predictor = Predictor(args.model, weights=args.weights, detector=args.detector,
+                          yunet_model=args.yunet_model, batch_size=args.batch_size)
+    print(predictor.describe(), file=sys.stderr)
+    summary = run(predictor, args.inputs, args.out, every=max(1, args.every),
+                  annotate_images=args.annotate)
+  except PredictError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"{summary['faces']} faces in {summary['images']} images/frames "
+        f"({summary['faces_per_s'] or 0:.1f} faces/s); {len(summary['no_face'])} without a face; "
+        f"{len(summary['unreadable'])} unreadable")
+  for p in summary["unreadable"]:
+    print(f"  unreadable: {p['input']}: {p['problem']}", file=sys.stderr)
+  print(f"written: {os.path.join(args.out, 'predictions.csv')}, predictions.json"
+        + (", annotated/" if args.annotate else ""))
+  return 0 if summary["images"] or not summary["unreadable"] else 2
+
+
+if __name__ == "__main__":
+  logging.getLogger().setLevel(logging.INFO)
+  sys.exit(main())
