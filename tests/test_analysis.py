@@ -1,0 +1,89 @@
+"""The paper's section 4.8 tools on a trained tiny model: Grad-CAM maps, FGSM restricted to the
+focused / unfocused regions (Table 7), and the label-noise driver (Table 8)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import small_config
+from configs import finetune as finetune_config
+from ssfer_jax import evaluate, fgsm, gradcam, label_noise, sharding
+from ssfer_jax.input import records
+from ssfer_jax.trainers import finetune, loop
+from test_job import job_config
+
+
+@pytest.fixture(scope="module")
+def run(small_dataset, tmp_path_factory):
+  jax.config.update("jax_threefry_partitionable", True)
+  workdir = str(tmp_path_factory.mktemp("ft"))
+  loop.train(small_config(finetune_config, small_dataset), workdir, finetune.make_stage)
+  return workdir
+
+
+def test_gradcam_maps_and_their_gradient_point(run, small_dataset):
+  clf = finetune.load_classifier(run)
+  model = finetune.model_from_result(finetune.read_result(run))
+  pre = clf.preprocessing
+  images, labels = gradcam.first_batch(clf, small_dataset, "default", ["test"], 8)
+  x01 = images.astype(np.float32) / 255
+  maps, logits = jax.jit(gradcam.make_cam_fn(model, pre["mean"], pre["std"]))(clf.params, x01)
+  maps = np.asarray(maps)
+  assert maps.shape == images.shape[:3] and maps.min() >= 0 and maps.max() <= 1 + 1e-6
+  assert np.allclose(maps.reshape(len(maps), -1).max(1), 1, atol=1e-5)   # min-max normalised
+  np.testing.assert_allclose(logits, clf.apply(clf.params, (x01 - np.array(
+      pre["mean"])) / np.array(pre["std"])), atol=1e-5)
+  # The perturbation sits on the forward path: its gradient is the logit's finite difference.
+  x = jnp.asarray((x01[:1] - np.array(pre["mean"])) / np.array(pre["std"]), jnp.float32)
+  n = 1 + (x.shape[1] // model.patch_size) ** 2
+  logit = lambda e: model.apply({"params": clf.params, "perturbations": {"encoder": {
+      "last_block_input": e}}}, x, train=False)[0, 0]
+  zeros = jnp.zeros((1, n, model.width))
+  g = jax.grad(logit)(zeros)
+  direction = jax.random.normal(jax.random.key(0), zeros.shape)
+  h = 1e-2
+  fd = (logit(h * direction) - logit(-h * direction)) / (2 * h)
+  np.testing.assert_allclose(float(jnp.sum(g * direction)), float(fd), rtol=2e-2,
+                             atol=1e-3 * float(jnp.abs(g).sum()) * h)
+  assert float(jnp.abs(g[0, 1:]).sum()) > 0   # patch tokens do reach a cls head
+
+
+def test_fgsm_table_starts_at_clean_accuracy(run, small_dataset):
+  result = fgsm.run(run, small_dataset, "default", ["test"], eps=(0.0, 0.05, 0.5), batch_size=16)
+  clf = finetune.load_classifier(run)
+  clean = evaluate.Evaluator.for_classifier(clf, data_dir=small_dataset, split="default",
+                                            lists=("test",), mesh=sharding.make_mesh((-1, 1)),
+                                            batch_size=16)(clf.params)
+  assert result["count"] == clean["count"]
+  for accs in result["accuracy"].values():
+    assert accs[0] == pytest.approx(100 * clean["accuracy"])
+    assert all(0 <= a <= 100 for a in accs)
+  text = fgsm.table(result)
+  assert text.splitlines()[0].split()[-3:] == ["Eps=0", "Eps=0.05", "Eps=0.5"]
+  assert len(text.splitlines()) == 3
+
+
+def test_label_noise_driver_trains_each_rate_on_its_noisy_split(tmp_path):
+  config = job_config(tmp_path)
+  result = label_noise.run_rates(config, str(tmp_path / "w"), [0.0, 0.5])
+  data = str(tmp_path / "w" / "data")
+  clean = records.load_label_noise(data, "default_noise00")
+  noisy = records.load_label_noise(data, "default_noise50")
+  with open(records.split_path(data, "default_noise50")) as f:
+    n = len(json.load(f)["lists"]["train_labeled"])
+  assert not clean and len(noisy) == round(0.5 * n) == round(0.5 * result["labels"])
+  # Stage 1 ran once; the second rate's stage 2 started from it.
+  assert not (tmp_path / "w" / "noise50" / "pretrain").exists()
+  with open(tmp_path / "w" / "noise50" / "finetune" / "result.json") as f:
+    assert json.load(f)["config"]["init_from"] == str(tmp_path / "w" / "noise00" / "pretrain")
+  assert list(result["stages"]) == ["majority class (of train_labeled)", "stage 2: FaceMix",
+                                    "stage 3: EMA teacher"]
+  lines = label_noise.table(result, "demo").splitlines()
+  assert lines[0].split()[-3:] == ["0", "50", "Decline"] and len(lines) == 4
+  accs = result["stages"]["stage 2: FaceMix"]
+  assert float(lines[2].split()[-1]) == pytest.approx(accs[0] - accs[1], abs=0.01)
+  with pytest.raises(label_noise.job.JobError, match="ascending"):
+    label_noise.run_rates(config, str(tmp_path / "w"), [0.3, 0.1])
