@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import pathlib
-import resource
 import shutil
 import subprocess
 import sys

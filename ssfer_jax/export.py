@@ -34,7 +34,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ssfer_jax import checkpointing, interop
+from ssfer_jax import checkpointing, interop, sharding, writers
+from ssfer_jax.input import records
 from ssfer_jax.models import param_table, vit
 from ssfer_jax.trainers import finetune, loop, pretrain
 
@@ -57,20 +58,43 @@ def _result(run_dir: str) -> dict:
 
 
 def timm_call(arch: str, kwargs: Mapping[str, Any], path: str, mean, std) -> str:
+  """timm.create_model(...) loading `path`, with the preprocessing timm's data config then
+  reports: our normalisation, the whole image at img_size (no centre crop), bilinear."""
   args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-  overlay = f"file={path!r}, num_classes={kwargs['num_classes']}, mean={tuple(mean)}, std={tuple(std)}"
+  size = kwargs["img_size"]
+  overlay = (f"file={path!r}, num_classes={kwargs['num_classes']}, mean={tuple(mean)}, "
+             f"std={tuple(std)}, input_size=(3, {size}, {size}), crop_pct=1.0, "
+             "interpolation='bilinear'")
   return (f"timm.create_model({arch!r}, pretrained=True, {args}, "
           f"pretrained_cfg_overlay=dict({overlay}))")
 
 
-def _test_metrics(run_dir: str) -> dict | None:
+def _test_metrics(run_dir: str, step: int, weights: str) -> dict | None:
+  """The run's test report (RUN/eval/test.json) when it scored these very weights."""
   path = os.path.join(run_dir, "eval", "test.json")
   if not os.path.exists(path):
     return None
   with open(path) as f:
     r = json.load(f)
-  return {k: r.get(k) for k in ("count", "accuracy", "mean_class_accuracy", "macro_f1", "step",
-                                "weights")}
+  if (r.get("step"), r.get("weights")) != (step, weights):
+    return None
+  return {k: r.get(k) for k in ("count", "accuracy", "mean_class_accuracy", "macro_f1", "data")}
+
+
+def _data_summary(data: Mapping[str, Any] | None) -> dict | None:
+  """The training build: sources, classes, crop, and the split's list sizes."""
+  if not data or not os.path.exists(os.path.join(data["dir"], records.MANIFEST)):
+    return data
+  m = records.load_manifest(data["dir"])
+  out = dict(data, num_records=m["num_records"], image_size=m["image_size"], crop=m.get("crop"),
+             margin=m.get("margin"), detector=m.get("detector"), classes=m["classes"],
+             sources={name: {k: v.get(k) for k in ("kind", "read", "written", "skipped")}
+                      for name, v in m.get("sources", {}).items()}, counts=m.get("counts"))
+  split = records.split_file_name(data["dir"], data.get("split") or "default")
+  if os.path.exists(split):
+    with open(split) as f:
+      out["lists"] = {k: len(v) for k, v in json.load(f)["lists"].items()}
+  return out
 
 
 def _classifier(run_dir: str, result: dict, weights: str) -> tuple[dict, dict, dict]:
@@ -79,11 +103,11 @@ def _classifier(run_dir: str, result: dict, weights: str) -> tuple[dict, dict, d
   val = result.get("val") or {}
   card = {"kind": "classifier", "classes": result["classes"], "step": clf.step,
           "weights": clf.weights, "preprocessing": result["preprocessing"],
-          "training": {"stage": result["stage"], "data": result.get("data"),
+          "training": {"stage": result["stage"], "data": _data_summary(result.get("data")),
                        "config": result["config"]},
           "metrics": {"val": {k: val.get(k) for k in ("count", "accuracy",
                                                       "mean_class_accuracy", "macro_f1")},
-                      "test": _test_metrics(run_dir)}}
+                      "test": _test_metrics(run_dir, clf.step, clf.weights)}}
   return jax.device_get(clf.params), kwargs, card
 
 
@@ -92,7 +116,7 @@ def load_mae_run(run_dir: str) -> tuple[dict, dict]:
   model kwargs."""
   result = _result(run_dir)
   src = ml_collections.ConfigDict(result["config"])
-  mesh = _one_device_mesh()
+  mesh = sharding.single_device_mesh()
   abstract, _ = loop.state_layout(src, pretrain.make_stage(src, loop.RunPlan(mesh, 0, 1, 1), None),
                                   mesh)
   ckpt = checkpointing.Checkpointer(run_dir)
@@ -103,11 +127,6 @@ def load_mae_run(run_dir: str) -> tuple[dict, dict]:
     ckpt.close()
   kwargs = {k: (str(v) if k == "dtype" else v) for k, v in pretrain.model_kwargs(src).items()}
   return jax.device_get(params), kwargs
-
-
-def _one_device_mesh():
-  from ssfer_jax import sharding  # pylint: disable=g-import-not-at-top
-  return sharding.make_mesh((1, 1), devices=jax.devices()[:1])
 
 
 def export_run(run_dir: str, out_dir: str, *, weights: str = "best",
@@ -126,7 +145,8 @@ def export_run(run_dir: str, out_dir: str, *, weights: str = "best",
     image_size, mean, std, num_classes = data["image_size"], data["mean"], data["std"], 0
     card = {"kind": "mae" if fmt == "mae" else "encoder", "classes": [], "step": result["step"],
             "weights": "raw", "preprocessing": {"image_size": image_size, "mean": mean, "std": std},
-            "training": {"stage": pretrain.STAGE, "data": data, "config": result["config"]},
+            "training": {"stage": pretrain.STAGE, "data": _data_summary(
+                {"dir": data["dir"], "split": data["split"]}), "config": result["config"]},
             "metrics": {}}
     if fmt == "mae":
       params, kwargs, sd_kind = mae_params, mae_kwargs, "mae"
@@ -159,9 +179,7 @@ def export_run(run_dir: str, out_dir: str, *, weights: str = "best",
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(orbax_dir, params, force=True)
     ckptr.wait_until_finished()
-  with open(os.path.join(out_dir, CARD + ".tmp"), "w") as f:
-    json.dump(card, f, indent=2)
-  os.replace(os.path.join(out_dir, CARD + ".tmp"), os.path.join(out_dir, CARD))
+  writers.write_json(os.path.join(out_dir, CARD), card)
   return card
 
 

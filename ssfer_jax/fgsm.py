@@ -29,26 +29,41 @@ EPS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.10)
 REGIONS = ("emotion focused regions", "emotion unfocused regions")
 
 
+def make_regions_fn(model, mean, std):
+  """(params, images in [0, 1], labels) -> (focused [B, H, W, 1] bool, FGSM's direction
+  sign(d CE / d image) [B, H, W, 3]); a label of -1 takes class 0's direction."""
+  cam_fn = gradcam.make_cam_fn(model, mean, std)
+
+  def regions(params, x01, labels):
+    cams, _ = cam_fn(params, x01)
+    loss = lambda x: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
+        logits(model, params, x, mean, std), jnp.maximum(labels, 0)))
+    return (cams > gradcam.THRESHOLD)[..., None], jnp.sign(jax.grad(loss)(x01))
+
+  return regions
+
+
+def logits(model, params, x01, mean, std):
+  return model.apply({"params": params}, device.normalize(x01 * 255.0, mean, std, model.dtype),
+                     train=False).astype(jnp.float32)
+
+
+def perturb(x01, direction, region, eps):
+  """The attacked image: eps x direction inside `region` only, clipped to [0, 1]."""
+  return jnp.clip(x01 + eps * direction * region, 0.0, 1.0)
+
+
 def make_attack_fn(model, mean, std, eps: Sequence[float]):
   """(params, uint8 images, labels) -> correct counts [2 regions, len(eps)]; a label of -1
-  is never counted correct (and its row's attack direction is that of class 0)."""
-  cam_fn = gradcam.make_cam_fn(model, mean, std)
-  logits_of = lambda p, x01: model.apply({"params": p}, device.normalize(
-      x01 * 255.0, mean, std, model.dtype), train=False).astype(jnp.float32)
+  is never counted correct."""
+  regions_fn = make_regions_fn(model, mean, std)
 
   def attack(params, images, labels):
     x01 = images.astype(jnp.float32) / 255.0
-    cams, _ = cam_fn(params, x01)
-    focused = (cams > gradcam.THRESHOLD)[..., None]
-    loss = lambda x: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
-        logits_of(params, x), jnp.maximum(labels, 0)))
-    direction = jnp.sign(jax.grad(loss)(x01))
-    rows = []
-    for region in (focused, ~focused):
-      rows.append(jnp.stack([jnp.sum(jnp.argmax(logits_of(
-          params, jnp.clip(x01 + e * direction * region, 0.0, 1.0)), -1) == labels)
-                             for e in eps]))
-    return jnp.stack(rows)
+    focused, direction = regions_fn(params, x01, labels)
+    return jnp.stack([jnp.stack([jnp.sum(jnp.argmax(logits(
+        model, params, perturb(x01, direction, region, e), mean, std), -1) == labels)
+                                 for e in eps]) for region in (focused, ~focused)])
 
   return attack
 

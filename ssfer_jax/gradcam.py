@@ -1,7 +1,8 @@
 """Where the classifier looks: Grad-CAM over the ViT's patch tokens (the paper's Fig. 8).
 
-The map is Grad-CAM's on the input tokens of the last block (the layer pytorch-grad-cam uses
-for ViTs; the last block's own output reaches a cls-token head only through its cls token):
+The map is Grad-CAM's on the last block's input tokens, the residual stream entering it (the
+last block's own output reaches a cls-token head only through its cls token; pytorch-grad-cam's
+ViT recipe takes the same block's norm1 output, i.e. these tokens after one LayerNorm):
 ReLU(sum_d w_d A_d) over patch tokens, w_d the patch-mean gradient of the target logit,
 min-max normalised per image and upsampled bilinearly to the image. The target is the
 predicted class. Values above 0.3 are the paper's "emotion focused regions" (`fgsm.py`).

@@ -28,7 +28,8 @@ class WeightsError(ValueError):
 
 
 def is_weight_file(path: str) -> bool:
-  return path.lower().endswith(WEIGHT_FILES) and os.path.isfile(path)
+  """A weight file by its extension (whether it exists is `read_state_dict`'s to say)."""
+  return path.lower().endswith(WEIGHT_FILES)
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -47,7 +48,11 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
           f"{path}: reading a PyTorch checkpoint needs torch (`pip install torch`, CPU build "
           "suffices), or convert it to safetensors where torch is installed "
           "(safetensors.torch.save_file(state_dict, 'model.safetensors')).") from None
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+      obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pylint: disable=broad-except   (torch's unpickler raises many)
+      raise WeightsError(f"{path}: not a loadable PyTorch checkpoint of tensors "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
     for key in ("model", "state_dict"):
       if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
         obj = obj[key]
@@ -69,8 +74,10 @@ def timm_model(kwargs: Mapping[str, Any], num_classes: int, image_size: int) -> 
     raise WeightsError("a LEAF model's expert levels have no timm counterpart; export its "
                        "stage-2 model, or use the orbax export for JAX.")
   width, depth, heads, mlp = (kwargs[k] for k in ("width", "depth", "num_heads", "mlp_dim"))
-  size = TIMM_SIZES.get((width, depth, heads))
-  arch = f"vit_{size or 'base'}_patch{kwargs['patch_size']}_224"
+  # timm registers vit_{tiny,small,base,large}_patch16_224; other shapes take the base one
+  # with every dimension given.
+  size = TIMM_SIZES.get((width, depth, heads)) if kwargs["patch_size"] == 16 else None
+  arch = f"vit_{size or 'base'}_patch16_224"
   timm_kwargs = {"num_classes": num_classes, "img_size": image_size,
                  "global_pool": "token" if kwargs["pool"] == "cls" else "avg"}
   if size is None or mlp != 4 * width:

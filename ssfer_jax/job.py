@@ -15,11 +15,14 @@ A rerun skips the done stages and resumes the first unfinished one at its last c
 (the loop's own resume), so an interruption anywhere (Ctrl-C, SIGKILL, preemption) costs at
 most the steps since that checkpoint. A section of the config may change only until its stage
 has started: afterwards the rerun is refused with the fields that changed, since the stages
-after it were (or are being) built on what it produced.
+after it were (or are being) built on what it produced; so is training a stage while a later
+one has started (its directory was removed to redo it, but not theirs). The evaluation is
+redone whenever the stage results it read (by sha256) or its lists change.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -30,9 +33,10 @@ from typing import Any, Mapping
 
 import jax
 import ml_collections
+import numpy as np
 from jax.experimental import multihost_utils
 
-from ssfer_jax import evaluate, report, sharding, workdir as workdir_lib
+from ssfer_jax import evaluate, report, sharding, workdir as workdir_lib, writers
 from ssfer_jax.input import records
 from ssfer_jax.trainers import finetune, loop, pretrain, semisup
 
@@ -42,6 +46,8 @@ DATA = "data"
 CLASSIFIER_STAGES = ("finetune", "semisup")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLACEHOLDERS = {"demo": os.path.join(REPO, "data_prep", "demo_data")}
+# Job fields that may change after their section started: they change nothing computed.
+SAFE_FIELDS = ("data.raw", "evaluate.batch_size")
 
 
 # Each stage's factory by its config's `stage` (the command line runs any one of them alone).
@@ -75,6 +81,10 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     c.data.split = config.data.split
     previous = {"finetune": "pretrain", "semisup": "finetune"}.get(name)
     if previous in stages:
+      if c.init_from:
+        raise JobError(f"{name}.init_from={c.init_from!r}, but {previous} is in the stages and "
+                       f"{name} starts from its run: drop {previous} from the stages to start "
+                       "from another one, or unset init_from.")
       c.init_from = os.path.join(os.path.abspath(workdir), previous)
     elif name == "semisup" and not c.init_from:
       raise JobError("stages has semisup without finetune: set --config.semisup.init_from to a "
@@ -95,21 +105,20 @@ def resolved(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def _started(workdir: str, section: str, ddir: str) -> bool:
   if section == DATA:
     return os.path.exists(os.path.join(ddir, records.MANIFEST))
-  if section == "evaluate":
-    return os.path.exists(os.path.join(workdir, EVALUATION_FILE))
   return os.path.exists(os.path.join(workdir, section, "config.json"))
 
 
 def check_unchanged(saved: Mapping[str, Any], current: Mapping[str, Any], workdir: str,
                     ddir: str) -> None:
   """Refuses a config that changes a section whose stage has started (fields a stage may
-  change on resume, such as logging cadence or threads, excepted)."""
+  change on resume, such as logging cadence or threads, excepted). The evaluation is not
+  guarded: it is redone whenever its lists or the results it read change."""
   changed = []
-  for section in (DATA, "pretrain", "finetune", "semisup", "evaluate"):
+  for section in (DATA, *current["stages"]):
     if section not in saved or not _started(workdir, section, ddir):
       continue
-    for field, old, new in workdir_lib.config_diff(saved[section], current.get(section, {})):
-      if field not in workdir_lib.SAFE_FIELDS:
+    for field, old, new in workdir_lib.config_diff(saved[section], current[section]):
+      if field not in workdir_lib.SAFE_FIELDS and f"{section}.{field}" not in SAFE_FIELDS:
         changed.append(f"  {section}.{field}: {old!r} when it ran, {new!r} now")
   if changed:
     raise JobError(
@@ -119,7 +128,8 @@ def check_unchanged(saved: Mapping[str, Any], current: Mapping[str, Any], workdi
 
 
 def _placeholders(config: ml_collections.ConfigDict) -> dict[str, str]:
-  return {**PLACEHOLDERS, "raw": config.data.raw or "{raw}"}
+  """Values for {demo} and {raw} in data.build / split_args, quoted for the shell split."""
+  return {k: shlex.quote(v) for k, v in {**PLACEHOLDERS, "raw": config.data.raw or "{raw}"}.items()}
 
 
 def _args(text: str, config: ml_collections.ConfigDict, what: str) -> list[str]:
@@ -134,8 +144,7 @@ def prepare_data(config: ml_collections.ConfigDict, ddir: str) -> None:
   from data_prep import __main__ as data_prep  # pylint: disable=g-import-not-at-top
 
   manifest = os.path.join(ddir, records.MANIFEST)
-  split = os.path.join(ddir, records.SPLITS_DIR, f"{config.data.split}.json") \
-      if os.sep not in config.data.split else config.data.split
+  split = records.split_file_name(ddir, config.data.split)
   if jax.process_index() == 0:
     if not os.path.exists(manifest):
       if not config.data.build:
@@ -166,17 +175,47 @@ def prepare_data(config: ml_collections.ConfigDict, ddir: str) -> None:
 
 def _write_json(path: str, obj: Any) -> None:
   if jax.process_index() == 0:
-    with open(path + ".tmp", "w") as f:
-      json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
+    writers.write_json(path, obj)
+
+
+def _agreed(flag: bool) -> bool:
+  """Process 0's view of a file-system fact, on every process: each deciding alone from a
+  shared file system (with its caches) could send the processes down different paths."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
 def _done(run_dir: str) -> dict | None:
   path = os.path.join(run_dir, loop.RESULT_FILE)
-  if not os.path.exists(path):
+  if not _agreed(os.path.exists(path)):
     return None
   with open(path) as f:
     return json.load(f)
+
+
+def _results_digest(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+  """sha256 of each classifier stage's result.json: what the evaluation was computed from."""
+  out = {}
+  for stage in (s for s in config.stages if s in CLASSIFIER_STAGES):
+    with open(os.path.join(workdir, stage, loop.RESULT_FILE), "rb") as f:
+      out[stage] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def check_order(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to train a stage while a later one has already started: that one was built on
+  the earlier stage's old result (e.g. an upstream directory removed to redo it)."""
+  stages = list(config.stages)
+  for i, name in enumerate(stages):
+    if _done(os.path.join(workdir, name)) is not None:
+      continue
+    later = [os.path.join(workdir, s) for s in stages[i + 1:]
+             if os.path.exists(os.path.join(workdir, s, "config.json"))]
+    if _agreed(bool(later)):
+      raise JobError(f"{name} is to be trained, but {', '.join(later)} started from its earlier "
+                     "result; remove those directories too (they are redone after it).")
+    return
 
 
 def evaluate_stages(config: ml_collections.ConfigDict, workdir: str, ddir: str) -> dict:
@@ -209,12 +248,18 @@ def _run(config, workdir) -> dict:
   ddir = data_dir(config, workdir)
   current = resolved(config, workdir)
   job_file = os.path.join(workdir, JOB_FILE)
+  saved = {}
   if os.path.exists(job_file):
     with open(job_file) as f:
-      check_unchanged(json.load(f), current, workdir, ddir)
-  _write_json(job_file, current)
+      saved = json.load(f)
+    check_unchanged(saved, current, workdir, ddir)
+  # A stage left out of this run keeps the section it ran with, for when it is listed again.
+  kept = {s: saved[s] for s in ("pretrain", "finetune", "semisup")
+          if s in saved and s not in config.stages}
+  _write_json(job_file, {**current, **kept})
 
   configs = stage_configs(config, workdir)
+  check_order(config, workdir)
   steps = " -> ".join(["data", *config.stages, "evaluate", "report"])
   total = len(config.stages) + 3
   banner = lambda i, name, what: logging.info("== job %d/%d %s: %s (job time so far %s) ==",
@@ -238,13 +283,17 @@ def _run(config, workdir) -> dict:
     logging.info("%s finished in %s", name, loop.duration(time.perf_counter() - t))
 
   evaluation_file = os.path.join(workdir, EVALUATION_FILE)
-  if os.path.exists(evaluation_file):
-    banner(total - 1, "evaluate", f"done, {evaluation_file}")
+  digest = _results_digest(config, workdir)
+  evaluation = None
+  if _agreed(os.path.exists(evaluation_file)):
     with open(evaluation_file) as f:
       evaluation = json.load(f)
-  else:
+  if evaluation is not None and evaluation.get("results") == digest and \
+      evaluation["lists"] == list(config.evaluate.lists):
+    banner(total - 1, "evaluate", f"done, {evaluation_file}")
+  else:   # none yet, or of other stages' results (a stage added or redone since)
     banner(total - 1, "evaluate", f"lists {list(config.evaluate.lists)}")
-    evaluation = evaluate_stages(config, workdir, ddir)
+    evaluation = evaluate_stages(config, workdir, ddir) | {"results": digest}
     _write_json(evaluation_file, evaluation)
   banner(total, "report", "writing")
   if jax.process_index() == 0:

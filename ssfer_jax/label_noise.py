@@ -1,7 +1,8 @@
 """The job at several label-noise rates (the paper's Table 8).
 
   python -m ssfer_jax.label_noise --config configs/ssfer.py:rafdb,p5 --workdir runs/noise \
-      --rates 0,0.1,0.2,0.3 [--pretrained runs/rafdb/pretrain] [--config.FIELD=V ...]
+      --rates 0,0.1,0.2,0.3 [--pretrained runs/rafdb/pretrain] [--dataset RAF-DB] \
+      [--config.FIELD=V ...]
 
 Rate R trains on the split SPLIT_noiseNN: the job's split arguments plus `--label-noise R`
 (data_prep: exactly round(R x n) train_labeled records given another class, uniformly and
@@ -10,7 +11,8 @@ WORKDIR/noiseNN over one shared build (WORKDIR/data unless data.dir names one). 
 no labels, so it runs once: in the first rate's job, or not at all with --pretrained. Stages 2
 and 3 and the evaluation run at every rate; the table shows each classifier stage's test
 accuracy per rate and its decline from the first rate to the last. Interrupted, the same
-command resumes (every rate's job resumes as the job does).
+command resumes (every rate's job resumes as the job does). Multi-host, errors and preemption
+as `ssfer_jax.main`.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from typing import Sequence
 
+from absl import app, flags
 import jax
 import ml_collections
 
-from ssfer_jax import job
+from ssfer_jax import job, writers
 from ssfer_jax.input import records
 
 RESULT_FILE = "label_noise.json"
@@ -78,29 +80,19 @@ def table(result: dict, dataset: str = "") -> str:
 
 
 def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ssfer_jax import logs  # pylint: disable=g-import-not-at-top
-  del argv
+  from ssfer_jax import main as cli  # pylint: disable=g-import-not-at-top   (its flags)
+  config = cli.setup(argv)
   f = flags.FLAGS
-  logs.setup(f.workdir)
-  jax.config.update("jax_threefry_partitionable", True)   # as ssfer_jax.main
-  try:
-    result = run_rates(f.config, f.workdir, [float(r) for r in f.rates.split(",")], f.pretrained)
-  except job.JobError as e:
-    logging.error("JobError: %s", e)
-    sys.exit(1)
-  with open(os.path.join(f.workdir, RESULT_FILE), "w") as fh:
-    json.dump(result, fh, indent=2)
-  print(table(result, f.config_name))
+  rates = [float(r) for r in f.rates.split(",")]
+  result = cli.exit_on_errors(lambda: run_rates(config, f.workdir, rates, f.pretrained))
+  if jax.process_index() == 0:
+    writers.write_json(os.path.join(f.workdir, RESULT_FILE), result)
+    print(table(result, f.dataset))
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "configs/ssfer.py:VARIANT", lock_config=True)
-  flags.DEFINE_string("workdir", None, "One job per rate goes here.")
+  from ssfer_jax import main as cli  # pylint: disable=g-import-not-at-top   (--config, --workdir)
   flags.DEFINE_string("rates", "0,0.1,0.2,0.3", "Comma-separated label-noise rates.")
   flags.DEFINE_string("pretrained", None, "A finished stage-1 run to start every rate from.")
-  flags.DEFINE_string("config_name", "", "The Dataset column of the table.")
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  flags.DEFINE_string("dataset", "", "The Dataset column of the table.")
+  app.run(main, flags_parser=cli.parse_flags)

@@ -55,7 +55,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
-def main(argv):
+def setup(argv):
+  """What every command built on these flags does first: join the other processes, make the
+  workdir, route the logs; returns the config. (ssfer_jax.label_noise reuses it.)"""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
@@ -75,11 +77,15 @@ def main(argv):
   logging.info("library logs: %s", log_file)
   # Masking noise and dropout keys then shard instead of being replicated and sliced.
   jax.config.update("jax_threefry_partitionable", True)
-  config = _CONFIG.value
+  return _CONFIG.value
+
+
+def main(argv):
+  config = setup(argv)
   if job.is_job_config(config):
     if _MODE.value != "train":
       raise app.UsageError("--mode figures runs one stage's hooks: give that stage's config.")
-    _exit_on_errors(lambda: job.run(config, _WORKDIR.value))
+    exit_on_errors(lambda: job.run(config, _WORKDIR.value))
     return
   if config.stage not in job.STAGES:
     raise app.UsageError(f"config.stage={config.stage!r}; known stages: {sorted(job.STAGES)}")
@@ -87,14 +93,14 @@ def main(argv):
     raise app.UsageError("set --config.data.dir to a dataset built by `python -m data_prep build`.")
   make_stage = job.STAGES[config.stage]
   if _MODE.value == "train":
-    _exit_on_errors(lambda: loop.train(config, _WORKDIR.value, make_stage,
+    exit_on_errors(lambda: loop.train(config, _WORKDIR.value, make_stage,
                                        allow_schedule_change=_ALLOW_SCHEDULE_CHANGE.value))
   else:
-    step = _exit_on_errors(lambda: loop.run_hooks(config, _WORKDIR.value, make_stage))
+    step = exit_on_errors(lambda: loop.run_hooks(config, _WORKDIR.value, make_stage))
     logging.info("figures for step %d written under %s", step, _WORKDIR.value)
 
 
-def _exit_on_errors(fn):
+def exit_on_errors(fn):
   """Runs `fn`; a preemption exits with its code, a known error with its one-line message."""
   try:
     return fn()

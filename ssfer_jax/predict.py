@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_prep import faces, images
-from ssfer_jax import logs
+from ssfer_jax import logs, sharding
 from ssfer_jax.input import augment, device
 from ssfer_jax.trainers import finetune
 
@@ -83,14 +83,18 @@ class Predictor:
     run_dir, step = _split_model(model)
     try:
       self.classifier = finetune.load_classifier(run_dir, step=step, weights=weights,
-                                                 mesh=_one_device_mesh())
+                                                 mesh=sharding.single_device_mesh())
     except finetune.InitError as e:
       raise PredictError(f"--model {model}: {e}") from None
     pre = self.classifier.preprocessing
     self.classes = list(self.classifier.classes)
     self.crop, self.margin = pre.get("crop") or "none", pre.get("margin") or 1.0
     self.stored_size, self.image_size = pre["stored_size"], pre["image_size"]
-    self.framing = pre.get("face_framing") or 1.0
+    self.framing = pre.get("face_framing")
+    if self.crop == "none" and self.framing is None:
+      logging.warning("%s: its build recorded no face framing (no face boxes, or a result from "
+                      "before it was measured): faces are cut at their detected box (1.0).", model)
+    self.framing = self.framing or 1.0
     self.detector_name = detector or (pre.get("detector") if pre.get("detector") in
                                       ("haar", "yunet", "blazeface") else "blazeface")
     if self.crop == "align" and self.detector_name == "haar":
@@ -178,11 +182,6 @@ class Predictor:
     yield from flush()
 
 
-def _one_device_mesh():
-  from ssfer_jax import sharding  # pylint: disable=g-import-not-at-top
-  return sharding.make_mesh((1, 1), devices=jax.devices()[:1])
-
-
 def _read_image(path: str) -> np.ndarray:
   try:
     with open(path, "rb") as f:
@@ -201,8 +200,13 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[dict]]:
     if os.path.isdir(item):
       for root, dirs, names in os.walk(item):
         dirs.sort()
-        files += [os.path.join(root, n) for n in sorted(names)
-                  if n.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)]
+        for n in sorted(names):
+          if n.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS):
+            files.append(os.path.join(root, n))
+          else:
+            problems.append({"input": os.path.join(root, n), "frame": None, "problem":
+                             "skipped: not an image or video file by its extension ("
+                             + ", ".join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS) + ")"})
     elif item.lower().endswith(".txt") and os.path.isfile(item):
       with open(item) as f:
         listed = [line.strip() for line in f if line.strip() and not line.startswith("#")]
@@ -213,7 +217,7 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[dict]]:
     elif os.path.isfile(item):
       files.append(item)
     else:
-      problems.append({"input": item, "problem": "no such file or folder"})
+      problems.append({"input": item, "frame": None, "problem": "no such file or folder"})
   return files, problems
 
 
@@ -282,9 +286,9 @@ def run(predictor: Predictor, inputs: Sequence[str], out_dir: str, *, every: int
     for k, f in enumerate(found):
       rows.append({**where, "face": k, "box": [round(v, 1) for v in f.box], "label": f.label,
                    "confidence": f.confidence, "probabilities": f.probabilities})
-    if annotate_images:
+    if annotate_images:   # numbered in input order: names never collide
       image = kept.pop((where["input"], where["frame"]))
-      stem = os.path.splitext(os.path.basename(where["input"]))[0]
+      stem = f"{images_seen:06d}_{os.path.splitext(os.path.basename(where['input']))[0]}"
       name = f"{stem}_f{where['frame']:06d}.jpg" if where["frame"] is not None else f"{stem}.jpg"
       os.makedirs(annotated_dir, exist_ok=True)
       cv2.imwrite(os.path.join(annotated_dir, name), annotate(image, found))

@@ -96,7 +96,7 @@ def _pretrain_section(run_dir: str, out_dir: str) -> list[str]:
 
 
 def _classifier_section(stage: str, title: str, run_dir: str, out_dir: str,
-                        row: Mapping[str, Any] | None) -> list[str]:
+                        row: Mapping[str, Any] | None, lists: list[str]) -> list[str]:
   lines = [f"## {title}", ""]
   val = _rows(run_dir, "val")
   if val:
@@ -124,12 +124,9 @@ def _classifier_section(stage: str, title: str, run_dir: str, out_dir: str,
                  f"{_pct(row['mean_class_accuracy'])}%, macro F1 {_pct(row['macro_f1'])}% "
                  f"({row['weights']} weights of step {row['step']}).")
     lines.append("")
-    eval_dir = os.path.join(run_dir, "eval")
-    name = next((f for f in sorted(os.listdir(eval_dir)) if f.endswith("_confusion.png")),
-                None) if os.path.isdir(eval_dir) else None
-    if name:
-      _image(lines, _copy(os.path.join(eval_dir, name), out_dir, f"{stage}_confusion.png"),
-             "confusion matrix on the evaluation lists")
+    _image(lines, _copy(os.path.join(run_dir, "eval", f"{'_'.join(lists)}_confusion.png"),
+                        out_dir, f"{stage}_confusion.png"),
+           "confusion matrix on the evaluation lists")
   return lines
 
 
@@ -152,7 +149,7 @@ def write(workdir: str, job: Mapping[str, Any], evaluation: Mapping[str, Any]) -
   for stage in ("finetune", "semisup"):
     if stage in job["stages"]:
       lines += _classifier_section(stage, titles[stage], os.path.join(workdir, stage), out_dir,
-                                   rows.get(stage))
+                                   rows.get(stage), evaluation["lists"])
   lines += ["## Where the rest is", "",
             "Each stage's run directory holds its `config.json`, `metrics.jsonl`, TensorBoard "
             "events, checkpoints and `result.json`; `eval/` the full test reports (JSON, "

@@ -41,6 +41,12 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
   return tuple(shape)
 
 
+def single_device_mesh() -> Mesh:
+  """A (1, 1) mesh on the first device: loading weights for single-device use (prediction,
+  export), wherever the run that wrote them was sharded."""
+  return make_mesh((1, 1), devices=jax.devices()[:1])
+
+
 def make_mesh(shape: Sequence[int], axes: Sequence[str] = BATCH_AXES,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = list(devices if devices is not None else jax.devices())

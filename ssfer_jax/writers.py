@@ -76,6 +76,15 @@ class MetricWriter:
       self._tb.close()
 
 
+def write_json(path: str, obj) -> str:
+  """`obj` as JSON at `path`, atomically: a reader (or a rerun after a crash) sees the old file
+  or the new one, never half of one."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(path + ".tmp", path)
+  return path
+
+
 def _truncate_after(path: str, step: int) -> None:
   """Rewrites the JSONL log without rows past `step` (atomically: a crash leaves either)."""
   with open(path) as f:

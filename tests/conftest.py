@@ -63,6 +63,18 @@ def build_demo_subset(out_dir, *, rows: int, size: int, seed: int = 0) -> str:
 
 
 @pytest.fixture(scope="session")
+def finetuned_run(small_dataset, tmp_path_factory):
+  """A finished 6-step stage-2 run (configs/finetune.py:test) on `small_dataset`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs import finetune as finetune_config  # pylint: disable=g-import-not-at-top
+  from ssfer_jax.trainers import finetune, loop  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_threefry_partitionable", True)
+  workdir = str(tmp_path_factory.mktemp("finetuned"))
+  loop.train(small_config(finetune_config, small_dataset), workdir, finetune.make_stage)
+  return workdir
+
+
+@pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory):
   """~120 real demo faces at 32 px, built and split by data_prep (shared per test worker)."""
   return build_demo_subset(tmp_path_factory.mktemp("small_dataset"), rows=150, size=32)

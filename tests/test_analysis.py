@@ -8,20 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import small_config
-from configs import finetune as finetune_config
 from ssfer_jax import evaluate, fgsm, gradcam, label_noise, sharding
 from ssfer_jax.input import records
-from ssfer_jax.trainers import finetune, loop
+from ssfer_jax.trainers import finetune
 from test_job import job_config
 
 
-@pytest.fixture(scope="module")
-def run(small_dataset, tmp_path_factory):
-  jax.config.update("jax_threefry_partitionable", True)
-  workdir = str(tmp_path_factory.mktemp("ft"))
-  loop.train(small_config(finetune_config, small_dataset), workdir, finetune.make_stage)
-  return workdir
+@pytest.fixture
+def run(finetuned_run):
+  return finetuned_run
 
 
 def test_gradcam_maps_and_their_gradient_point(run, small_dataset):
@@ -61,6 +56,18 @@ def test_fgsm_table_starts_at_clean_accuracy(run, small_dataset):
   for accs in result["accuracy"].values():
     assert accs[0] == pytest.approx(100 * clean["accuracy"])
     assert all(0 <= a <= 100 for a in accs)
+  # Each attack moves only its own region's pixels, by at most eps, within [0, 1].
+  clf_model = finetune.model_from_result(finetune.read_result(run))
+  pre = clf.preprocessing
+  images, labels = gradcam.first_batch(clf, small_dataset, "default", ["test"], 8)
+  x01 = jnp.asarray(images, jnp.float32) / 255
+  focused, direction = jax.jit(fgsm.make_regions_fn(clf_model, pre["mean"], pre["std"]))(
+      clf.params, x01, labels)
+  assert 0 < float(focused.mean()) < 1
+  for region in (focused, ~focused):
+    moved = np.asarray(fgsm.perturb(x01, direction, region, 0.1) - x01)
+    assert not moved[np.broadcast_to(~np.asarray(region), moved.shape)].any()
+    assert np.abs(moved).max() <= 0.1 + 1e-6 and np.abs(moved).max() > 0.05
   text = fgsm.table(result)
   assert text.splitlines()[0].split()[-3:] == ["Eps=0", "Eps=0.05", "Eps=0.5"]
   assert len(text.splitlines()) == 3

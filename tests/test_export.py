@@ -2,8 +2,6 @@
 as stage-1 and stage-2 starting points), on real trained runs. The comparison with timm's own
 forward pass lives in test_timm_interop.py (it needs torch)."""
 
-import json
-import os
 
 import flax.linen as nn
 import jax

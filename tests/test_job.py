@@ -4,6 +4,8 @@ upstream config refused."""
 
 import json
 import os
+import re
+import shutil
 import signal
 
 import pytest
@@ -141,6 +143,10 @@ def test_stage_configs_and_paper_variants(tmp_path):
     job.stage_configs(c, str(tmp_path))
   c.stages = ("finetune", "semisup")   # stage 2 from scratch: its own init_from (empty)
   assert job.stage_configs(c, str(tmp_path))["finetune"].init_from == ""
+  c.stages = ssfer.STAGES
+  c.finetune.init_from = "mae.pth"     # never silently replaced by the job's stage-1 run
+  with pytest.raises(job.JobError, match="drop pretrain from the stages"):
+    job.stage_configs(c, str(tmp_path))
 
   raf = ssfer.get_config("rafdb,p10")
   assert raf.data.split == "p10" and raf.paper_accuracy == 85.07
@@ -155,3 +161,21 @@ def test_stage_configs_and_paper_variants(tmp_path):
     ssfer.get_config("casia,p5")
   with pytest.raises(job.JobError, match="data.raw"):
     job.prepare_data(raf, str(tmp_path / "raf"))
+
+
+def test_job_stage_changes_and_an_upstream_redo(interrupted_then_resumed, monkeypatch):
+  """Last in this file: it changes the shared workdir. Dropping or adding a finished stage is
+  no config change, and the evaluation follows the stages; redoing stage 2 while stage 3 has
+  started is refused, naming what to remove."""
+  workdir, config, *_ = interrupted_then_resumed
+  trained = []
+  monkeypatch.setattr(loop, "train", lambda c, *a, **k: trained.append(c.stage))
+  fewer = config.copy_and_resolve_references().unlock()
+  fewer.stages = ("pretrain", "finetune")
+  assert [r["stage"] for r in job.run(fewer, workdir)["rows"]] == [None, "finetune"]
+  assert [r["stage"] for r in job.run(config, workdir)["rows"]] == [None, "finetune", "semisup"]
+  assert trained == []
+  shutil.rmtree(os.path.join(workdir, "finetune"))
+  with pytest.raises(job.JobError, match=re.escape(f"{workdir}/semisup started from its earlier")):
+    job.run(config, workdir)
+  assert trained == []

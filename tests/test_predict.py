@@ -10,19 +10,14 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import DEMO_DATA, small_config
-from configs import finetune as finetune_config
+from conftest import DEMO_DATA
 from data_prep import images
 from ssfer_jax import predict
-from ssfer_jax.trainers import finetune, loop
 
 
-@pytest.fixture(scope="module")
-def run(small_dataset, tmp_path_factory):
-  jax.config.update("jax_threefry_partitionable", True)
-  workdir = str(tmp_path_factory.mktemp("ft"))
-  loop.train(small_config(finetune_config, small_dataset), workdir, finetune.make_stage)
-  return workdir
+@pytest.fixture
+def run(finetuned_run):
+  return finetuned_run
 
 
 def scene(*names, size=(300, 480)):
@@ -73,6 +68,21 @@ def test_faces_in_a_photo_are_framed_and_classified(run):
   assert p.predict(no_face()) == []
 
 
+def test_face_and_align_builds_are_framed_as_data_prep_frames_them(run):
+  """A `--crop face` model gets data_prep's square crop at the build's margin; a `--crop
+  align` model the five-point alignment of the detector's landmarks (BlazeFace's four)."""
+  photo = scene("Andre_Agassi_0001.jpg", "Ariel_Sharon_0001.jpg")
+  p = predict.Predictor(run, detector="blazeface")
+  p.crop, p.margin = "face", 1.6
+  (box, crop), *_ = p.detect(photo)
+  stored, _ = images.frame(photo, box, "face", 1.6, p.stored_size)
+  np.testing.assert_array_equal(crop, cv2.cvtColor(stored, cv2.COLOR_BGR2RGB))
+  p.crop = "align"
+  (box, landmarks), *_ = p._detector.detect_all(photo)  # pylint: disable=protected-access
+  aligned, _ = images.align(photo, landmarks, box, 1.6, p.stored_size)
+  np.testing.assert_array_equal(p.detect(photo)[0][1], cv2.cvtColor(aligned, cv2.COLOR_BGR2RGB))
+
+
 def test_cli_over_folders_lists_videos_and_bad_files(run, tmp_path, capsys):
   inputs = tmp_path / "in"
   inputs.mkdir()
@@ -100,7 +110,8 @@ def test_cli_over_folders_lists_videos_and_bad_files(run, tmp_path, capsys):
   assert len(rows) == 7 and sorted({r["frame"] for r in rows}) == ["", "0", "2", "4"]
   assert all(abs(sum(float(r[c]) for c in summary["classes"]) - 1) < 1e-3 for r in rows)
   assert sorted(p.name for p in (out / "annotated").iterdir()) == [
-      "clip_f000000.jpg", "clip_f000002.jpg", "clip_f000004.jpg", "none.jpg", "two.jpg"]
+      "000001_clip_f000000.jpg", "000002_clip_f000002.jpg", "000003_clip_f000004.jpg",
+      "000004_none.jpg", "000005_two.jpg", "000006_two.jpg"]   # one per image or frame
   assert "unreadable: " in capsys.readouterr().err
 
 

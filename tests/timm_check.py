@@ -15,7 +15,6 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # a local file only: never the network
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
@@ -81,6 +80,13 @@ def ours_vs_timm(size, pool, image_size, tmp):
   imported = param_table.from_state_dict(read, params, "vit")
   close(model.apply({"params": imported}, x, train=False), timm_forward(fresh, np.asarray(x)),
         f"timm's weights imported from .pth, {size} {pool}")
+  # Stage 2's warm start from the same file takes exactly these encoder tensors.
+  encoder, report = interop.load_encoder(pth, params)
+  assert report["fresh"] == sorted(set(params) - set(encoder)) and "head" in report["fresh"]
+  for (k, a), (_, b) in zip(sorted(jax.tree_util.tree_leaves_with_path(encoder), key=str),
+                            sorted(jax.tree_util.tree_leaves_with_path(
+                                {k: imported[k] for k in encoder}), key=str)):
+    assert np.array_equal(np.asarray(a), np.asarray(b)), k
 
 
 def main():

@@ -188,11 +188,16 @@ def _load_noise_version(data_dir: str, path: str, versions: tuple) -> dict[int, 
   return {index_of[rid]: int(label) for rid, label in noisy.items()}
 
 
-def split_path(data_dir: str, split_file: str) -> str:
-  """A split's file: `split_file` as a path, or a bare name as DATA_DIR/splits/NAME.json;
-  DatasetError (saying how to write it) when it does not exist."""
-  path = split_file if os.sep in split_file or split_file.endswith(".json") else os.path.join(
+def split_file_name(data_dir: str, split_file: str) -> str:
+  """A split's file, existing or not: `split_file` as a path, or a bare name as
+  DATA_DIR/splits/NAME.json."""
+  return split_file if os.sep in split_file or split_file.endswith(".json") else os.path.join(
       data_dir, SPLITS_DIR, split_file + ".json")
+
+
+def split_path(data_dir: str, split_file: str) -> str:
+  """`split_file_name`, or DatasetError (saying how to write it) when it does not exist."""
+  path = split_file_name(data_dir, split_file)
   if not os.path.exists(path):
     raise DatasetError(f"split file {path} not found; write it with "
                        f"`python -m data_prep split --data {data_dir} ...`.")

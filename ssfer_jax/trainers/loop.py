@@ -450,10 +450,7 @@ def write_result(workdir: str, stage: Stage, ckpt: checkpointing.Checkpointer,
   result = {"stage": stage.name, "step": step, "checkpoint_dir": ckpt.directory,
             **best.get("report", {}), **(stage.result_info or {}), "config": config_json}
   if jax.process_index() == 0:
-    path = os.path.join(workdir, RESULT_FILE)
-    with open(path + ".tmp", "w") as f:
-      json.dump(result, f, indent=2)
-    os.replace(path + ".tmp", path)
+    path = writers.write_json(os.path.join(workdir, RESULT_FILE), result)
     logging.info("result: step %d (%s) -> %s", step, best.get("report", {}).get("weights", ""),
                  path)
   return result
