@@ -10,7 +10,6 @@ An attack on what the model relies on should cost more accuracy than one on the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -102,16 +101,10 @@ def table(result: dict, name: str = "SSFER") -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--run", required=True, help="a stage-2/3 run (its result's weights)")
-  ap.add_argument("--data", required=True)
-  ap.add_argument("--split", default="default")
-  ap.add_argument("--lists", default="test")
+  ap = gradcam.analysis_parser(__doc__)
   ap.add_argument("--eps", default=",".join(format(e, "g") for e in EPS))
   ap.add_argument("--batch-size", type=int, default=64)
   ap.add_argument("--name", default="SSFER", help="the Method column")
-  ap.add_argument("--out", help="default RUN/analysis")
   args = ap.parse_args(argv)
   try:
     result = run(args.run, args.data, args.split, args.lists.split(","),

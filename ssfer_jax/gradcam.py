@@ -97,15 +97,21 @@ def first_batch(clf, data_dir: str, split: str | None, lists: Sequence[str], cou
   return batch["image"][keep], labels[keep]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__,
+def analysis_parser(doc: str) -> argparse.ArgumentParser:
+  """The arguments the analyses share: a classifier run and the lists of a build."""
+  ap = argparse.ArgumentParser(description=doc,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--run", required=True, help="a stage-2/3 run (its result's weights)")
   ap.add_argument("--data", required=True)
   ap.add_argument("--split", default="default")
   ap.add_argument("--lists", default="test")
-  ap.add_argument("--count", type=int, default=16, help="faces in the figure")
   ap.add_argument("--out", help="default RUN/analysis")
+  return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  ap = analysis_parser(__doc__)
+  ap.add_argument("--count", type=int, default=16, help="faces in the figure")
   args = ap.parse_args(argv)
   out = args.out or os.path.join(args.run, "analysis")
   try:

@@ -62,16 +62,28 @@ def build_demo_subset(out_dir, *, rows: int, size: int, seed: int = 0) -> str:
   return data
 
 
+def _trained(stage: str, data_dir, workdir) -> str:
+  """A finished 6-step run of a stage's `test` config on `data_dir` (shared per worker)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs import finetune, pretrain_mae  # pylint: disable=g-import-not-at-top
+  from ssfer_jax import job  # pylint: disable=g-import-not-at-top
+  from ssfer_jax.trainers import loop  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_threefry_partitionable", True)
+  config = small_config({"pretrain_mae": pretrain_mae, "finetune": finetune}[stage], data_dir)
+  loop.train(config, str(workdir), job.STAGES[stage])
+  return str(workdir)
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(small_dataset, tmp_path_factory):
+  """Stage 1 (configs/pretrain_mae.py:test) on `small_dataset`."""
+  return _trained("pretrain_mae", small_dataset, tmp_path_factory.mktemp("pretrained"))
+
+
 @pytest.fixture(scope="session")
 def finetuned_run(small_dataset, tmp_path_factory):
-  """A finished 6-step stage-2 run (configs/finetune.py:test) on `small_dataset`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from configs import finetune as finetune_config  # pylint: disable=g-import-not-at-top
-  from ssfer_jax.trainers import finetune, loop  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_threefry_partitionable", True)
-  workdir = str(tmp_path_factory.mktemp("finetuned"))
-  loop.train(small_config(finetune_config, small_dataset), workdir, finetune.make_stage)
-  return workdir
+  """Stage 2 (configs/finetune.py:test) from scratch on `small_dataset`."""
+  return _trained("finetune", small_dataset, tmp_path_factory.mktemp("finetuned"))
 
 
 @pytest.fixture(scope="session")

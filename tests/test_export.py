@@ -24,15 +24,13 @@ def partitionable_keys():
 
 
 @pytest.fixture(scope="module")
-def runs(small_dataset, tmp_path_factory):
+def runs(pretrained_run, small_dataset, tmp_path_factory):
   """A finished stage-1 run and a stage-2 run warm-started from it (6 steps each)."""
   jax.config.update("jax_threefry_partitionable", True)
-  root = tmp_path_factory.mktemp("runs")
-  mae_dir, ft_dir = str(root / "mae"), str(root / "ft")
-  loop.train(small_config(pretrain_mae, small_dataset), mae_dir, pretrain.make_stage)
-  loop.train(small_config(finetune_config, small_dataset, init_from=mae_dir), ft_dir,
+  ft_dir = str(tmp_path_factory.mktemp("runs") / "ft")
+  loop.train(small_config(finetune_config, small_dataset, init_from=pretrained_run), ft_dir,
              finetune.make_stage)
-  return mae_dir, ft_dir
+  return pretrained_run, ft_dir
 
 
 def started(config, make_stage):

@@ -29,12 +29,9 @@ def ft_config(data_dir, **overrides):
   return small_config(finetune_config, data_dir, **overrides)
 
 
-@pytest.fixture(scope="module")
-def mae_run(small_dataset, tmp_path_factory):
-  jax.config.update("jax_threefry_partitionable", True)
-  workdir = str(tmp_path_factory.mktemp("mae"))
-  loop.train(small_config(pretrain_mae, small_dataset), workdir, pretrain.make_stage)
-  return workdir
+@pytest.fixture
+def mae_run(pretrained_run):
+  return pretrained_run
 
 
 def test_layer_decay_table_is_maes():

@@ -14,7 +14,6 @@ import optax
 import pytest
 
 from conftest import small_config, train_losses
-from configs import finetune as finetune_config
 from configs import semisup as semisup_config
 from ssfer_jax import evaluate, sharding, thresholds, writers
 from ssfer_jax.input import augment, device, pipeline, records
@@ -26,12 +25,9 @@ def partitionable_keys():
   jax.config.update("jax_threefry_partitionable", True)
 
 
-@pytest.fixture(scope="module")
-def stage2_run(small_dataset, tmp_path_factory):
-  jax.config.update("jax_threefry_partitionable", True)
-  workdir = str(tmp_path_factory.mktemp("stage2"))
-  loop.train(small_config(finetune_config, small_dataset), workdir, finetune.make_stage)
-  return workdir
+@pytest.fixture
+def stage2_run(finetuned_run):
+  return finetuned_run
 
 
 def ss_config(data_dir, init_from, variant="test", **overrides):
