@@ -101,7 +101,8 @@ def main():
   print(f"{wall:>8.1f}{written / wall:>10.0f}{1000 * per_image:>14.2f}{1 / per_image:>19.0f}"
         f"{out_bytes / 2**20:>11.0f}")
   print("1.2M images, extrapolated linearly from CPU time per image: "
-        + ", ".join(f"{c} cores {USERS_SCALE * per_image / c / 60:.1f} min" for c in (1, 16, 64)))
+        + ", ".join(f"{c} cores {USERS_SCALE * per_image / c:.0f} s" for c in (1, 16, 64))
+        + " (reading the inputs from storage not included)")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ PyTorch). --xla_flags adds the JAX rows once per given flag set (XLA's CPU optio
 112 px, decoder 512 x 8, batch 32, 2 threads.
 
   python benchmarks/mae_vs_torch.py [--model Ti --image 112 --batch 32 --steps 10 --rounds 3]
-      [--xla_flags "" --xla_flags "--xla_cpu_enable_fast_math=true"]
+  python benchmarks/mae_vs_torch.py --variant cpu --model mu --image 96 --batch 64
+      [--xla_flags= --xla_flags=--xla_cpu_enable_fast_math=true]
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def jax_worker(args) -> dict:
   from ssfer_jax.trainers import loop, pretrain  # pylint: disable=g-import-not-at-top
   import step_throughput  # pylint: disable=g-import-not-at-top
 
-  c = pretrain_mae.get_config("vit_b16").unlock()
+  c = pretrain_mae.get_config(args.variant).unlock()
   c.model.size, c.model.dtype, c.batch_size = args.model, "float32", args.batch
   c.data.image_size, c.mesh.shape = args.image, (1, 1)
   mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
@@ -103,9 +104,13 @@ def jax_worker(args) -> dict:
 
 def torch_row(args) -> dict:
   from ssfer_jax.models import vit  # pylint: disable=g-import-not-at-top
+  from configs import pretrain_mae  # pylint: disable=g-import-not-at-top
   width, depth, heads, _ = vit.VIT_SIZES[args.model]
+  dec = pretrain_mae.get_config(args.variant).model
   cmd = [str(TORCH_PYTHON), str(REPO / "benchmarks" / "torch_mae.py"), "--width", str(width),
-         "--depth", str(depth), "--heads", str(heads), "--image", str(args.image), "--batch",
+         "--depth", str(depth), "--heads", str(heads), "--decoder_width", str(dec.decoder_width),
+         "--decoder_depth", str(dec.decoder_depth), "--decoder_heads", str(dec.decoder_heads),
+         "--image", str(args.image), "--batch",
          str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads",
          str(args.threads)]
   out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=_env(""))
@@ -121,7 +126,8 @@ def _env(xla_flags: str) -> dict:
 
 
 def jax_row(args, worker: str, xla_flags: str) -> dict:
-  cmd = [sys.executable, __file__, "--worker", worker, "--model", args.model, "--image",
+  cmd = [sys.executable, __file__, "--worker", worker, "--variant", args.variant, "--model",
+         args.model, "--image",
          str(args.image), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
          str(args.warmup)]
   out = subprocess.run(cmd, capture_output=True, text=True, env=_env(xla_flags))
@@ -133,6 +139,10 @@ def jax_row(args, worker: str, xla_flags: str) -> dict:
 def main():
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--variant", default="vit_b16", choices=("vit_b16", "cpu"),
+                  help="the pretrain_mae.py variant whose decoder is used: vit_b16 (512 x 8) or "
+                  "cpu (the science grid's CPU model: 64 x 1; with --model mu --image 96 "
+                  "--batch 64)")
   ap.add_argument("--model", default="Ti")
   ap.add_argument("--image", type=int, default=112)
   ap.add_argument("--batch", type=int, default=32)
@@ -165,7 +175,10 @@ def main():
     print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
   import machine  # pylint: disable=g-import-not-at-top
   torch_ms = statistics.median(rows["torch (official MAE, eager)"])
-  print(f"MAE training step, ViT-{args.model}/16 at {args.image} px, decoder 512 x 8, batch "
+  from configs import pretrain_mae  # pylint: disable=g-import-not-at-top
+  dec = pretrain_mae.get_config(args.variant).model
+  print(f"MAE training step, ViT-{args.model}/16 at {args.image} px, decoder "
+        f"{dec.decoder_width} x {dec.decoder_depth}, batch "
         f"{args.batch}, fp32, {args.threads} threads; {machine.cpu_model()}, "
         f"{datetime.date.today()}; {torch_version} vs jax {jax_version}; median of "
         f"{args.rounds} x {args.steps} steps, rows alternating")
