@@ -51,7 +51,7 @@ def jax_worker(args) -> dict:
 
   from configs import pretrain_mae  # pylint: disable=g-import-not-at-top
   from ssfer_jax import optim, sharding  # pylint: disable=g-import-not-at-top
-  from ssfer_jax.input import pipeline  # pylint: disable=g-import-not-at-top
+  from ssfer_jax.input import device, pipeline  # pylint: disable=g-import-not-at-top
   from ssfer_jax.models import mae  # pylint: disable=g-import-not-at-top
   from ssfer_jax.trainers import loop, pretrain  # pylint: disable=g-import-not-at-top
   import step_throughput  # pylint: disable=g-import-not-at-top
@@ -62,6 +62,7 @@ def jax_worker(args) -> dict:
   mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
   plan = loop.RunPlan(mesh, args.batch * 100, 1000, 100)
   rng = np.random.default_rng(0)
+  parts = {}
   if args.worker == "jax_model":
     model = mae.MAE(**pretrain.model_kwargs(c))
     tx, _ = optim.make_optimizer(c.optim, args.batch, plan.total_steps, plan.steps_per_epoch)
@@ -79,6 +80,17 @@ def jax_worker(args) -> dict:
 
     step = jax.jit(step, donate_argnums=(0,))
     run = lambda state, i: step(state, x, jax.random.key(i))
+    if args.parts:   # where the step's time goes: the forward alone, then with the backward
+      loss_of = lambda p, k: model.apply({"params": p}, x, train=True, rngs={"mask": k})[0]
+      for name, fn in (("forward", jax.jit(loss_of)),
+                       ("forward_backward", jax.jit(jax.value_and_grad(loss_of)))):
+        jax.block_until_ready(fn(params, jax.random.key(0)))
+        ts = []
+        for i in range(args.steps):
+          t = time.perf_counter()
+          jax.block_until_ready(fn(params, jax.random.key(i)))
+          ts.append(time.perf_counter() - t)
+        parts[name] = round(1e3 * statistics.median(ts), 2)
   else:
     stage = pretrain.make_stage(c, plan, None)
     abstract, shardings = loop.state_layout(c, stage, mesh)
@@ -99,7 +111,17 @@ def jax_worker(args) -> dict:
     jax.block_until_ready(out)
     if i >= args.warmup:
       times.append(time.perf_counter() - t)
-  return {"step_ms": [round(1e3 * t, 2) for t in times], "jax": jax.__version__}
+  if args.worker == "jax_prep" and args.parts:   # the image preparation alone
+    prep = jax.jit(lambda b: device.prepare_train_images(b, args.image, c.data.mean, c.data.std))
+    jax.block_until_ready(prep(batch))
+    ts = []
+    for _ in range(args.steps):
+      t = time.perf_counter()
+      jax.block_until_ready(prep(batch))
+      ts.append(time.perf_counter() - t)
+    parts["image_prep"] = round(1e3 * statistics.median(ts), 2)
+  return {"step_ms": [round(1e3 * t, 2) for t in times], "jax": jax.__version__,
+          "parts_ms": parts}
 
 
 def torch_row(args) -> dict:
@@ -112,7 +134,7 @@ def torch_row(args) -> dict:
          "--decoder_depth", str(dec.decoder_depth), "--decoder_heads", str(dec.decoder_heads),
          "--image", str(args.image), "--batch",
          str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads",
-         str(args.threads)]
+         str(args.threads), *(["--parts"] if args.parts else [])]
   out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=_env(""))
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -129,7 +151,7 @@ def jax_row(args, worker: str, xla_flags: str) -> dict:
   cmd = [sys.executable, __file__, "--worker", worker, "--variant", args.variant, "--model",
          args.model, "--image",
          str(args.image), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
-         str(args.warmup)]
+         str(args.warmup), *(["--parts"] if args.parts else [])]
   out = subprocess.run(cmd, capture_output=True, text=True, env=_env(xla_flags))
   if out.returncode:
     raise RuntimeError(f"{worker} with XLA_FLAGS={xla_flags!r} failed:\n{out.stderr[-2000:]}")
@@ -151,6 +173,9 @@ def main():
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--threads", type=int, default=2)
   ap.add_argument("--xla_flags", action="append", help="a flag set for the JAX rows (repeatable)")
+  ap.add_argument("--parts", action="store_true",
+                  help="also time the forward alone, forward + backward and the image preparation "
+                  "(rows below the table; the optimiser is the step minus forward + backward)")
   ap.add_argument("--worker", choices=("jax_model", "jax_prep"), help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.worker:
@@ -163,15 +188,21 @@ def main():
     for worker in ("jax_model", "jax_prep"):
       rows[(worker, flags)] = []
   torch_version = jax_version = ""
+  parts = {}   # (framework, part) -> ms per round
   for r in range(args.rounds):
     t = torch_row(args)
     torch_version = t["framework"]
     rows["torch (official MAE, eager)"] += t["step_ms"]
+    for name, ms in t.get("parts_ms", {}).items():
+      parts.setdefault(("torch", name), []).append(ms)
     for flags in flag_sets:
       for worker in ("jax_model", "jax_prep"):
         j = jax_row(args, worker, flags)
         jax_version = j["jax"]
         rows[(worker, flags)] += j["step_ms"]
+        for name, ms in j.get("parts_ms", {}).items():
+          if not flags:
+            parts.setdefault(("jax", name), []).append(ms)
     print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
   import machine  # pylint: disable=g-import-not-at-top
   torch_ms = statistics.median(rows["torch (official MAE, eager)"])
@@ -189,6 +220,16 @@ def main():
         + (f" [{key[1]}]" if key[1] else ""))
     ms = statistics.median(times)
     print(f"{name[:57]:<58}{ms:>9.1f}{1e3 * args.batch / ms:>10.1f}{torch_ms / ms:>9.2f}")
+  if parts:
+    step = {"torch": torch_ms, "jax": statistics.median(rows[("jax_model", flag_sets[0])])}
+    print(f"\nwhere the step goes (ms, median; default flags){'':<13}{'torch':>9}{'jax':>9}")
+    get = lambda fw, k: statistics.median(parts[(fw, k)]) if (fw, k) in parts else float("nan")
+    for label, fn in (
+        ("forward (loss)", lambda fw: get(fw, "forward")),
+        ("backward", lambda fw: get(fw, "forward_backward") - get(fw, "forward")),
+        ("optimiser and the rest of the step", lambda fw: step[fw] - get(fw, "forward_backward")),
+        ("image preparation (jax only)", lambda fw: get(fw, "image_prep"))):
+      print(f"{label:<58}{fn('torch'):>9.1f}{fn('jax'):>9.1f}")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,8 @@ def main():
   ap.add_argument("--device", default="cpu")
   ap.add_argument("--dtype", default="float32", help="float32, or bfloat16 (autocast)")
   ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+  ap.add_argument("--parts", action="store_true",
+                  help="also time the forward alone and forward + backward")
   args = ap.parse_args()
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
@@ -133,10 +135,28 @@ def main():
     step()
     sync()
     times.append(time.perf_counter() - t)
+  parts = {}
+  if args.parts:   # where the step's time goes: the forward alone, then with the backward
+    def forward_only():
+      with autocast:
+        return forward(imgs)
+
+    def forward_backward():
+      opt.zero_grad(set_to_none=True)
+      forward_only().backward()
+
+    for name, fn in (("forward", forward_only), ("forward_backward", forward_backward)):
+      ts = []
+      for _ in range(args.steps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t)
+      parts[name] = round(1e3 * statistics.median(ts), 2)
   print(json.dumps({"framework": f"torch {torch.__version__}", "compile": args.compile,
                     "dtype": args.dtype, "device": args.device, "threads": args.threads,
                     "warmup_s": round(warmup_s, 2), "step_ms": [round(1e3 * x, 2) for x in times],
-                    "median_ms": round(1e3 * statistics.median(times), 2)}))
+                    "median_ms": round(1e3 * statistics.median(times), 2), "parts_ms": parts}))
 
 
 if __name__ == "__main__":
