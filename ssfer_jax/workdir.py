@@ -31,6 +31,9 @@ SAFE_FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints", "tensorboard
                "peak_tflops_per_device", "viz_every", "data.num_threads", "eval.batch_size",
                "eval.every_epochs", "eval.every_steps", "mesh.shape")
 SCHEDULE_FIELDS = ("total_steps", "num_epochs", "few_labels_epochs")
+# A field added to the configs since a checkpoint was written holds one of these to mean
+# "as before" (e.g. stage 1's init_from ""), so it does not block that checkpoint's resume.
+NEUTRAL_VALUES = ("", None, False, 0, [], {})
 
 
 class WorkdirError(RuntimeError):
@@ -118,8 +121,10 @@ def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tu
 def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], where: str, *,
                  allow_schedule_change: bool = False) -> None:
   """Refuses to resume the checkpoints in `where` under a config that changes what they mean;
-  cadence and threads may change, the schedule's length only when allowed (with a warning)."""
-  diffs = [d for d in config_diff(saved, current) if d[0] not in SAFE_FIELDS]
+  cadence and threads may change, the schedule's length only when allowed (with a warning),
+  and a field newer than the checkpoint may hold its neutral value."""
+  diffs = [d for d in config_diff(saved, current) if d[0] not in SAFE_FIELDS
+           and not (d[1] == "<absent>" and d[2] in NEUTRAL_VALUES)]
   schedule = [d for d in diffs if d[0] in SCHEDULE_FIELDS]
   other = [d for d in diffs if d[0] not in SCHEDULE_FIELDS]
   show = lambda ds: "\n".join(f"  {k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in ds)

@@ -66,6 +66,10 @@ def test_resume_under_another_config_is_refused_with_what_changed(small_dataset,
 def test_config_diff_treats_tuples_as_lists_and_names_absent_fields():
   diff = workdir.config_diff({"a": {"b": (1, 2)}, "c": 1}, {"a": {"b": [1, 2]}, "d": 2})
   assert diff == [("c", 1, "<absent>"), ("d", "<absent>", 2)]
+  # A field added since the checkpoint, at its neutral value, is no change; set, it is one.
+  workdir.check_resume({"a": 1}, {"a": 1, "init_from": "", "leaf": {"enabled": False}}, "ckpt")
+  with pytest.raises(workdir.WorkdirError, match="init_from: '<absent>' in the checkpoint"):
+    workdir.check_resume({"a": 1}, {"a": 1, "init_from": "mae.pth"}, "ckpt")
 
 
 def test_a_second_job_on_a_workdir_is_refused_and_a_killed_holder_frees_it(small_dataset,
