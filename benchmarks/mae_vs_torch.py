@@ -84,13 +84,7 @@ def jax_worker(args) -> dict:
       loss_of = lambda p, k: model.apply({"params": p}, x, train=True, rngs={"mask": k})[0]
       for name, fn in (("forward", jax.jit(loss_of)),
                        ("forward_backward", jax.jit(jax.value_and_grad(loss_of)))):
-        jax.block_until_ready(fn(params, jax.random.key(0)))
-        ts = []
-        for i in range(args.steps):
-          t = time.perf_counter()
-          jax.block_until_ready(fn(params, jax.random.key(i)))
-          ts.append(time.perf_counter() - t)
-        parts[name] = round(1e3 * statistics.median(ts), 2)
+        parts[name] = median_ms(lambda i, fn=fn: fn(params, jax.random.key(i)), args.steps)
   else:
     stage = pretrain.make_stage(c, plan, None)
     abstract, shardings = loop.state_layout(c, stage, mesh)
@@ -113,15 +107,21 @@ def jax_worker(args) -> dict:
       times.append(time.perf_counter() - t)
   if args.worker == "jax_prep" and args.parts:   # the image preparation alone
     prep = jax.jit(lambda b: device.prepare_train_images(b, args.image, c.data.mean, c.data.std))
-    jax.block_until_ready(prep(batch))
-    ts = []
-    for _ in range(args.steps):
-      t = time.perf_counter()
-      jax.block_until_ready(prep(batch))
-      ts.append(time.perf_counter() - t)
-    parts["image_prep"] = round(1e3 * statistics.median(ts), 2)
+    parts["image_prep"] = median_ms(lambda i: prep(batch), args.steps)
   return {"step_ms": [round(1e3 * t, 2) for t in times], "jax": jax.__version__,
           "parts_ms": parts}
+
+
+def median_ms(fn, steps: int) -> float:
+  """Median milliseconds of fn(i) over `steps` calls after one to compile, synchronised."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(fn(0))
+  times = []
+  for i in range(steps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(i))
+    times.append(time.perf_counter() - t)
+  return round(1e3 * statistics.median(times), 2)
 
 
 def torch_row(args) -> dict:

@@ -129,12 +129,17 @@ def main():
     step()
   sync()
   warmup_s = time.perf_counter() - t
-  times = []
-  for _ in range(args.steps):
-    t = time.perf_counter()
-    step()
-    sync()
-    times.append(time.perf_counter() - t)
+  def timed(fn) -> list[float]:
+    """Seconds of each of args.steps calls, synchronised."""
+    out = []
+    for _ in range(args.steps):
+      t = time.perf_counter()
+      fn()
+      sync()
+      out.append(time.perf_counter() - t)
+    return out
+
+  times = timed(step)
   parts = {}
   if args.parts:   # where the step's time goes: the forward alone, then with the backward
     def forward_only():
@@ -146,13 +151,7 @@ def main():
       forward_only().backward()
 
     for name, fn in (("forward", forward_only), ("forward_backward", forward_backward)):
-      ts = []
-      for _ in range(args.steps):
-        t = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t)
-      parts[name] = round(1e3 * statistics.median(ts), 2)
+      parts[name] = round(1e3 * statistics.median(timed(fn)), 2)
   print(json.dumps({"framework": f"torch {torch.__version__}", "compile": args.compile,
                     "dtype": args.dtype, "device": args.device, "threads": args.threads,
                     "warmup_s": round(warmup_s, 2), "step_ms": [round(1e3 * x, 2) for x in times],

@@ -46,6 +46,10 @@ class ClassMap:
   unknown: tuple[str, ...]   # dataset classes the model does not know (excluded)
   absent: tuple[str, ...]    # model classes the dataset does not have
 
+  def model_labels(self, labels: np.ndarray) -> np.ndarray:
+    """Dataset labels -> model class indices; -1 for unlabeled records and unknown classes."""
+    return np.where(labels >= 0, self.to_model[np.clip(labels, 0, None)], -1)
+
 
 def match_classes(model_classes: Sequence[str], data_classes: Sequence[str],
                   where: str = "the dataset") -> ClassMap:

@@ -116,13 +116,9 @@ def load_mae_run(run_dir: str) -> tuple[dict, dict]:
   model kwargs."""
   result = _result(run_dir)
   src = ml_collections.ConfigDict(result["config"])
-  mesh = sharding.single_device_mesh()
-  abstract, _ = loop.state_layout(src, pretrain.make_stage(src, loop.RunPlan(mesh, 0, 1, 1), None),
-                                  mesh)
   ckpt = checkpointing.Checkpointer(run_dir)
   try:
-    params = ckpt.restore_subtree(result["step"], {"params": abstract.params},
-                                  pretrain.STAGE)["params"]
+    params = pretrain.restore_params(ckpt, result["step"], src, sharding.single_device_mesh())
   finally:
     ckpt.close()
   kwargs = {k: (str(v) if k == "dtype" else v) for k, v in pretrain.model_kwargs(src).items()}

@@ -71,7 +71,7 @@ def run(run_dir: str, data_dir: str, split: str | None, lists: Sequence[str],
         eps: Sequence[float] = EPS, batch_size: int = 64) -> dict:
   """Accuracy (%) under each attack over the lists' labeled records of the model's classes."""
   clf = finetune.load_classifier(run_dir)
-  model = finetune.model_from_result(finetune.read_result(run_dir))
+  model = clf.model
   pre = clf.preprocessing
   cmap = evaluate.match_classes(clf.classes, records.load_manifest(data_dir)["classes"])
   attack = jax.jit(make_attack_fn(model, pre["mean"], pre["std"], tuple(eps)))
@@ -79,8 +79,7 @@ def run(run_dir: str, data_dir: str, split: str | None, lists: Sequence[str],
   for batch in pipeline.make_eval_iterator(data_dir, split, lists, global_batch_size=batch_size,
                                            image_size=pre["image_size"], process_index=0,
                                            process_count=1):
-    label = batch["label"]
-    target = np.where(label >= 0, cmap.to_model[np.clip(label, 0, None)], -1)
+    target = cmap.model_labels(batch["label"])
     keep = batch["valid"] & (target >= 0)
     # Rows not scored (padding, unknown classes) carry label -1, which no prediction matches.
     correct += np.asarray(attack(clf.params, batch["image"], np.where(keep, target, -1)))

@@ -91,9 +91,8 @@ def first_batch(clf, data_dir: str, split: str | None, lists: Sequence[str], cou
                                    image_size=clf.preprocessing["image_size"],
                                    process_index=0, process_count=1)
   batch = next(iter(it))
-  keep = batch["valid"] & (batch["label"] >= 0)
-  labels = np.where(batch["label"] >= 0, cmap.to_model[np.clip(batch["label"], 0, None)], -1)
-  keep &= labels >= 0
+  labels = cmap.model_labels(batch["label"])
+  keep = batch["valid"] & (labels >= 0)
   return batch["image"][keep], labels[keep]
 
 
@@ -120,8 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   images, labels = first_batch(clf, args.data, args.split, args.lists.split(","), args.count)
-  model = finetune.model_from_result(finetune.read_result(args.run))
-  cam = jax.jit(make_cam_fn(model, clf.preprocessing["mean"], clf.preprocessing["std"]))
+  cam = jax.jit(make_cam_fn(clf.model, clf.preprocessing["mean"], clf.preprocessing["std"]))
   maps, logits = cam(clf.params, images.astype(np.float32) / 255.0)
   pred = np.argmax(np.asarray(logits), -1)
   path = figure(os.path.join(out, "gradcam.png"), images, np.asarray(maps),

@@ -97,7 +97,11 @@ def load_encoder(path: str, template: Mapping[str, Any]) -> tuple[dict, dict[str
   template has one, and the position table when the template learns one (resampled to its
   grid). The head, fc_norm and MAE's decoder are never taken: a warm start gives the task
   its own. Returns (params, {"loaded", "fresh", "dropped"} key lists) for the log."""
-  sd = read_state_dict(path)
+  return _encoder(read_state_dict(path), path, template)
+
+
+def _encoder(sd: Mapping[str, np.ndarray], path: str, template: Mapping[str, Any]):
+  """`load_encoder` on a state dict already read from `path`."""
   keys = [k for k in (*vit.ENCODER_KEYS, "pos_embed") if k in template]
   sub = _subtree(template, keys)
   flat = traverse_util.flatten_dict(nn.meta.unbox(sub))
@@ -128,7 +132,7 @@ def load_mae(path: str, template: Mapping[str, Any]) -> tuple[dict, dict[str, li
     except (KeyError, ValueError) as e:
       raise WeightsError(f"{path} does not fit the MAE model: {e}") from None
     return params, {"loaded": sorted(sd), "fresh": [], "dropped": []}
-  encoder, report = load_encoder(path, _subtree(template, vit.ENCODER_KEYS))
+  encoder, report = _encoder(sd, path, _subtree(template, vit.ENCODER_KEYS))
   report["fresh"] = sorted(set(template) - set(encoder))
   return {**template, **encoder}, report
 

@@ -94,10 +94,11 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   return out
 
 
-def resolved(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """The job as JSON, each stage's section as that stage runs it."""
+def resolved(config: ml_collections.ConfigDict,
+             configs: Mapping[str, ml_collections.ConfigDict]) -> dict[str, Any]:
+  """The job as JSON, each stage's section as that stage runs it (`configs`: stage_configs)."""
   out = json.loads(config.to_json_best_effort())
-  for name, c in stage_configs(config, workdir).items():
+  for name, c in configs.items():
     out[name] = json.loads(c.to_json_best_effort())
   return out
 
@@ -246,7 +247,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _run(config, workdir) -> dict:
   t_job = time.perf_counter()
   ddir = data_dir(config, workdir)
-  current = resolved(config, workdir)
+  configs = stage_configs(config, workdir)
+  current = resolved(config, configs)
   job_file = os.path.join(workdir, JOB_FILE)
   saved = {}
   if os.path.exists(job_file):
@@ -257,8 +259,6 @@ def _run(config, workdir) -> dict:
   kept = {s: saved[s] for s in ("pretrain", "finetune", "semisup")
           if s in saved and s not in config.stages}
   _write_json(job_file, {**current, **kept})
-
-  configs = stage_configs(config, workdir)
   check_order(config, workdir)
   steps = " -> ".join(["data", *config.stages, "evaluate", "report"])
   total = len(config.stages) + 3

@@ -182,14 +182,22 @@ class Predictor:
     yield from flush()
 
 
-def _read_image(path: str) -> np.ndarray:
+def _decode_file(path: str) -> np.ndarray | str:
+  """The image at `path` (BGR or grey uint8), or why it cannot be read."""
   try:
     with open(path, "rb") as f:
       return images.decode(f.read())
   except OSError as e:
-    raise PredictError(f"{path}: cannot read ({e.strerror})") from None
+    return f"cannot read ({e.strerror})"
   except images.ImageError as e:
-    raise PredictError(f"{path}: {e}") from None
+    return str(e)
+
+
+def _read_image(path: str) -> np.ndarray:
+  image = _decode_file(path)
+  if isinstance(image, str):
+    raise PredictError(f"{path}: {image}")
+  return image
 
 
 def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[dict]]:
@@ -243,10 +251,7 @@ def frames(files: Sequence[str], every: int) -> Iterator[tuple[dict, np.ndarray 
       if read == 0:
         yield {"input": path, "frame": None}, "no frame could be decoded"
       continue
-    try:
-      yield {"input": path, "frame": None}, _read_image(path)
-    except PredictError as e:
-      yield {"input": path, "frame": None}, str(e)[len(path) + 2:]
+    yield {"input": path, "frame": None}, _decode_file(path)
 
 
 def annotate(image: np.ndarray, found: Sequence[Face]) -> np.ndarray:

@@ -320,10 +320,7 @@ def _encoder_from_run(config, mesh) -> dict:
       raise InitError(f"init_from {config.init_from}: the pretrained encoder differs from this "
                       f"model in {', '.join(f'{k} ({a} there, {b} here)' for k, (a, b) in diff.items())}; "
                       "set --config.model.size/patch_size to the pretrained model's.")
-    src_plan = loop.RunPlan(mesh, 0, 1, 1)
-    abstract, _ = loop.state_layout(src, pretrain.make_stage(src, src_plan, None), mesh)
-    # The MAE's params only: neither its optimiser state nor anything else is needed.
-    mae_params = ckpt.restore_subtree(step, {"params": abstract.params}, pretrain.STAGE)["params"]
+    mae_params = pretrain.restore_params(ckpt, step, src, mesh)
   finally:
     ckpt.close()
   encoder = vit.encoder_params_from_mae(mae_params, pool=config.model.pool)
@@ -341,6 +338,7 @@ class Classifier:
   preprocessing: Mapping[str, Any]
   step: int
   weights: str        # "raw" or "ema"
+  model: vit.ViT      # the module `apply` runs (Grad-CAM and FGSM apply it with options)
 
 
 def read_result(run_dir: str) -> dict:
@@ -404,7 +402,7 @@ def load_classifier(run_dir: str, *, step: int | None = None, weights: str = "be
     ckpt.close()
   params = restored["params"] if which == "raw" else restored["extra"]["ema"]
   return Classifier(lambda p, x: model.apply({"params": p}, x, train=False), params,
-                    result["classes"], result["preprocessing"], step, which)
+                    result["classes"], result["preprocessing"], step, which, model)
 
 
 def check_preprocessing(expected: Mapping[str, Any], data_dir: str) -> list[str]:

@@ -63,6 +63,14 @@ def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
       if config.get("init_from") else None)
 
 
+def restore_params(ckpt, step: int, config: ml_collections.ConfigDict, mesh) -> dict:
+  """A stage-1 checkpoint's MAE params alone (no optimiser state), laid out on `mesh`;
+  `config` is the run's own (as its checkpoint or result records it)."""
+  abstract, _ = loop.state_layout(config, make_stage(config, loop.RunPlan(mesh, 0, 1, 1), None),
+                                  mesh)
+  return ckpt.restore_subtree(step, {"params": abstract.params}, STAGE)["params"]
+
+
 def warm_start(path: str, state: loop.TrainState) -> loop.TrainState:
   """Fresh optimiser state around an official MAE checkpoint's weights (`interop.load_mae`)."""
   try:
