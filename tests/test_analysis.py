@@ -3,6 +3,7 @@ focused / unfocused regions (Table 7), and the label-noise driver (Table 8)."""
 
 import json
 
+import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,3 +95,15 @@ def test_label_noise_driver_trains_each_rate_on_its_noisy_split(tmp_path):
   assert float(lines[2].split()[-1]) == pytest.approx(accs[0] - accs[1], abs=0.01)
   with pytest.raises(label_noise.job.JobError, match="ascending"):
     label_noise.run_rates(config, str(tmp_path / "w"), [0.3, 0.1])
+
+
+def test_analysis_commands_write_their_figure_and_table(run, small_dataset, tmp_path, capsys):
+  assert gradcam.main(["--run", run, "--data", small_dataset, "--count", "6",
+                       "--out", str(tmp_path)]) == 0
+  figure = cv2.imread(str(tmp_path / "gradcam.png"))
+  assert figure is not None and figure.shape[1] > 3 * 32   # face | Grad-CAM | map > 0.3
+  assert fgsm.main(["--run", run, "--data", small_dataset, "--eps", "0,0.1",
+                    "--out", str(tmp_path)]) == 0
+  saved = json.loads((tmp_path / "fgsm.json").read_text())
+  assert saved["eps"] == [0.0, 0.1] and set(saved["accuracy"]) == set(fgsm.REGIONS)
+  assert "emotion focused regions" in capsys.readouterr().out
