@@ -122,7 +122,7 @@ class Evaluator:
   def __init__(self, *, data_dir: str, split: str | None, lists: Sequence[str],
                model_classes: Sequence[str], image_size: int, mean, std, dtype,
                batch_size: int, mesh: jax.sharding.Mesh, apply_fn: ApplyFn,
-               num_threads: int = pipeline.DEFAULT_THREADS):
+               num_threads: int = pipeline.DEFAULT_THREADS, center_crop: float = 1.0):
     shards = sharding.num_batch_shards(mesh)
     batch_size = max(shards, batch_size // shards * shards)
     sharding.check_batch_size(batch_size, mesh, "eval batch size")
@@ -135,7 +135,7 @@ class Evaluator:
                       self.where, list(self.class_map.unknown))
     self._args = dict(data_dir=data_dir, split=split, names=tuple(lists),
                       global_batch_size=batch_size, image_size=image_size,
-                      num_threads=num_threads)
+                      num_threads=num_threads, center_crop=center_crop)
     self._mesh = mesh
     to_model = jnp.asarray(self.class_map.to_model)
 
@@ -157,7 +157,7 @@ class Evaluator:
     return cls(data_dir=data_dir, split=split, lists=lists, model_classes=clf.classes,
                image_size=pre["image_size"], mean=pre["mean"], std=pre["std"],
                dtype=jnp.float32, batch_size=batch_size, mesh=mesh, apply_fn=clf.apply,
-               num_threads=num_threads)
+               num_threads=num_threads, center_crop=pre.get("center_crop", 1.0))
 
   def _batches(self, weights: Mapping[str, Any]):
     """Per batch, over its valid rows: ({name: probabilities [b, C]} for each set of

@@ -57,13 +57,15 @@ def _result(run_dir: str) -> dict:
     return json.load(f)
 
 
-def timm_call(arch: str, kwargs: Mapping[str, Any], path: str, mean, std) -> str:
+def timm_call(arch: str, kwargs: Mapping[str, Any], path: str, mean, std,
+              crop_pct: float = 1.0) -> str:
   """timm.create_model(...) loading `path`, with the preprocessing timm's data config then
-  reports: our normalisation, the whole image at img_size (no centre crop), bilinear."""
+  reports: our normalisation, the model's centre share of the stored face (`crop_pct`: our
+  `data.center_crop`; 1 = the whole image) at img_size, bilinear."""
   args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
   size = kwargs["img_size"]
   overlay = (f"file={path!r}, num_classes={kwargs['num_classes']}, mean={tuple(mean)}, "
-             f"std={tuple(std)}, input_size=(3, {size}, {size}), crop_pct=1.0, "
+             f"std={tuple(std)}, input_size=(3, {size}, {size}), crop_pct={crop_pct!r}, "
              "interpolation='bilinear'")
   return (f"timm.create_model({arch!r}, pretrained=True, {args}, "
           f"pretrained_cfg_overlay=dict({overlay}))")
@@ -134,13 +136,16 @@ def export_run(run_dir: str, out_dir: str, *, weights: str = "best",
     image_size = result["preprocessing"]["image_size"]
     num_classes, mean, std = len(result["classes"]), *(result["preprocessing"][k]
                                                        for k in ("mean", "std"))
+    crop_pct = result["preprocessing"].get("center_crop", 1.0)
     sd_kind = "vit"
   elif result["stage"] == pretrain.STAGE:
     mae_params, mae_kwargs = load_mae_run(run_dir)
     data = result["config"]["data"]
     image_size, mean, std, num_classes = data["image_size"], data["mean"], data["std"], 0
+    crop_pct = data.get("center_crop", 1.0)
     card = {"kind": "mae" if fmt == "mae" else "encoder", "classes": [], "step": result["step"],
-            "weights": "raw", "preprocessing": {"image_size": image_size, "mean": mean, "std": std},
+            "weights": "raw", "preprocessing": {"image_size": image_size, "mean": mean, "std": std,
+                                                "center_crop": crop_pct},
             "training": {"stage": pretrain.STAGE, "data": _data_summary(
                 {"dir": data["dir"], "split": data["split"]}), "config": result["config"]},
             "metrics": {}}
@@ -167,7 +172,8 @@ def export_run(run_dir: str, out_dir: str, *, weights: str = "best",
               files={"safetensors": WEIGHTS, "sha256": digest, "orbax": ORBAX})
   if sd_kind == "vit":
     timm = interop.timm_model(kwargs, num_classes, image_size)
-    card["timm"] = timm | {"call": timm_call(timm["arch"], timm["kwargs"], path, mean, std)}
+    card["timm"] = timm | {"call": timm_call(timm["arch"], timm["kwargs"], path, mean, std,
+                                             crop_pct)}
   else:
     card["mae"] = {"code": "facebookresearch/mae models_mae.MaskedAutoencoderViT",
                    "note": "norm_pix_loss=%s" % kwargs.get("norm_pix_loss")}

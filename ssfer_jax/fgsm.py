@@ -78,7 +78,8 @@ def run(run_dir: str, data_dir: str, split: str | None, lists: Sequence[str],
   correct, count = np.zeros((2, len(eps)), np.int64), 0
   for batch in pipeline.make_eval_iterator(data_dir, split, lists, global_batch_size=batch_size,
                                            image_size=pre["image_size"], process_index=0,
-                                           process_count=1):
+                                           process_count=1,
+                                           center_crop=pre.get("center_crop", 1.0)):
     target = cmap.model_labels(batch["label"])
     keep = batch["valid"] & (target >= 0)
     # Rows not scored (padding, unknown classes) carry label -1, which no prediction matches.

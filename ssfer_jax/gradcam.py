@@ -89,7 +89,8 @@ def first_batch(clf, data_dir: str, split: str | None, lists: Sequence[str], cou
   cmap = evaluate.match_classes(clf.classes, records.load_manifest(data_dir)["classes"])
   it = pipeline.make_eval_iterator(data_dir, split, lists, global_batch_size=count,
                                    image_size=clf.preprocessing["image_size"],
-                                   process_index=0, process_count=1)
+                                   process_index=0, process_count=1,
+                                   center_crop=clf.preprocessing.get("center_crop", 1.0))
   batch = next(iter(it))
   labels = cmap.model_labels(batch["label"])
   keep = batch["valid"] & (labels >= 0)

@@ -90,6 +90,7 @@ class Predictor:
     self.classes = list(self.classifier.classes)
     self.crop, self.margin = pre.get("crop") or "none", pre.get("margin") or 1.0
     self.stored_size, self.image_size = pre["stored_size"], pre["image_size"]
+    self.center_crop = pre.get("center_crop", 1.0)
     self.framing = pre.get("face_framing")
     if self.crop == "none" and self.framing is None:
       logging.warning("%s: its build recorded no face framing (no face boxes, or a result from "
@@ -114,7 +115,9 @@ class Predictor:
            "align": f"aligned on 5 landmarks, margin {self.margin}",
            "none": f"square crop of {self.framing:.2f} x the face box (the build's framing)"}
     return (f"{len(self.classes)} classes {self.classes}; faces by {self.detector_name}, "
-            f"{how.get(self.crop, self.crop)}, {self.stored_size} px -> {self.image_size} px; "
+            f"{how.get(self.crop, self.crop)}, {self.stored_size} px"
+            + (f" (its centre {self.center_crop:g})" if self.center_crop < 1 else "")
+            + f" -> {self.image_size} px; "
             f"weights {self.classifier.weights} of step {self.classifier.step}")
 
   def detect(self, image: np.ndarray) -> list[tuple[tuple, np.ndarray]]:
@@ -127,6 +130,7 @@ class Predictor:
         stored, _ = images.frame(image, box, "face", self.margin, self.stored_size)
       else:
         stored, _ = images.frame(image, box, "face", self.framing, self.stored_size)
+      stored = augment.center_crop(stored, self.center_crop)   # the model's closer look
       rgb = cv2.cvtColor(stored, cv2.COLOR_GRAY2RGB if stored.ndim == 2 else cv2.COLOR_BGR2RGB)
       if rgb.shape[0] != self.image_size:
         rgb = cv2.resize(rgb, (self.image_size, self.image_size),

@@ -34,6 +34,9 @@ SCHEDULE_FIELDS = ("total_steps", "num_epochs", "few_labels_epochs")
 # A field added to the configs since a checkpoint was written holds one of these to mean
 # "as before" (e.g. stage 1's init_from ""), so it does not block that checkpoint's resume.
 NEUTRAL_VALUES = ("", None, False, 0, [], {})
+# Fields added since with a value other than neutral: the value that runs before them used.
+FORMER_DEFAULTS = {"data.crop_scale": [0.2, 1.0], "data.crop_ratio": [3 / 4, 4 / 3],
+                   "model.stem": "patch", "data.center_crop": 1.0}
 
 
 class WorkdirError(RuntimeError):
@@ -124,7 +127,8 @@ def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], where: st
   cadence and threads may change, the schedule's length only when allowed (with a warning),
   and a field newer than the checkpoint may hold its neutral value."""
   diffs = [d for d in config_diff(saved, current) if d[0] not in SAFE_FIELDS
-           and not (d[1] == "<absent>" and d[2] in NEUTRAL_VALUES)]
+           and not (d[1] == "<absent>" and (d[2] in NEUTRAL_VALUES
+                                            or d[2] == FORMER_DEFAULTS.get(d[0], d[1])))]
   schedule = [d for d in diffs if d[0] in SCHEDULE_FIELDS]
   other = [d for d in diffs if d[0] not in SCHEDULE_FIELDS]
   show = lambda ds: "\n".join(f"  {k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in ds)

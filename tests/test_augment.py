@@ -185,3 +185,43 @@ def test_eval_transform_resizes_and_keeps_the_box(demo_data_dir):
   fn(image, view.box, [], small)
   np.testing.assert_array_equal(small, augment.to_rgb(cv2.resize(image, (24, 24),
                                                                  interpolation=cv2.INTER_LINEAR)))
+
+
+def test_weak_transform_takes_its_crop_scale_ratio_and_centre(demo_data_dir):
+  image = augment.decode(_demo_jpeg(demo_data_dir, grey=True), rgb=False)
+  height, width = image.shape[:2]
+  t = augment.transform("weak", (0.6, 1.0), (0.9, 1.1), center=0.5)
+  region = augment.center_window(height, width, 0.5)
+  out = np.empty((32, 32, 3), np.uint8)
+  areas = []
+  for u in augment.uniforms(5, np.arange(300), t.draws).tolist():
+    view = t.fn(image, (0.2, 0.1, 0.8, 0.9), u, out)
+    y0, x0, y1, x1 = view.crop
+    # Inside the centre window, at 60-100% of its area, aspect 0.9-1.1 (up to rounding).
+    assert y0 * height >= region.y - 1e-9 and y1 * height <= region.y + region.h + 1e-9
+    assert x0 * width >= region.x - 1e-9 and x1 * width <= region.x + region.w + 1e-9
+    areas.append((y1 - y0) * height * (x1 - x0) * width / (region.h * region.w))
+    np.testing.assert_array_equal(view.crop, t.view(height, width, (0.2, 0.1, 0.8, 0.9), u).crop)
+  assert min(areas) >= 0.58 and max(areas) <= 1.0
+  # The defaults are the plain entries; a bad range is refused with the fault named.
+  assert augment.transform("weak") is augment.TRANSFORMS["weak"]
+  assert augment.transform("eval", center=1.0) is augment.TRANSFORMS["eval"]
+  with pytest.raises(ValueError, match="crop scale"):
+    augment.transform("weak", (0.0, 1.0))
+  with pytest.raises(ValueError, match="center crop"):
+    augment.transform("eval", center=1.5)
+
+
+def test_eval_transform_with_a_centre_crop_maps_the_box(demo_data_dir):
+  image = augment.decode(_demo_jpeg(demo_data_dir, grey=True), rgb=False)
+  height, width = image.shape[:2]
+  t = augment.transform("eval", center=0.625)
+  out = np.empty((40, 40, 3), np.uint8)
+  box = (0.2, 0.2, 0.8, 0.8)
+  view = t.fn(image, box, [], out)
+  y, x, h, w = window = augment.center_window(height, width, 0.625)
+  np.testing.assert_array_equal(out, augment.to_rgb(cv2.resize(
+      image[y:y + h, x:x + w], (40, 40), interpolation=cv2.INTER_LINEAR)))
+  np.testing.assert_array_equal(view.box, augment.crop_box(box, window, height, width))
+  assert (view.crop, view.flip) == (augment.FULL_CROP, False)
+  np.testing.assert_array_equal(augment.center_crop(image, 0.625), image[y:y + h, x:x + w])

@@ -70,6 +70,12 @@ def test_config_diff_treats_tuples_as_lists_and_names_absent_fields():
   workdir.check_resume({"a": 1}, {"a": 1, "init_from": "", "leaf": {"enabled": False}}, "ckpt")
   with pytest.raises(workdir.WorkdirError, match="init_from: '<absent>' in the checkpoint"):
     workdir.check_resume({"a": 1}, {"a": 1, "init_from": "mae.pth"}, "ckpt")
+  # A field added with another value than neutral passes at the value older runs had.
+  workdir.check_resume({"data": {"dir": "d"}}, {"data": {"dir": "d", "crop_scale": (0.2, 1.0),
+                                                         "center_crop": 1.0}}, "ckpt")
+  with pytest.raises(workdir.WorkdirError, match="data.crop_scale: '<absent>'"):
+    workdir.check_resume({"data": {"dir": "d"}}, {"data": {"dir": "d", "crop_scale": (0.6, 1.0)}},
+                         "ckpt")
 
 
 def test_a_second_job_on_a_workdir_is_refused_and_a_killed_holder_frees_it(small_dataset,

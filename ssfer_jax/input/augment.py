@@ -36,6 +36,7 @@ the same (its weights are dense matrices either way).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple, Sequence
 
@@ -75,9 +76,12 @@ FULL_CROP = (0.0, 0.0, 1.0, 1.0)
 
 
 class Transform(NamedTuple):
-  """`fn(image, box, u, out) -> View` with `draws` uniforms in `u`, its only randomness."""
+  """`fn(image, box, u, out) -> View` with `draws` uniforms in `u`, its only randomness;
+  `view(height, width, box, u) -> View` draws the same geometry without writing an image (the
+  semi-supervised batch's strong views), None for a transform without randomness."""
   fn: Callable[[np.ndarray, Sequence[float], Sequence[float], np.ndarray], View]
   draws: int
+  view: Callable[[int, int, Sequence[float], Sequence[float]], View] | None = None
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -208,32 +212,93 @@ def _write_rgb(image: np.ndarray, out: np.ndarray):
 WEAK_DRAWS = CROP_DRAWS + 1
 
 
-def weak_view(height: int, width: int, box, u: Sequence[float]) -> View:
+def center_window(height: int, width: int, center: float) -> Window:
+  """The centred window of `center` x each side: the part of a stored image a model sees. A
+  build frames faces with a margin around the detected box (`data_prep build --margin`); a
+  model may look closer (`data.center_crop`) without rebuilding, and predict frames the same."""
+  h, w = max(1, round(height * center)), max(1, round(width * center))
+  return Window((height - h) // 2, (width - w) // 2, h, w)
+
+
+def center_crop(image: np.ndarray, fraction: float) -> np.ndarray:
+  """`image` cut to its `center_window` (a view, no copy); itself at fraction 1."""
+  if fraction >= 1.0:
+    return image
+  y, x, h, w = center_window(*image.shape[:2], fraction)
+  return image[y:y + h, x:x + w]
+
+
+def weak_view(height: int, width: int, box, u: Sequence[float],
+              scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO,
+              center: float = 1.0) -> View:
   """The geometry of a weak view of a [height, width] image from `WEAK_DRAWS` uniforms: a
-  random resized crop window and a flip (p=0.5), the box mapped through both. Nothing is
+  random resized crop window (`scale` of the area, aspect in `ratio`, anywhere inside the
+  image's `center_window`) and a flip (p=0.5), the box mapped through both. Nothing is
   written: the semi-supervised batch draws a second view of an image already in its row."""
-  y, x, h, w = window = sample_crop(u, height, width)
+  region = center_window(height, width, center)
+  y, x, h, w = sample_crop(u, region.h, region.w, scale, ratio)
+  y, x = y + region.y, x + region.x
+  window = Window(y, x, h, w)
   flip = u[CROP_DRAWS] < 0.5
   return View(crop_box(box, window, height, width, flip),
               (y / height, x / width, (y + h) / height, (x + w) / width), flip)
 
 
-def weak(image: np.ndarray, box, u: Sequence[float], out: np.ndarray) -> View:
+def weak(image: np.ndarray, box, u: Sequence[float], out: np.ndarray,
+         scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO,
+         center: float = 1.0) -> View:
   """Random resized crop + horizontal flip: the image is written whole, the window and flip
   are drawn for the device to apply (`weak_view`)."""
   _write_rgb(image, out)
-  return weak_view(*image.shape[:2], box, u)
+  return weak_view(*image.shape[:2], box, u, scale, ratio, center)
 
 
-def resize(image: np.ndarray, box, u: Sequence[float], out: np.ndarray) -> View:
-  """The eval view: the whole image in `out` (resized when stored at another size);
-  normalised boxes keep."""
+def resize(image: np.ndarray, box, u: Sequence[float], out: np.ndarray,
+           center: float = 1.0) -> View:
+  """The eval view: the image's `center_window` (all of it by default) in `out`, resized when
+  its size differs; the box mapped into it."""
   del u  # no randomness
-  _write_rgb(image, out)
-  return View(_canonical(*(float(v) for v in box)), FULL_CROP, False)
+  if center >= 1.0:
+    _write_rgb(image, out)
+    return View(_canonical(*(float(v) for v in box)), FULL_CROP, False)
+  height, width = image.shape[:2]
+  _write_rgb(center_crop(image, center), out)
+  return View(crop_box(box, center_window(height, width, center), height, width), FULL_CROP,
+              False)
 
 
 TRANSFORMS: dict[str, Transform] = {
-    "weak": Transform(weak, WEAK_DRAWS),
+    "weak": Transform(weak, WEAK_DRAWS, weak_view),
     "eval": Transform(resize, 0),
 }
+
+
+def check_crop(scale: Sequence[float], ratio: Sequence[float]) -> None:
+  """Raises ValueError naming the fault when a crop's area or aspect range cannot be sampled."""
+  if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+    raise ValueError(f"crop scale {tuple(scale)}: need (lo, hi) with 0 < lo <= hi <= 1, the "
+                     "share of the image's area a random crop keeps.")
+  if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+    raise ValueError(f"crop ratio {tuple(ratio)}: need (lo, hi) with 0 < lo <= hi, the range "
+                     "of the crop's width / height.")
+
+
+def check_center(fraction: float) -> None:
+  if not 0 < fraction <= 1:
+    raise ValueError(f"center crop {fraction!r}: need a share of the stored side in (0, 1].")
+
+
+def transform(name: str, scale: Sequence[float] = SCALE, ratio: Sequence[float] = RATIO,
+              center: float = 1.0) -> Transform:
+  """The `TRANSFORMS` entry `name` seeing the stored image's `center_window` of `center`;
+  "weak" with its crop's area `scale` and aspect `ratio` (of that window)."""
+  t = TRANSFORMS[name]
+  check_center(center)
+  kwargs = {} if center == 1.0 else {"center": float(center)}
+  if t.view is not None and (tuple(scale), tuple(ratio)) != (SCALE, RATIO):
+    check_crop(scale, ratio)
+    kwargs.update(scale=tuple(map(float, scale)), ratio=tuple(map(float, ratio)))
+  if not kwargs:
+    return t
+  return Transform(functools.partial(t.fn, **kwargs), t.draws,
+                   t.view and functools.partial(t.view, **kwargs))

@@ -228,7 +228,7 @@ class _Batch:
         out["crop"][row], out["flip"][row] = view.crop, view.flip
       for v in range(self.strong_views if views else 0):
         at = weak + v * per_view
-        strong = augment.weak_view(*decoded.shape[:2], rec["box"], u[at:at + weak])
+        strong = self.transform.view(*decoded.shape[:2], rec["box"], u[at:at + weak])
         out["strong_crop"][row, v], out["strong_flip"][row, v] = strong.crop, strong.flip
       if "label" in out:
         label = self.label_noise.get(index, rec["label"]) if self.label_noise else rec["label"]
@@ -378,7 +378,10 @@ def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind
                         process_count: int | None = None, num_threads: int = DEFAULT_THREADS,
                         prefetch_batches: int | None = None,
                         worker_count: int = 0,
-                        mix: Sequence[MixSource] = ()) -> grain.DatasetIterator:
+                        mix: Sequence[MixSource] = (),
+                        crop_scale: Sequence[float] = augment.SCALE,
+                        crop_ratio: Sequence[float] = augment.RATIO,
+                        center_crop: float = 1.0) -> grain.DatasetIterator:
   """An endless iterator of this process's train batches.
 
   `mix` (kinds "unlabeled" and "labeled") reads several builds instead of `data_dir`:
@@ -390,9 +393,11 @@ def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind
   `unlabeled_ratio` times as many of the `unlabeled_names` lists (a weak and `strong_views`
   strong views).
 
-  `transform` names an `augment.TRANSFORMS` entry; "eval" gives a shuffled stream of un-augmented
-  images (e.g. a diverse fixed set of faces for figures), with whole-image crops and no flips,
-  so the same device preparation serves both. `num_threads` threads build whole
+  `transform` names an `augment.TRANSFORMS` entry seeing the `center_crop` share of each
+  stored image, "weak" with its random crop's area `crop_scale` and aspect `crop_ratio` of
+  that (also the strong views' crop); "eval" gives a shuffled
+  stream of un-augmented images (e.g. a diverse fixed set of faces for figures), with
+  whole-image crops and no flips, so the same device preparation serves both. `num_threads` threads build whole
   batches, `prefetch_batches` (default 2 * num_threads) ahead. `worker_count` > 0 runs that
   many grain worker processes, each with those threads, for hosts where the GIL-bound share of
   the work limits threads; the batches are the same. Close an iterator with workers
@@ -402,16 +407,17 @@ def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind
   _check("transform", transform, augment.TRANSFORMS)
   process_index, process_count, batch = _processes(global_batch_size, process_index,
                                                    process_count)
+  transform_fn = augment.transform(transform, crop_scale, crop_ratio, center_crop)
 
   def stream(lists, kind, batch, seed, source=None):
     indices, fields = _open(data_dir, split, lists, kind, image_size, source)
     rows = _TrainRows(_Epochs(indices, seed), batch, process_index, process_count)
-    return _Batch(**fields, rows=rows, transform=augment.TRANSFORMS[transform], seed=seed,
+    return _Batch(**fields, rows=rows, transform=transform_fn, seed=seed,
                   strong_views=strong_views)
 
   if mix:
     make_batch = _mixed(data_dir, names, kind, image_size, seed, mix, global_batch_size,
-                        process_index, process_count, augment.TRANSFORMS[transform])
+                        process_index, process_count, transform_fn)
   elif kind == SEMISUP:
     _check_semisup(unlabeled_ratio, strong_views)
     if not unlabeled_names:
@@ -472,9 +478,10 @@ def make_eval_iterator(data_dir: str, split: str | None, names: Sequence[str], *
                        global_batch_size: int, image_size: int,
                        process_index: int | None = None, process_count: int | None = None,
                        num_threads: int = DEFAULT_THREADS, prefetch_batches: int | None = None,
-                       worker_count: int = 0) -> grain.DatasetIterator:
+                       worker_count: int = 0, center_crop: float = 1.0) -> grain.DatasetIterator:
   """One pass over the named lists (every record of the build when `split` is None); every
-  process yields the same number of batches. Labels may be -1 (unlabeled records).
+  process yields the same number of batches. Labels may be -1 (unlabeled records). Each image
+  is its `center_crop` share of the stored side, centred (`augment.center_window`).
 
   Threads, prefetch and workers as in `make_train_iterator`.
   """
@@ -486,8 +493,8 @@ def make_eval_iterator(data_dir: str, split: str | None, names: Sequence[str], *
   mine = indices[process_index::process_count]
   padded = np.concatenate([mine, np.full(length - len(mine), -1, mine.dtype)])
   ds = grain.MapDataset.range(length // batch).map(
-      _Batch(**fields, rows=_EvalRows(padded, batch), transform=augment.TRANSFORMS["eval"],
-             seed=0))
+      _Batch(**fields, rows=_EvalRows(padded, batch),
+             transform=augment.transform("eval", center=center_crop), seed=0))
   return _iterate(ds, num_threads, prefetch_batches, worker_count)
 
 

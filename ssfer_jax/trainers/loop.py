@@ -31,7 +31,7 @@ from clu import metrics as clu_metrics
 
 from ssfer_jax import checkpointing, preemption, sharding, writers
 from ssfer_jax import workdir as workdir_lib
-from ssfer_jax.input import leakage, pipeline, records
+from ssfer_jax.input import augment, leakage, pipeline, records
 
 RESULT_FILE = "result.json"
 
@@ -188,6 +188,11 @@ def plan_run(config: ml_collections.ConfigDict, mesh_devices=None) -> RunPlan:
                                "(the global batch, across all devices).")
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, mesh_devices)
   sharding.check_batch_size(config.batch_size, mesh)
+  try:
+    augment.check_crop(config.data.crop_scale, config.data.crop_ratio)
+    augment.check_center(config.data.center_crop)
+  except ValueError as e:
+    raise sharding.ConfigError(f"data.crop_scale / crop_ratio / center_crop: {e}") from None
   mix = pipeline.parse_mix(config.data.get("mix", ""))
   if mix:   # an epoch is a pass over every record the mix can draw
     if config.data.get("unlabeled_lists"):
@@ -296,7 +301,9 @@ def _train(config, workdir, make_stage, stop_at, allow_schedule_change) -> Train
       global_batch_size=config.batch_size, image_size=config.data.image_size,
       seed=config.seed, transform="weak", unlabeled_names=config.data.get("unlabeled_lists", ()),
       unlabeled_ratio=plan.unlabeled_ratio, strong_views=plan.strong_views,
-      num_threads=config.data.num_threads, mix=pipeline.parse_mix(config.data.get("mix", "")))
+      num_threads=config.data.num_threads, mix=pipeline.parse_mix(config.data.get("mix", "")),
+      crop_scale=config.data.crop_scale, crop_ratio=config.data.crop_ratio,
+      center_crop=config.data.center_crop)
 
   # State: shapes first, then a jitted init into the shardings, or a restore into them.
   abstract_state, state_shardings = state_layout(config, stage, mesh)

@@ -140,9 +140,9 @@ def check_data(config: ml_collections.ConfigDict, result: Mapping[str, Any],
     raise records.DatasetError(
         f"{where} stores {manifest['image_size']} px images; the stage-2 model {start} was "
         f"trained on a build stored at {pre['stored_size']} px. Use that build.")
-  for field in ("image_size", "mean", "std"):
-    ours, theirs = config.data[field], pre[field]
-    if (list(ours) if field != "image_size" else ours) != theirs:
+  for field in ("image_size", "mean", "std", "center_crop"):
+    ours, theirs = config.data[field], pre.get(field, 1.0)   # center_crop: 1 before it existed
+    if (list(ours) if field in ("mean", "std") else ours) != theirs:
       raise sharding.ConfigError(
           f"data.{field}={ours}, but the stage-2 model {start} expects {theirs}; set "
           f"--config.data.{field} to it.")
@@ -433,7 +433,7 @@ class EpochHook:
           model_classes=classes, image_size=config.data.image_size, mean=config.data.mean,
           std=config.data.std, dtype=model.dtype, batch_size=config.eval.batch_size,
           mesh=plan.mesh, apply_fn=lambda p, x: model.apply({"params": p}, x, train=False),
-          num_threads=config.data.num_threads)
+          num_threads=config.data.num_threads, center_crop=config.data.center_crop)
 
   def __call__(self, state: loop.TrainState, step: int) -> loop.StateUpdate:
     extra = dict(state.extra)
