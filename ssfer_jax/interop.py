@@ -73,6 +73,9 @@ def timm_model(kwargs: Mapping[str, Any], num_classes: int, image_size: int) -> 
   if kwargs.get("leaf_experts"):
     raise WeightsError("a LEAF model's expert levels have no timm counterpart; export its "
                        "stage-2 model, or use the orbax export for JAX.")
+  if kwargs.get("stem", "patch") != "patch" or kwargs["pool"] not in ("cls", "gap"):
+    raise WeightsError("a conv-stem ViT (model.stem='conv') or a flattened head (model.pool="
+                       "'flatten') has no timm counterpart; use the orbax export for JAX.")
   width, depth, heads, mlp = (kwargs[k] for k in ("width", "depth", "num_heads", "mlp_dim"))
   # timm registers vit_{tiny,small,base,large}_patch16_224; other shapes take the base one
   # with every dimension given.

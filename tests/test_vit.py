@@ -54,6 +54,8 @@ def test_sincos_table_equals_mae(dim, grid):
     ("cls", 0, 32, 16, (2, 64)),
     ("gap", 0, 32, 16, (2, 64)),
     ("cls", 5, 112, 14, (2, 5)),
+    ("flatten", 7, 32, 8, (2, 7)),
+    ("flatten", 0, 32, 8, (2, 16 * 64)),
 ])
 def test_output_shapes(pool, num_classes, size, patch, want):
   model = ViT(num_classes=num_classes, pool=pool, **(MU | {"patch_size": patch}))
@@ -74,6 +76,32 @@ def test_pool_specific_norms():
   with pytest.raises(ValueError, match="pool"):
     _init(ViT(pool="max", **MU), x)
 
+
+def test_flatten_head_reads_each_token_in_grid_order():
+  """pool="flatten": the head's logits are a sum over tokens of each normed patch token times
+  its own block of the kernel, so a feature's place in the face reaches the head directly."""
+  model = ViT(num_classes=3, pool="flatten", **(MU | {"patch_size": 8}))
+  x = _images(size=32)
+  variables = _init(model, x)
+  tokens = model.apply(variables, x, train=False, method=ViT.encode)[:, 1:]   # [B, 16, 64]
+  head = nn.unbox(variables)["params"]["head"]
+  kernel = head["kernel"].reshape(16, 64, 3)
+  want = jnp.einsum("bld,ldc->bc", tokens, kernel) + head["bias"]
+  np.testing.assert_allclose(model.apply(variables, x, train=False), want, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_stem_keeps_patches_apart_and_needs_a_power_of_two():
+  """stem="conv" embeds each patch on its own: changing one patch's pixels moves only its
+  token (what keeps MAE's masking exact)."""
+  model = ViT(num_classes=0, pool="gap", stem="conv", **(MU | {"patch_size": 8}))
+  x = _images(size=32)
+  variables = _init(model, x)
+  embed = lambda images: model.apply(variables, images, method=lambda m, i: m.embedding(i))
+  y = x.at[:, :8, 8:16].add(1.0)   # the second patch of the first row
+  moved = np.abs(np.asarray(embed(y) - embed(x))).max(axis=(0, 2))
+  assert moved[1] > 1e-3 and np.all(moved[np.arange(16) != 1] == 0)
+  with pytest.raises(ValueError, match="power-of-two"):
+    _init(ViT(stem="conv", **(MU | {"patch_size": 12})), _images(size=24))
 
 def test_bf16_compute_keeps_float32_params():
   model = ViT(num_classes=7, dtype=jnp.bfloat16, **MU)
@@ -136,9 +164,9 @@ def test_remat_same_loss_and_grad():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
 
 
-@pytest.mark.parametrize("pool", ["cls", "gap"])
-def test_every_param_has_logical_names(pool):
-  variables = _init(ViT(num_classes=7, pool=pool, **MU), _images())
+@pytest.mark.parametrize("pool,stem", [("cls", "patch"), ("gap", "patch"), ("flatten", "conv")])
+def test_every_param_has_logical_names(pool, stem):
+  variables = _init(ViT(num_classes=7, pool=pool, stem=stem, **MU), _images())
   leaves = jax.tree.leaves(variables, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
   assert leaves
   for leaf in leaves:

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ssfer_jax.models.vit import (Encoder, PatchEmbed, boxed, dense, layer_norm, patchify,
+from ssfer_jax.models.vit import (Encoder, boxed, dense, layer_norm, make_stem, patchify,
                                   prepend_cls, sincos_pos_embed, unpatchify)
 
 __all__ = ["MAE", "patchify", "unpatchify", "random_masking", "patch_targets", "masked_mse",
@@ -102,9 +102,10 @@ class MAE(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   attention_impl: str | None = None  # "cudnn" for flash attention on GPU (see vit.Attention)
+  stem: str = "patch"                # or "conv" (vit.ConvStem, per patch: masking stays exact)
 
   def setup(self):
-    self.embedding = PatchEmbed(self.patch_size, self.width, self.dtype)
+    self.embedding = make_stem(self.stem, self.patch_size, self.width, self.dtype)
     self.cls = self.param("cls", boxed(nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, self.width))
     self.encoder = Encoder(self.depth, self.num_heads, self.mlp_dim, self.drop_path_rate, self.dtype, self.remat,
                            self.attention_impl)

@@ -26,6 +26,7 @@ from ssfer_jax.models import leaf_levels
 # name: (width, depth, num_heads, mlp_dim)
 VIT_SIZES = {
     "mu": (64, 2, 4, 256),
+    "xs": (128, 4, 4, 512),
     "Ti": (192, 12, 3, 768),
     "S": (384, 12, 6, 1536),
     "B": (768, 12, 12, 3072),
@@ -33,6 +34,7 @@ VIT_SIZES = {
 }
 
 ENCODER_KEYS = ("embedding", "cls", "encoder", "encoder_norm")
+POOLS = ("cls", "gap", "flatten")
 
 _xavier = nn.initializers.xavier_uniform()
 _zeros = nn.initializers.zeros
@@ -168,6 +170,57 @@ class PatchEmbed(nn.Module):
     return jnp.einsum("blk,kd->bld", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
+class ConvStem(nn.Module):
+  """A convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see
+  better") in place of the linear patch embedding: log2(p) 3x3 convolutions of stride 2, each
+  followed by LayerNorm over channels and GELU, channels doubling up to `width`, then a 1x1
+  projection to `width`. It runs on each p x p patch on its own (Xiao's stem overlaps
+  patches): tokens stay independent, so MAE's masking hides a patch from the encoder exactly
+  as with `PatchEmbed`, and ViT and MAE share the module under the name 'embedding'.
+  """
+  patch_size: int
+  width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    p, c = self.patch_size, images.shape[-1]
+    n = stem_convs(p)
+    b, hh, ww = images.shape[:3]
+    x = patchify(images.astype(self.dtype), p).reshape(-1, p, p, c)   # every patch an image
+    for i in range(n):
+      features = max(self.width // 2 ** (n - 1 - i), 8)
+      x = nn.Conv(features, (3, 3), strides=(2, 2), padding="SAME", use_bias=False,
+                  dtype=self.dtype, param_dtype=jnp.float32, name=f"conv_{i}",
+                  kernel_init=boxed(nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
+                                    (None, None, None, None)))(x)
+      x = nn.gelu(nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32,
+                               name=f"norm_{i}", scale_init=boxed(_ones, (None,)),
+                               bias_init=boxed(_zeros, (None,)))(x), approximate=False)
+    x = x.reshape(b, (hh // p) * (ww // p), -1)
+    return dense(self.width, (None, "embed"), self.dtype, "proj")(x)
+
+
+def stem_convs(patch_size: int) -> int:
+  """The conv stem's stride-2 convolutions: log2 of the patch size, which must be 2^k >= 2."""
+  n = patch_size.bit_length() - 1
+  if patch_size < 2 or patch_size != 1 << n:
+    raise ValueError(f"stem='conv' needs a power-of-two patch_size >= 2, got {patch_size}")
+  return n
+
+
+STEMS = {"patch": PatchEmbed, "conv": ConvStem}
+
+
+def make_stem(stem: str, patch_size: int, width: int, dtype) -> nn.Module:
+  """The patch embedding named `stem` ("patch": linear, as MAE and timm; "conv": `ConvStem`)."""
+  if stem not in STEMS:
+    raise ValueError(f"stem must be one of {sorted(STEMS)}, got {stem!r}")
+  if stem == "conv":
+    stem_convs(patch_size)
+  return STEMS[stem](patch_size, width, dtype, name="embedding")
+
+
 class Attention(nn.Module):
   """Self-attention with an explicit head axis in the parameters (shardable by heads).
 
@@ -264,14 +317,18 @@ class ViT(nn.Module):
   """ViT classifier. images [B, H, W, C] (normalised) -> float32 logits [B, num_classes].
 
   pool="cls": final LayerNorm ('encoder_norm') then the cls token (SSFER);
-  pool="gap": mean of the patch tokens then 'fc_norm' (MAE fine-tuning; no encoder_norm).
+  pool="gap": mean of the patch tokens then 'fc_norm' (MAE fine-tuning; no encoder_norm);
+  pool="flatten": final LayerNorm then every patch token, concatenated in grid order: the head
+  sees where a feature is, so a linear map of the patch embeddings is there from the first
+  step (the cls/gap heads must first learn to route it through attention).
   num_classes=0 returns the pooled features. head_init: "zeros" or "trunc_normal"
   (std 2e-5, MAE fine-tuning). attention_impl: see `Attention`.
   pos_embed="sincos": the fixed 2-D sin-cos table (SSFER, MAE pretraining), no parameter;
   "learned": a parameter 'pos_embed' [1, 1+L, D] for the init images' grid, starting as
   that table (MAE fine-tuning learns it); `resample_pos_embed` moves it to another grid.
   leaf_experts > 0 puts LEAF's semantic and instance levels (`models/leaf_levels.py`, that
-  many experts each) between the pooled feature and the head.
+  many experts each) between the pooled feature and the head. stem: "patch" (the vanilla
+  linear patch embedding) or "conv" (`ConvStem`).
   """
   num_classes: int = 0
   width: int = 768
@@ -287,20 +344,24 @@ class ViT(nn.Module):
   attention_impl: str | None = None
   pos_embed: str = "sincos"
   leaf_experts: int = 0
+  stem: str = "patch"
 
   def setup(self):
-    if self.pool not in ("cls", "gap"):
-      raise ValueError(f"pool must be 'cls' or 'gap', got {self.pool!r}")
+    if self.pool not in POOLS:
+      raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+    if self.pool == "flatten" and self.leaf_experts:
+      raise ValueError("LEAF's levels take one pooled feature of the model's width: use pool "
+                       "'cls' or 'gap' with leaf_experts.")
     if self.pos_embed not in ("sincos", "learned"):
       raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {self.pos_embed!r}")
-    self.embedding = PatchEmbed(self.patch_size, self.width, self.dtype)
+    self.embedding = make_stem(self.stem, self.patch_size, self.width, self.dtype)
     self.cls = self.param("cls", boxed(nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, self.width))
     self.encoder = Encoder(self.depth, self.num_heads, self.mlp_dim, self.drop_path_rate, self.dtype, self.remat,
                            self.attention_impl)
-    if self.pool == "cls":
-      self.encoder_norm = layer_norm(self.dtype)
-    else:
+    if self.pool == "gap":
       self.fc_norm = layer_norm(self.dtype)
+    else:
+      self.encoder_norm = layer_norm(self.dtype)
     if self.leaf_experts:
       self.leaf = leaf_levels.Levels(self.leaf_experts, self.dtype)
     if self.num_classes:
@@ -313,7 +374,7 @@ class ViT(nn.Module):
 
   @nn.compact  # only for the learned table, whose shape comes from the images
   def encode(self, images, *, train: bool):
-    """All tokens [B, 1+L, D] (cls first); after encoder_norm when pool="cls"."""
+    """All tokens [B, 1+L, D] (cls first); after encoder_norm unless pool="gap"."""
     x = self.embedding(images)
     p = self.patch_size
     gh, gw = images.shape[1] // p, images.shape[2] // p
@@ -322,7 +383,7 @@ class ViT(nn.Module):
       pos = self.param("pos_embed", boxed(nn.initializers.constant(pos), (None, None, "embed")), pos.shape)
     x = prepend_cls(x + pos[:, 1:].astype(x.dtype), self.cls, pos[0, :1])
     x = self.encoder(x, train)
-    return self.encoder_norm(x) if self.pool == "cls" else x
+    return x if self.pool == "gap" else self.encoder_norm(x)
 
   def __call__(self, images, *, train: bool, features: bool = False):
     """Logits; with `features`, (logits, {"feature": the L2-normalised semantic-level feature,
@@ -330,6 +391,8 @@ class ViT(nn.Module):
     x = self.encode(images, train=train)
     if self.pool == "cls":
       x = x[:, 0]
+    elif self.pool == "flatten":
+      x = x[:, 1:].reshape(x.shape[0], -1)
     else:
       x = self.fc_norm(jnp.mean(x[:, 1:].astype(jnp.float32), axis=1).astype(self.dtype))
     out = {}
@@ -347,9 +410,9 @@ def encoder_params_from_mae(mae_params: dict, pool: str = "cls") -> dict:
   Merge it over a freshly initialised ViT tree: {**vit_params, **subset}. With
   pool="gap" MAE's encoder_norm is dropped (its fine-tuning replaces it by fc_norm).
   """
-  if pool not in ("cls", "gap"):
-    raise ValueError(f"pool must be 'cls' or 'gap', got {pool!r}")
-  keys = ENCODER_KEYS if pool == "cls" else ENCODER_KEYS[:-1]
+  if pool not in POOLS:
+    raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+  keys = ENCODER_KEYS[:-1] if pool == "gap" else ENCODER_KEYS
   missing = [k for k in keys if k not in mae_params]
   if missing:
     raise KeyError(f"MAE params lack {missing}; pass the 'params' collection of an mae.MAE")

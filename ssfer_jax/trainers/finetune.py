@@ -39,7 +39,7 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict:
   return vit.vit_kwargs(
       m.size, patch_size=m.patch_size, pool=m.pool, pos_embed=m.pos_embed,
       head_init=m.head_init, drop_path_rate=m.drop_path_rate, dtype=jnp.dtype(m.dtype),
-      remat=m.remat, attention_impl=m.attention_impl)
+      remat=m.remat, attention_impl=m.attention_impl, stem=m.get("stem", "patch"))
 
 
 def make_model(config: ml_collections.ConfigDict, num_classes: int) -> vit.ViT:
@@ -208,6 +208,7 @@ def result_info(config: ml_collections.ConfigDict, manifest: dict,
       "preprocessing": {
           "image_size": config.data.image_size, "mean": list(config.data.mean),
           "std": list(config.data.std), "stored_size": manifest["image_size"],
+          "center_crop": config.data.center_crop,
           "crop": manifest.get("crop"), "margin": manifest.get("margin"),
           "detector": manifest.get("detector"),
           "detector_params": manifest.get("detector_params"),
@@ -229,7 +230,7 @@ class ValEvaluation:
         model_classes=classes, image_size=config.data.image_size, mean=config.data.mean,
         std=config.data.std, dtype=model.dtype, batch_size=config.eval.batch_size, mesh=mesh,
         apply_fn=lambda p, x: model.apply({"params": p}, x, train=False),
-        num_threads=config.data.num_threads)
+        num_threads=config.data.num_threads, center_crop=config.data.center_crop)
 
   def __call__(self, state: loop.TrainState, step: int) -> loop.Evaluation:
     weights = {"raw": state.params}
@@ -315,11 +316,11 @@ def _encoder_from_run(config, mesh) -> dict:
     src = ml_collections.ConfigDict(ckpt.read_config(step))
     ours, theirs = model_kwargs(config), pretrain.model_kwargs(src)
     diff = {k: (theirs[k], ours[k]) for k in ("width", "depth", "num_heads", "mlp_dim",
-                                               "patch_size") if theirs[k] != ours[k]}
+                                               "patch_size", "stem") if theirs[k] != ours[k]}
     if diff:
       raise InitError(f"init_from {config.init_from}: the pretrained encoder differs from this "
                       f"model in {', '.join(f'{k} ({a} there, {b} here)' for k, (a, b) in diff.items())}; "
-                      "set --config.model.size/patch_size to the pretrained model's.")
+                      "set --config.model.size/patch_size/stem to the pretrained model's.")
     mae_params = pretrain.restore_params(ckpt, step, src, mesh)
   finally:
     ckpt.close()

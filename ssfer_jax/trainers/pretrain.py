@@ -24,7 +24,7 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict:
       m.size, patch_size=m.patch_size, decoder_width=m.decoder_width,
       decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads, mask_ratio=m.mask_ratio,
       norm_pix_loss=m.norm_pix_loss, dtype=jnp.dtype(m.dtype), remat=m.remat,
-      attention_impl=m.attention_impl)
+      attention_impl=m.attention_impl, stem=m.get("stem", "patch"))
 
 
 def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
@@ -101,7 +101,8 @@ class ReconstructionFigure:
     it = pipeline.make_train_iterator(
         config.data.dir, config.data.split, config.data.train_lists, kind="unlabeled",
         global_batch_size=config.viz_examples, image_size=size,
-        seed=config.seed, transform="eval", process_index=0, process_count=1, num_threads=1)
+        seed=config.seed, transform="eval", process_index=0, process_count=1, num_threads=1,
+        center_crop=config.data.get("center_crop", 1.0))
     batch = next(it)
     self._images = batch["image"]
     self._batch = jax.make_array_from_process_local_data(
