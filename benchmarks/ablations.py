@@ -3,11 +3,13 @@ FaceMix}, paired seeds, one shared MAE pretraining; test-list metrics as mean +-
 
 The dataset is a `data_prep` build with a split (the protocol: the shared
 facial_expressions set, 25% of each class labeled, identity-grouped). Every cell is one
-stage-2 run selected on val (never on test), then evaluated once on test. Cells are appended
+stage-2 run of the CPU science recipe (`configs/finetune.py:small`, from
+`pretrain_mae.py:small`) selected on val (never on test), then evaluated once on test; the
+classical floor (`ssfer_jax/classical.py`) and the majority class stand under the table. Cells are appended
 to OUT/cells.jsonl as they finish, so an interrupted grid resumes where it stopped.
 
   python benchmarks/ablations.py --data /work/builds/fe96_m1.6 --out runs/ablations \
-      [--seeds 0,1,2] [--mae-epochs 20] [--ft-epochs 12] [--extra balanced] [--stage3]
+      [--seeds 0,1,2] [--mae-epochs N] [--ft-epochs N] [--extra balanced] [--stage3]
 
 Seeds are paired across arms: seed s fixes the classifier's initialisation, the batch order
 and the augmentation of every arm, so arms differ only in what the row names.
@@ -39,7 +41,7 @@ import machine  # benchmarks/machine.py
 from configs import finetune as finetune_config
 from configs import pretrain_mae
 from configs import semisup as semisup_config
-from ssfer_jax import evaluate, logs, sharding, writers
+from ssfer_jax import classical, evaluate, logs, sharding, writers
 from ssfer_jax.input import device, pipeline, records
 from ssfer_jax.trainers import finetune, loop, pretrain, semisup
 
@@ -68,9 +70,9 @@ TABLE_METRICS = ("accuracy", "macro_f1", "mean_class_accuracy_frequent", "mean_c
 
 def pretrain_once(args) -> str:
   run = os.path.join(args.out, "mae")
-  c = pretrain_mae.get_config("cpu").unlock()
+  c = pretrain_mae.get_config("small").unlock()
   c.data.dir, c.data.split = args.data, args.split
-  c.num_epochs = args.mae_epochs
+  c.num_epochs = args.mae_epochs or c.num_epochs
   c.mesh.shape = (1, 1)
   c.log_every = 50
   c.checkpoint_every = 10_000
@@ -80,11 +82,10 @@ def pretrain_once(args) -> str:
 
 
 def cell_config(args, init: str, mix: str, seed: int, mae_run: str, extra: str | None):
-  c = finetune_config.get_config("cpu").unlock()
+  c = finetune_config.get_config("small").unlock()
   c.data.dir, c.data.split = args.data, args.split
   c.seed = seed
-  c.batch_size = 64
-  c.num_epochs = c.few_labels_epochs = args.ft_epochs
+  c.num_epochs = c.few_labels_epochs = args.ft_epochs or c.num_epochs
   c.eval.every_epochs = 1
   c.mesh.shape = (1, 1)
   c.mix.kind = mix
@@ -117,12 +118,11 @@ def eta(t0: float, i: int, total: int) -> float:
 
 def stage3_config(args, arm: str, seed: int, stage2_run: str):
   teacher, threshold, options = STAGE3_ARMS[arm]
-  c = semisup_config.get_config(",".join(("cpu",) + options)).unlock()
+  c = semisup_config.get_config(",".join(("small",) + options)).unlock()
   c.data.dir, c.data.split = args.data, args.split
   c.init_from = stage2_run
   c.seed = seed
-  c.batch_size = 64
-  c.num_epochs = args.ss_epochs
+  c.num_epochs = args.ss_epochs or c.num_epochs
   c.mesh.shape = (1, 1)
   c.teacher, c.threshold.policy = teacher, threshold
   c.checkpoint_every = 10_000
@@ -136,6 +136,13 @@ def stage3_grid(args, mesh, seeds, stage2_cells: list[dict]) -> str:
   done = read_cells(path)
   finished = {(c["arm"], c["seed"]) for c in done}
   todo = [(arm, seed) for seed in seeds for arm in STAGE3_ARMS if (arm, seed) not in finished]
+  # LEAF's levels take one pooled feature: a stage-2 model with a flattened head has none.
+  leaf = [a for a in STAGE3_ARMS if "leaf" in STAGE3_ARMS[a][2]]
+  pool = finetune_config.get_config("small").model.pool
+  if pool == "flatten" and any(arm in leaf for arm, _ in todo):
+    print(f"skipping {leaf}: the small recipe's classifier reads every token (pool "
+          "'flatten'), and LEAF needs one pooled feature (pool 'cls' or 'gap').", flush=True)
+    todo = [(arm, seed) for arm, seed in todo if arm not in leaf]
   t0 = time.perf_counter()
   for i, (arm, seed) in enumerate(todo):
     stage2 = os.path.join(args.out, "runs", f"mae_facemix_s{seed}")
@@ -246,7 +253,7 @@ def summarise(report: dict) -> dict:
               report, MIN_TEST_SUPPORT)}
 
 
-def print_table(cells: list[dict], baseline: dict) -> str:
+def print_table(cells: list[dict], baseline: dict, floors: list[dict]) -> str:
   by_arm = collections.defaultdict(list)
   for c in cells:
     by_arm[(c["init"], c["mix"], c.get("extra") or "")].append(c)
@@ -265,6 +272,11 @@ def print_table(cells: list[dict], baseline: dict) -> str:
   b = summarise(baseline)
   lines.append(f"| majority ({baseline['majority_class']}) | - | - | - | "
                + " | ".join(f"{100 * b[k]:.1f}" for k in cols) + " | - | - |")
+  for floor in floors:
+    f = summarise(floor)
+    lines.append(f"| {floor['name']} (C {floor['C']:g}) | - | - | - | "
+                 + " | ".join(f"{100 * f[k]:.1f}" for k in cols)
+                 + f" | {100 * floor['val_accuracy']:.1f} | - |")
   table = "\n".join(lines)
   print(table)
   return table
@@ -277,16 +289,16 @@ def main():
   ap.add_argument("--split", default="default")
   ap.add_argument("--out", required=True)
   ap.add_argument("--seeds", default="0,1,2")
-  ap.add_argument("--mae-epochs", type=int, default=20)
-  ap.add_argument("--ft-epochs", type=int, default=12)
+  ap.add_argument("--mae-epochs", type=int, help="default: pretrain_mae.py:small's")
+  ap.add_argument("--ft-epochs", type=int, help="default: finetune.py:small's")
   ap.add_argument("--probe", action="store_true",
                   help="also a frozen-feature k-NN probe of the random and MAE encoders")
   ap.add_argument("--extra", action="append", default=[],
                   help="also run MAE + FaceMix with this loss.class_weighting (balanced, sqrt)")
   ap.add_argument("--stage3", action="store_true",
                   help="also the semi-supervised grid from the MAE + FaceMix runs")
-  ap.add_argument("--ss-epochs", type=int, default=4,
-                  help="stage-3 epochs (passes over train_unlabeled)")
+  ap.add_argument("--ss-epochs", type=int,
+                  help="stage-3 epochs (passes over train_unlabeled; default semisup.py:small's)")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   logs.setup(args.out, "log.txt")
@@ -323,7 +335,8 @@ def main():
 
   print(f"\n{args.data} (split {args.split}); {machine.cpu_model()}, "
         f"{os.cpu_count()} CPUs, {datetime.date.today()}")
-  table = print_table(done, evaluate.majority_report(args.data, args.split))
+  table = print_table(done, evaluate.majority_report(args.data, args.split),
+                      classical.floor_reports(args.data, args.split))
   if args.probe:
     probe = knn_probe(args, mae_run, mesh)
     table += "\n\nfrozen encoders, cosine 20-NN from train_labeled to test:\n" + "\n".join(

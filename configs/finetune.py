@@ -11,7 +11,11 @@ Variants:
   vit_b16_code  the published code's: lr 1.5e-4 (at batch 32), wd 0.05, label smoothing
                 0.1, weight EMA 0.999, mixup alpha 1 with one lambda per batch and the
                 "reverse the batch" pairing (its FaceMix bug, mixing in place, not copied).
-  cpu           a tiny ViT at 96 px on a 2-core CPU (the demo; pairs with pretrain_mae.py:cpu).
+  small         the CPU science recipe (pairs with pretrain_mae.py:small, semisup.py:small):
+                the tiny "mu" ViT on 64 px faces in 8 px patches, crops of 60-100% of the
+                face, a head over every token, 60 epochs of FaceMix; chosen on val
+                (benchmarks/RESULTS.md).
+  cpu           the same model on the demo's ~250 labels (pairs with pretrain_mae.py:cpu).
   test          the tiniest model at 32 px, for unit tests.
 `init_from` (a stage-1 run directory or RUN/checkpoints/STEP) loads the MAE encoder, as does a
 weight file in timm or MAE naming (the official mae_pretrain_vit_base.pth, a timm ViT's
@@ -38,6 +42,7 @@ def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.size = "B"
   c.model.patch_size = 16
+  c.model.stem = "patch"           # the linear patch embedding; "conv": a conv stem (vit.ConvStem)
   c.model.pool = "cls"             # SSFER: the cls token; MAE's fine-tuning: "gap"
   c.model.pos_embed = "learned"    # from the sin-cos table, as MAE's fine-tuning
   c.model.head_init = "trunc_normal"
@@ -75,13 +80,19 @@ def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
     c.ema_decay = 0.999
     c.mix.lambda_mode = "per_batch"
     c.mix.pairing = "reverse"
-  elif arg in ("cpu", "test"):
+  elif arg in ("small", "cpu", "test"):
     c.optim.reference_batch = 256
-    c.optim.base_lr = 4e-3           # chosen on val among 1e-3, 4e-3, 1.6e-2 (RESULTS.md)
+    c.optim.base_lr = 4e-3           # chosen on val among 2e-3, 4e-3, 8e-3, 1.6e-2 (RESULTS.md)
     c.optim.warmup_init_lr = 0.0
     c.optim.min_lr = 1e-5
     c.loss.label_smoothing = 0.1
     c.ema_decay = 0.99
+    if arg == "small":
+      c.batch_size = 32
+      c.num_epochs = 60
+      c.optim.warmup_epochs = 3.0
+      c.checkpoint_every = 1000
+      c.eval.every_epochs = 2
     if arg == "cpu":
       c.batch_size = 32
       c.num_epochs = 30
@@ -91,6 +102,7 @@ def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
       c.eval.every_epochs = 3
     common.shrink_for_cpu(c, arg)
   else:
-    raise ValueError(f"unknown variant {arg!r}; choose vit_b16, vit_b16_code, cpu or test.")
+    raise ValueError(f"unknown variant {arg!r}; choose vit_b16, vit_b16_code, small, cpu or "
+                     "test.")
   c.lock()
   return c

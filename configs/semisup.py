@@ -13,7 +13,8 @@ Variants: SIZE[,leaf][,negative], e.g. `configs/semisup.py:vit_b16,leaf`.
             pseudo-labels, lambda_u 5, labeled:unlabeled 1:1 at batch 64 + 64, AdamW lr 1.5e-4
             held constant, 50 epochs over the unlabeled list. The paper states 50 epochs,
             lr 1.5e-4 and batch 64, and leaves tau and its trade-off weight (its "mu") unstated.
-  cpu       the 96 px CPU model (pairs with finetune.py:cpu).
+  small     the CPU science recipe's stage 3 (pairs with finetune.py:small).
+  cpu       the demo's (pairs with finetune.py:cpu).
   test      32 px, 6 steps, for unit tests.
   leaf      LEAF on top (`ssfer_jax/leaf.py`, `models/leaf_levels.py`): 8-expert semantic and
             instance levels, ambiguous pseudo-labels (top-k <= 3 reaching 0.9) and a
@@ -103,16 +104,20 @@ def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
     c.negative.enabled = True
   if size == "vit_b16":
     pass
-  elif size in ("cpu", "test"):
+  elif size in ("small", "cpu", "test"):
     c.optim.reference_batch = 256
     c.optim.base_lr = 1e-3
     c.ema_decay = 0.99
+    if size == "small":
+      c.batch_size = 32
+      c.num_epochs = 4
+      c.checkpoint_every = 1000
     if size == "cpu":
       c.batch_size = 32
       c.num_epochs = 3
       c.checkpoint_every = 500
     common.shrink_for_cpu(c, size)
   else:
-    raise ValueError(f"unknown variant {size!r}; choose vit_b16, cpu or test.")
+    raise ValueError(f"unknown variant {size!r}; choose vit_b16, small, cpu or test.")
   c.lock()
   return c

@@ -7,7 +7,8 @@ WORKDIR/
   job.json          the job's resolved config: each stage's section as that stage ran it
   data/             the build and split (unless data.dir names another build)
   pretrain/ finetune/ semisup/    one stage run each: checkpoints, metrics, figures, result.json
-  evaluation.json   the test table: the majority class and each classifier stage
+  evaluation.json   the test table: the majority class, the classical floor (linear models on
+                    pixels and HOG) and each classifier stage
   report.md         with report/*.png
 
 A stage is done when its result.json exists (the loop writes it atomically at its last step).
@@ -36,7 +37,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ssfer_jax import evaluate, report, sharding, workdir as workdir_lib, writers
+from ssfer_jax import classical, evaluate, report, sharding, workdir as workdir_lib, writers
 from ssfer_jax.input import records
 from ssfer_jax.trainers import finetune, loop, pretrain, semisup
 
@@ -220,11 +221,15 @@ def check_order(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def evaluate_stages(config: ml_collections.ConfigDict, workdir: str, ddir: str) -> dict:
-  """The majority class and every classifier stage's result on the evaluation lists."""
+  """The majority class, the classical floor and every classifier stage's result on the
+  evaluation lists."""
   lists = tuple(config.evaluate.lists)
   mesh = sharding.make_mesh((-1, 1))
   rows = [{"name": "majority class (of train_labeled)", "stage": None,
            **evaluate.majority_report(ddir, config.data.split, lists)}]
+  # The classical floor: what a linear model of the same crops reaches (classical.py).
+  rows += [{**r, "stage": None} for r in classical.floor_reports(ddir, config.data.split, lists,
+                                                                 log=logging.info)]
   names = {"finetune": "stage 2: FaceMix", "semisup": "stage 3: EMA teacher"}
   for stage in (s for s in config.stages if s in CLASSIFIER_STAGES):
     run_dir = os.path.join(workdir, stage)

@@ -88,13 +88,14 @@ def test_job_resumes_inside_and_between_stages(interrupted_then_resumed, monkeyp
 def test_job_evaluation_and_report(interrupted_then_resumed):
   workdir, config, _, _, _, evaluation = interrupted_then_resumed
   names = [r["name"] for r in evaluation["rows"]]
-  assert names == ["majority class (of train_labeled)", "stage 2: FaceMix",
+  assert names == ["majority class (of train_labeled)", "floor: pixels + logistic regression",
+                   "floor: hog + logistic regression", "stage 2: FaceMix",
                    "stage 3: EMA teacher"]
   with open(os.path.join(workdir, "data", "splits", "default.json")) as f:
     n_test = len(json.load(f)["lists"]["test"])
   for r in evaluation["rows"]:
     assert r["count"] == n_test and 0 <= r["accuracy"] <= 1
-  assert evaluation["rows"][1]["run"] == os.path.join(workdir, "finetune")
+  assert evaluation["rows"][3]["run"] == os.path.join(workdir, "finetune")
   assert os.path.exists(os.path.join(workdir, "semisup", "eval", "test.json"))
   text = open(os.path.join(workdir, report.REPORT_FILE)).read()
   for heading in ("## Accuracy on the test lists", "## Stage 1: MAE pretraining",
@@ -172,10 +173,24 @@ def test_job_stage_changes_and_an_upstream_redo(interrupted_then_resumed, monkey
   monkeypatch.setattr(loop, "train", lambda c, *a, **k: trained.append(c.stage))
   fewer = config.copy_and_resolve_references().unlock()
   fewer.stages = ("pretrain", "finetune")
-  assert [r["stage"] for r in job.run(fewer, workdir)["rows"]] == [None, "finetune"]
-  assert [r["stage"] for r in job.run(config, workdir)["rows"]] == [None, "finetune", "semisup"]
+  assert [r["stage"] for r in job.run(fewer, workdir)["rows"]] == [None] * 3 + ["finetune"]
+  assert [r["stage"] for r in job.run(config, workdir)["rows"]] == [None] * 3 + ["finetune",
+                                                                             "semisup"]
   assert trained == []
   shutil.rmtree(os.path.join(workdir, "finetune"))
   with pytest.raises(job.JobError, match=re.escape(f"{workdir}/semisup started from its earlier")):
     job.run(config, workdir)
   assert trained == []
+
+
+@pytest.mark.parametrize("rates,said", [((0.0, 0.0), True), ((0.0, 0.2), False)])
+def test_report_says_when_stage3_admitted_no_pseudo_label(tmp_path, rates, said):
+  run = tmp_path / "semisup"
+  run.mkdir()
+  with open(run / "metrics.jsonl", "w") as f:
+    for step, rate in zip((10, 20), rates):
+      f.write(json.dumps({"split": "epoch", "step": step, "mask_rate": rate}) + "\n")
+  text = "\n".join(report._classifier_section("semisup", "Stage 3", str(run), str(tmp_path),
+                                              None, ["test"]))
+  assert ("No pseudo-label passed the threshold" in text) == said
+  assert "| 20 | %.3f |" % rates[1] in text
