@@ -32,14 +32,17 @@ C_GRID = {"pixels": (1e-4, 1e-3, 1e-2), "hog": (1e-3, 1e-2, 1e-1)}
 _HOG = cv2.HOGDescriptor((64, 64), (16, 16), (8, 8), (8, 8), 9)
 
 
-def load_grey(data_dir: str, indices: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-  """The stored crops of `indices` as grey uint8 images, and their labels."""
+def load_grey(data_dir: str, indices: np.ndarray,
+              noise: dict[int, int] | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+  """The stored crops of `indices` as grey uint8 images, and their labels (a split's
+  `--label-noise` applied, as the training pipeline applies it)."""
   source = ArrayRecordDataSource(records.shard_paths(data_dir, records.load_manifest(data_dir)))
+  noise = noise or {}
   images, labels = [], []
-  for raw in source.__getitems__(list(map(int, indices))):
+  for index, raw in zip(indices.tolist(), source.__getitems__(list(map(int, indices)))):
     rec = records.decode(raw)
     images.append(cv2.imdecode(np.frombuffer(rec["image"], np.uint8), cv2.IMREAD_GRAYSCALE))
-    labels.append(rec["label"])
+    labels.append(noise.get(index, rec["label"]))
   return images, np.asarray(labels, np.int64)
 
 
@@ -65,7 +68,8 @@ def floor_reports(data_dir: str, split: str, lists: Sequence[str] = ("test",),
   """One evaluation report per baseline on `lists`, each with its name, the C chosen on val
   and the val accuracy that chose it."""
   classes = records.load_manifest(data_dir)["classes"]
-  load = lambda names: load_grey(data_dir, records.load_split(data_dir, split, names))
+  noise = records.load_label_noise(data_dir, split)
+  load = lambda names: load_grey(data_dir, records.load_split(data_dir, split, names), noise)
   (train, y_train), (val, y_val), (test, y_test) = load(["train_labeled"]), load(["val"]), load(lists)
   if not len(y_val):
     raise records.DatasetError(f"{data_dir}: split {split!r} has no val list to choose C on; "

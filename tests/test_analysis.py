@@ -87,12 +87,14 @@ def test_label_noise_driver_trains_each_rate_on_its_noisy_split(tmp_path):
   assert not (tmp_path / "w" / "noise50" / "pretrain").exists()
   with open(tmp_path / "w" / "noise50" / "finetune" / "result.json") as f:
     assert json.load(f)["config"]["init_from"] == str(tmp_path / "w" / "noise00" / "pretrain")
-  assert list(result["stages"]) == ["majority class (of train_labeled)", "stage 2: FaceMix",
+  assert list(result["stages"]) == ["majority class (of train_labeled)",
+                                    "floor: pixels + logistic regression",
+                                    "floor: hog + logistic regression", "stage 2: FaceMix",
                                     "stage 3: EMA teacher"]
   lines = label_noise.table(result, "demo").splitlines()
-  assert lines[0].split()[-3:] == ["0", "50", "Decline"] and len(lines) == 4
+  assert lines[0].split()[-3:] == ["0", "50", "Decline"] and len(lines) == 6
   accs = result["stages"]["stage 2: FaceMix"]
-  assert float(lines[2].split()[-1]) == pytest.approx(accs[0] - accs[1], abs=0.01)
+  assert float(lines[4].split()[-1]) == pytest.approx(accs[0] - accs[1], abs=0.01)
   with pytest.raises(label_noise.job.JobError, match="ascending"):
     label_noise.run_rates(config, str(tmp_path / "w"), [0.3, 0.1])
 
