@@ -33,7 +33,6 @@ import os
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -42,7 +41,7 @@ from configs import finetune as finetune_config
 from configs import pretrain_mae
 from configs import semisup as semisup_config
 from ssfer_jax import classical, evaluate, logs, sharding, writers
-from ssfer_jax.input import device, pipeline, records
+from ssfer_jax.input import records
 from ssfer_jax.trainers import finetune, loop, pretrain, semisup
 
 MIXINGS = ("none", "mixup", "facemix")
@@ -200,19 +199,6 @@ def print_stage3_table(cells: list[dict], start: list[dict]) -> str:
   return table
 
 
-def features(config, params, lists, args, mesh) -> tuple[np.ndarray, np.ndarray]:
-  """Frozen pooled encoder features [N, D] (cls token after the final norm) and labels."""
-  model = finetune.make_model(config, 0)
-  apply = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
-  feats, labels = [], []
-  for b in pipeline.make_eval_iterator(args.data, args.split, lists, global_batch_size=64,
-                                       image_size=config.data.image_size, num_threads=2):
-    x = device.normalize(b["image"], config.data.mean, config.data.std)
-    feats.append(np.asarray(apply(params, x))[b["valid"]])
-    labels.append(b["label"][b["valid"]])
-  return np.concatenate(feats), np.concatenate(labels)
-
-
 def knn_probe(args, mae_run: str, mesh, k: int = 20) -> dict:
   """How much expression the frozen encoders carry: cosine k-NN (k = 20) from train_labeled
   to test, for a randomly initialised encoder and the MAE one. Says whether pretraining
@@ -221,15 +207,8 @@ def knn_probe(args, mae_run: str, mesh, k: int = 20) -> dict:
   out = {}
   for init in INITS:
     c = cell_config(args, init, "none", 0, mae_run, None)
-    stage = finetune.make_stage(c, loop.plan_run(c), None)
-    _, shardings = loop.state_layout(c, stage, mesh)
-    state = jax.jit(lambda r: nn.meta.unbox(stage.init(r)), out_shardings=shardings)(
-        jax.random.key(c.seed))
-    if stage.warm_start:
-      state = stage.warm_start(state)
-    params = {k_: v for k_, v in state.params.items() if k_ != "head"}
-    xtr, ytr = features(c, params, ("train_labeled",), args, mesh)
-    xte, yte = features(c, params, ("test",), args, mesh)
+    xtr, ytr = finetune.frozen_features(c, ("train_labeled",), mesh)
+    xte, yte = finetune.frozen_features(c, ("test",), mesh)
     xtr /= np.linalg.norm(xtr, axis=1, keepdims=True) + 1e-12
     xte /= np.linalg.norm(xte, axis=1, keepdims=True) + 1e-12
     nearest = np.argsort(-xte @ xtr.T, axis=1)[:, :k]

@@ -26,7 +26,6 @@ import os
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -35,7 +34,6 @@ from sklearn.preprocessing import StandardScaler
 
 from configs import finetune as finetune_config
 from ssfer_jax import classical, evaluate, logs, sharding
-from ssfer_jax.input import device, pipeline
 from ssfer_jax.trainers import finetune, loop
 
 
@@ -90,35 +88,13 @@ def run_arm(args, name: str, overrides: dict, mesh) -> dict:
           "loss_curve": loss_curve(run), "seconds": seconds}
 
 
-def encoder_features(config, lists, mesh) -> tuple[np.ndarray, np.ndarray]:
-  """Frozen pooled features [N, D] of the encoder `config` starts from (its init_from's MAE
-  encoder, else a random one) on `lists`, with their labels."""
-  stage = finetune.make_stage(config, loop.plan_run(config), None)
-  _, shardings = loop.state_layout(config, stage, mesh)
-  state = jax.jit(lambda r: nn.meta.unbox(stage.init(r)), out_shardings=shardings)(
-      jax.random.key(config.seed))
-  if stage.warm_start:
-    state = stage.warm_start(state)
-  params = {k: v for k, v in state.params.items() if k != "head"}
-  model = finetune.make_model(config, 0)
-  apply = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
-  feats, labels = [], []
-  for b in pipeline.make_eval_iterator(config.data.dir, config.data.split, lists,
-                                       global_batch_size=64, image_size=config.data.image_size,
-                                       num_threads=2):
-    x = device.normalize(b["image"], config.data.mean, config.data.std)
-    feats.append(np.asarray(apply(params, x))[b["valid"]])
-    labels.append(b["label"][b["valid"]])
-  return np.concatenate(feats), np.concatenate(labels)
-
-
 def linear_probe(args, name: str, init_from: str, overrides: dict, mesh) -> dict:
   """What a frozen encoder carries: logistic regression on its pooled features of
   train_labeled, C chosen on val (the same protocol as the classical floor)."""
   c = arm_config(args, overrides)
   c.init_from = init_from
-  x_train, y_train = encoder_features(c, ("train_labeled",), mesh)
-  x_val, y_val = encoder_features(c, ("val",), mesh)
+  x_train, y_train = finetune.frozen_features(c, ("train_labeled",), mesh)
+  x_val, y_val = finetune.frozen_features(c, ("val",), mesh)
   best = 0.0
   for C in (1e-3, 1e-2, 1e-1, 1.0):
     model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from ssfer_jax import checkpointing, evaluate, facemix, interop, optim, sharding
-from ssfer_jax.input import device, leakage, records
+from ssfer_jax.input import device, leakage, pipeline, records
 from ssfer_jax.models import flops, vit
 from ssfer_jax.trainers import loop, pretrain
 
@@ -217,6 +217,31 @@ def result_info(config: ml_collections.ConfigDict, manifest: dict,
       "data": {"dir": os.path.abspath(config.data.dir), "split": config.data.split,
                "manifest_sha256": manifest["manifest_sha256"]},
   }
+
+
+def frozen_features(config: ml_collections.ConfigDict, lists: Sequence[str],
+                    mesh) -> tuple[np.ndarray, np.ndarray]:
+  """The pooled features [N, D] (the head's input) of the encoder this config starts from (its
+  init_from's, else a random one), frozen, on `lists` of its split, with their labels: what a
+  probe of pretraining reads, independently of any fine-tuning."""
+  stage = make_stage(config, loop.plan_run(config), None)
+  _, shardings = loop.state_layout(config, stage, mesh)
+  state = jax.jit(lambda r: nn.meta.unbox(stage.init(r)), out_shardings=shardings)(
+      jax.random.key(config.seed))
+  if stage.warm_start:
+    state = stage.warm_start(state)
+  params = {k: v for k, v in state.params.items() if k != "head"}
+  model = make_model(config, 0)
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
+  feats, labels = [], []
+  for b in pipeline.make_eval_iterator(config.data.dir, config.data.split, lists,
+                                       global_batch_size=64, image_size=config.data.image_size,
+                                       num_threads=config.data.num_threads,
+                                       center_crop=config.data.center_crop):
+    x = device.normalize(b["image"], config.data.mean, config.data.std)
+    feats.append(np.asarray(apply(params, x))[b["valid"]])
+    labels.append(b["label"][b["valid"]])
+  return np.concatenate(feats), np.concatenate(labels)
 
 
 class ValEvaluation:
