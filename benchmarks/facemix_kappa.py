@@ -1,7 +1,7 @@
 """FaceMix kappa (1 - IoU of the two faces' boxes) as training sees it, per dataset: one table.
 
 FaceMix weights the loss on the two real images of a mixup pair by kappa (SSFER section 3.4,
-ssfer_jax/facemix.py). On tight face crops the face box is nearly the whole image, and every
+ssfer_jax/methods/facemix.py). On tight face crops the face box is nearly the whole image, and every
 random-resized-crop window lies inside it, so both boxes of a pair become ~the whole view:
 kappa ~ 0 and FaceMix degenerates to mixup. A looser crop margin (data_prep build --margin)
 leaves the face room to move. This measures how much, to choose the margin.
@@ -41,7 +41,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import machine  # noqa: E402  (benchmarks/machine.py)
-from ssfer_jax import facemix, viz  # noqa: E402
+from ssfer_jax.methods import facemix
+from ssfer_jax.runtime import figures
 from ssfer_jax.input import pipeline, records  # noqa: E402
 
 PERCENTILES = (10, 25, 50, 75, 90)
@@ -100,7 +101,7 @@ def measure(data_dir: str, split: str, lists, batches: int, batch: int, seed: in
 
 def plot(rows: list[Row], path: str):
   """Histograms of kappa, one line per dataset: weak boxes left, stored boxes right."""
-  plt = viz.pyplot()
+  plt = figures.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
   bins = np.linspace(0, 1, 41)
   for ax, which in zip(axes, ("weak", "stored")):

@@ -35,7 +35,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import pretrain_mae  # noqa: E402
-from ssfer_jax import sharding  # noqa: E402
+from ssfer_jax.runtime import sharding
 from ssfer_jax.input import pipeline  # noqa: E402
 from ssfer_jax.trainers import loop, pretrain  # noqa: E402
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import machine  # noqa: E402  (benchmarks/machine.py)
-from ssfer_jax import predict  # noqa: E402
+from ssfer_jax import predict
 
 FACES = [REPO.parent / "shared" / "datasets" / "facial_expressions" / "images",
          REPO / "data_prep" / "demo_data" / "images"]

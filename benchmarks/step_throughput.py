@@ -36,7 +36,7 @@ import numpy as np
 from configs import finetune as finetune_config
 from configs import pretrain_mae
 from configs import semisup as semisup_config
-from ssfer_jax import sharding
+from ssfer_jax.runtime import sharding
 from ssfer_jax.input import pipeline
 from ssfer_jax.trainers import finetune, loop, pretrain, semisup
 

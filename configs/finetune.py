@@ -19,7 +19,7 @@ Variants:
   test          the tiniest model at 32 px, for unit tests.
 `init_from` (a stage-1 run directory or RUN/checkpoints/STEP) loads the MAE encoder, as does a
 weight file in timm or MAE naming (the official mae_pretrain_vit_base.pth, a timm ViT's
-.safetensors; `ssfer_jax/interop.py`); unset, the classifier starts from scratch.
+.safetensors; `ssfer_jax/pytorch_weights.py`); unset, the classifier starts from scratch.
 """
 
 import ml_collections

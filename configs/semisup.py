@@ -16,12 +16,12 @@ Variants: SIZE[,leaf][,negative], e.g. `configs/semisup.py:vit_b16,leaf`.
   small     the CPU science recipe's stage 3 (pairs with finetune.py:small).
   cpu       the demo's (pairs with finetune.py:cpu).
   test      32 px, 6 steps, for unit tests.
-  leaf      LEAF on top (`ssfer_jax/leaf.py`, `models/leaf_levels.py`): 8-expert semantic and
+  leaf      LEAF on top (`ssfer_jax/methods/leaf.py`, `models/leaf_levels.py`): 8-expert semantic and
             instance levels, ambiguous pseudo-labels (top-k <= 3 reaching 0.9) and a
             consistency term between two strong views (together L_u), and the public code's
             total loss 0.5 L_x + L_u + 0.1 L_supcon (so lambda_u 1).
   negative  selective negative learning on the rows the threshold rejects
-            (`ssfer_jax/negative_learning.py`).
+            (`ssfer_jax/methods/negative_learning.py`).
 Threshold policies: --config.threshold.policy=fixed|dtm|flexmatch|freematch;
 FixMatch (the paper's Table 12): --config.teacher=student.
 """

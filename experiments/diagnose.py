@@ -12,7 +12,7 @@ the recipe is chosen on val, and the test list is scored once, by the job, after
 An arm is NAME:FIELD=VALUE;FIELD=VALUE... (values as Python literals, else strings; empty
 after the colon = the base recipe). Finished arms are kept in OUT/arms.jsonl and skipped on
 a rerun; `--plot` draws val and train accuracy per arm into OUT/diagnose.png and prints the
-table with the classical floor (`ssfer_jax/classical.py`) and the majority class beside it.
+table with the classical floor (`ssfer_jax/analysis/classical.py`) and the majority class beside it.
 `--probe STAGE1_RUN` fits a linear probe (logistic regression, C chosen on val) on the frozen
 pooled features of that run's MAE encoder and of a random one: what pretraining carries.
 """
@@ -33,7 +33,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from configs import finetune as finetune_config
-from ssfer_jax import classical, evaluate, logs, sharding
+from ssfer_jax import evaluate
+from ssfer_jax.analysis import classical
+from ssfer_jax.runtime import logs, sharding
 from ssfer_jax.trainers import finetune, loop
 
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssfer_jax import logs, sharding, viz
+from ssfer_jax.runtime import figures, logs, sharding
 from ssfer_jax.input import device, pipeline, records
 
 
@@ -212,7 +212,7 @@ def scalars(report: dict, prefix: str = "") -> dict[str, float]:
 
 def write_report(report: dict, out_dir: str, name: str = "eval") -> list[str]:
   """NAME.json, NAME_confusion.png and NAME_per_class.png in out_dir; returns the paths."""
-  plt = viz.pyplot()
+  plt = figures.pyplot()
   os.makedirs(out_dir, exist_ok=True)
   paths = [os.path.join(out_dir, f"{name}{s}") for s in (".json", "_confusion.png",
                                                         "_per_class.png")]

@@ -34,7 +34,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ssfer_jax import checkpointing, interop, sharding, writers
+from ssfer_jax import pytorch_weights
+from ssfer_jax.runtime import checkpointing, sharding, writers
 from ssfer_jax.input import records
 from ssfer_jax.models import param_table, vit
 from ssfer_jax.trainers import finetune, loop, pretrain
@@ -164,14 +165,14 @@ def export_run(run_dir: str, out_dir: str, *, weights: str = "best",
   params = jax.tree.map(np.asarray, nn.meta.unbox(params))
   sd = param_table.to_state_dict(params, sd_kind, image_size=image_size)
   path = os.path.join(os.path.abspath(out_dir), WEIGHTS)
-  interop.write_safetensors(path, sd, {"format": "pt", "source": FORMAT})
+  pytorch_weights.write_safetensors(path, sd, {"format": "pt", "source": FORMAT})
   with open(path, "rb") as f:
     digest = hashlib.sha256(f.read()).hexdigest()
   card.update(format=FORMAT, source_run=os.path.abspath(run_dir), model=kwargs,
               num_classes=num_classes, image_size=image_size, mean=list(mean), std=list(std),
               files={"safetensors": WEIGHTS, "sha256": digest, "orbax": ORBAX})
   if sd_kind == "vit":
-    timm = interop.timm_model(kwargs, num_classes, image_size)
+    timm = pytorch_weights.timm_model(kwargs, num_classes, image_size)
     card["timm"] = timm | {"call": timm_call(timm["arch"], timm["kwargs"], path, mean, std,
                                              crop_pct)}
   else:
@@ -211,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = ap.parse_args(argv)
   try:
     card = export_run(args.run, args.out, weights=args.weights, fmt=args.format)
-  except (ExportError, finetune.InitError, interop.WeightsError) as e:
+  except (ExportError, finetune.InitError, pytorch_weights.WeightsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"exported {card['kind']} of {args.run} (step {card['step']}, {card['weights']} weights) "

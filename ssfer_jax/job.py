@@ -37,7 +37,9 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ssfer_jax import classical, evaluate, report, sharding, workdir as workdir_lib, writers
+from ssfer_jax import evaluate, job_report
+from ssfer_jax.analysis import classical
+from ssfer_jax.runtime import sharding, workdir as workdir_lib, writers
 from ssfer_jax.input import records
 from ssfer_jax.trainers import finetune, loop, pretrain, semisup
 
@@ -302,8 +304,8 @@ def _run(config, workdir) -> dict:
     _write_json(evaluation_file, evaluation)
   banner(total, "report", "writing")
   if jax.process_index() == 0:
-    path = report.write(workdir, current, evaluation)
-    print(report.accuracy_table(evaluation), flush=True)
+    path = job_report.write(workdir, current, evaluation)
+    print(job_report.accuracy_table(evaluation), flush=True)
     print(f"report: {path}", file=sys.stderr, flush=True)
   logging.info("job done in %s", loop.duration(time.perf_counter() - t_job))
   return evaluation

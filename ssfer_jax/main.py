@@ -20,7 +20,8 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from ssfer_jax import checkpointing, distributed, job, logs, preemption, sharding, workdir
+from ssfer_jax import job
+from ssfer_jax.runtime import checkpointing, distributed, logs, preemption, sharding, workdir
 from ssfer_jax.input import records
 from ssfer_jax.trainers import finetune, loop
 
@@ -57,7 +58,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def setup(argv):
   """What every command built on these flags does first: join the other processes, make the
-  workdir, route the logs; returns the config. (ssfer_jax.label_noise reuses it.)"""
+  workdir, route the logs; returns the config. (ssfer_jax.analysis.label_noise reuses it.)"""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)

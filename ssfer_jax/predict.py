@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_prep import faces, images
-from ssfer_jax import logs, sharding
+from ssfer_jax.runtime import logs, sharding
 from ssfer_jax.input import augment, device
 from ssfer_jax.trainers import finetune
 

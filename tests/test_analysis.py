@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssfer_jax import evaluate, fgsm, gradcam, label_noise, sharding
+from ssfer_jax import evaluate
+from ssfer_jax.analysis import fgsm, gradcam, label_noise
+from ssfer_jax.runtime import sharding
 from ssfer_jax.input import records
 from ssfer_jax.trainers import finetune
 from test_job import job_config

@@ -1,9 +1,9 @@
-"""The classical floor (ssfer_jax/classical.py): its features and its reports on a real build."""
+"""The classical floor (ssfer_jax/analysis/classical.py): its features and its reports on a real build."""
 
 import cv2
 import numpy as np
 
-from ssfer_jax import classical
+from ssfer_jax.analysis import classical
 from ssfer_jax.input import records
 
 

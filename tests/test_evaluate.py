@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import dataset_fixture
-from ssfer_jax import evaluate, sharding
+from ssfer_jax import evaluate
+from ssfer_jax.runtime import sharding
 from ssfer_jax.input import pipeline, records
 
 

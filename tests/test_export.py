@@ -13,7 +13,7 @@ from flax import traverse_util
 from conftest import small_config
 from configs import finetune as finetune_config
 from configs import pretrain_mae
-from ssfer_jax import export, interop
+from ssfer_jax import export, pytorch_weights
 from ssfer_jax.models import param_table, vit
 from ssfer_jax.trainers import finetune, loop, pretrain
 
@@ -56,7 +56,7 @@ def test_classifier_export_round_trips_exactly(runs, tmp_path):
   assert card["preprocessing"]["crop"] == "none" and card["preprocessing"]["face_framing"] > 0.9
   assert f"file='{tmp_path / 'x' / 'model.safetensors'}'" in card["timm"]["call"]
   # safetensors -> our tree: every tensor back bit for bit.
-  sd = interop.read_state_dict(str(tmp_path / "x" / "model.safetensors"))
+  sd = pytorch_weights.read_state_dict(str(tmp_path / "x" / "model.safetensors"))
   assert "head.weight" in sd and "norm.weight" in sd and "pos_embed" in sd
   back = param_table.from_state_dict(sd, jax.device_get(clf.params), "vit")
   ours, theirs = flat(clf.params), flat(back)
@@ -78,10 +78,10 @@ def test_stage1_exports_encoder_and_mae(runs, tmp_path):
   enc = export.export_run(mae_dir, str(tmp_path / "enc"))
   assert enc["kind"] == "encoder" and enc["num_classes"] == 0
   assert enc["timm"]["kwargs"]["global_pool"] == "token"
-  sd = interop.read_state_dict(str(tmp_path / "enc" / "model.safetensors"))
+  sd = pytorch_weights.read_state_dict(str(tmp_path / "enc" / "model.safetensors"))
   assert not any(k.startswith(("head", "decoder", "mask_token")) for k in sd)
   full = export.export_run(mae_dir, str(tmp_path / "mae"), fmt="mae")
-  sd = interop.read_state_dict(str(tmp_path / "mae" / "model.safetensors"))
+  sd = pytorch_weights.read_state_dict(str(tmp_path / "mae" / "model.safetensors"))
   assert full["kind"] == "mae" and "mask_token" in sd and "decoder_pred.weight" in sd
   assert "decoder_pos_embed" in sd   # the fixed tables, as the official checkpoints hold them
 
@@ -97,12 +97,12 @@ def test_mae_file_starts_stage1(runs, small_dataset, tmp_path):
   for k, v in flat(state.params).items():
     np.testing.assert_array_equal(v, source[k], err_msg=str(k))
   # Encoder only (mae_pretrain_vit_*.pth's content): the decoder starts fresh.
-  sd = interop.read_state_dict(path)
+  sd = pytorch_weights.read_state_dict(path)
   encoder_only = {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}
-  interop.write_safetensors(str(tmp_path / "enc.safetensors"), encoder_only, {})
+  pytorch_weights.write_safetensors(str(tmp_path / "enc.safetensors"), encoder_only, {})
   template = jax.device_get(state.params)
   fresh = jax.tree.map(np.zeros_like, template)
-  params, report = interop.load_mae(str(tmp_path / "enc.safetensors"), fresh)
+  params, report = pytorch_weights.load_mae(str(tmp_path / "enc.safetensors"), fresh)
   assert "decoder" in report["fresh"] and "mask_token" in report["fresh"]
   got = flat(params)
   for k, v in got.items():
@@ -120,7 +120,7 @@ def test_timm_file_with_learned_positions_starts_stage2(small_dataset, tmp_path)
   src_params = src.init(jax.random.key(1), jnp.zeros((1, 64, 64, 3)), train=False)["params"]
   src_params = jax.tree.map(lambda p: p + 0.01, nn.meta.unbox(src_params))  # not at init
   sd = param_table.to_state_dict(src_params, "vit")
-  interop.write_safetensors(str(tmp_path / "timm.safetensors"), sd, {})
+  pytorch_weights.write_safetensors(str(tmp_path / "timm.safetensors"), sd, {})
   config = small_config(finetune_config, small_dataset,
                         init_from=str(tmp_path / "timm.safetensors"))
   state = started(config, finetune.make_stage)
@@ -133,8 +133,8 @@ def test_timm_file_with_learned_positions_starts_stage2(small_dataset, tmp_path)
   assert ours[("head", "kernel")].shape[0] == 64 and not np.array_equal(
       ours[("head", "kernel")][:, :5], theirs[("head", "kernel")])
   # A file of another architecture is refused with what is missing.
-  interop.write_safetensors(str(tmp_path / "bad.safetensors"),
-                            {k: v for k, v in sd.items() if not k.startswith("blocks.1.")}, {})
+  pytorch_weights.write_safetensors(str(tmp_path / "bad.safetensors"),
+                                    {k: v for k, v in sd.items() if not k.startswith("blocks.1.")}, {})
   bad = small_config(finetune_config, small_dataset, init_from=str(tmp_path / "bad.safetensors"))
   with pytest.raises(finetune.InitError, match="lacks the encoder's"):
     started(bad, finetune.make_stage)
@@ -143,13 +143,13 @@ def test_timm_file_with_learned_positions_starts_stage2(small_dataset, tmp_path)
 def test_export_refuses_what_it_cannot_write(tmp_path):
   with pytest.raises(export.ExportError, match="result.json not found"):
     export.export_run(str(tmp_path), str(tmp_path / "out"))
-  with pytest.raises(interop.WeightsError, match="LEAF"):
-    interop.timm_model(vit.vit_kwargs("mu", pool="cls", patch_size=16, leaf_experts=8), 7, 32)
-  with pytest.raises(interop.WeightsError, match="no such file"):
-    interop.read_state_dict(str(tmp_path / "missing.pth"))
+  with pytest.raises(pytorch_weights.WeightsError, match="LEAF"):
+    pytorch_weights.timm_model(vit.vit_kwargs("mu", pool="cls", patch_size=16, leaf_experts=8), 7, 32)
+  with pytest.raises(pytorch_weights.WeightsError, match="no such file"):
+    pytorch_weights.read_state_dict(str(tmp_path / "missing.pth"))
   (tmp_path / "w.pth").write_bytes(b"x")
   try:
     import torch  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
   except ImportError:
-    with pytest.raises(interop.WeightsError, match="needs torch"):
-      interop.read_state_dict(str(tmp_path / "w.pth"))
+    with pytest.raises(pytorch_weights.WeightsError, match="needs torch"):
+      pytorch_weights.read_state_dict(str(tmp_path / "w.pth"))

@@ -12,7 +12,8 @@ import pytest
 
 from configs import ssfer
 from conftest import DEMO_DATA
-from ssfer_jax import job, preemption, report, writers
+from ssfer_jax import job, job_report
+from ssfer_jax.runtime import preemption, writers
 from ssfer_jax.trainers import loop
 
 
@@ -97,7 +98,7 @@ def test_job_evaluation_and_report(interrupted_then_resumed):
     assert r["count"] == n_test and 0 <= r["accuracy"] <= 1
   assert evaluation["rows"][3]["run"] == os.path.join(workdir, "finetune")
   assert os.path.exists(os.path.join(workdir, "semisup", "eval", "test.json"))
-  text = open(os.path.join(workdir, report.REPORT_FILE)).read()
+  text = open(os.path.join(workdir, job_report.REPORT_FILE)).read()
   for heading in ("## Accuracy on the test lists", "## Stage 1: MAE pretraining",
                   "## Stage 2: supervised fine-tuning with FaceMix",
                   "## Stage 3: semi-supervised fine-tuning (EMA teacher)"):
@@ -109,7 +110,7 @@ def test_job_evaluation_and_report(interrupted_then_resumed):
       "semisup_thresholds.png", "semisup_confusion.png"}
   for f in figures:
     assert os.path.getsize(os.path.join(workdir, f)) > 1000
-  table = report.accuracy_table(evaluation)
+  table = job_report.accuracy_table(evaluation)
   for r in evaluation["rows"]:
     assert f"{100 * r['accuracy']:.1f}" in table.splitlines()[2 + names.index(r["name"])]
 
@@ -190,7 +191,7 @@ def test_report_says_when_stage3_admitted_no_pseudo_label(tmp_path, rates, said)
   with open(run / "metrics.jsonl", "w") as f:
     for step, rate in zip((10, 20), rates):
       f.write(json.dumps({"split": "epoch", "step": step, "mask_rate": rate}) + "\n")
-  text = "\n".join(report._classifier_section("semisup", "Stage 3", str(run), str(tmp_path),
+  text = "\n".join(job_report._classifier_section("semisup", "Stage 3", str(run), str(tmp_path),
                                               None, ["test"]))
   assert ("No pseudo-label passed the threshold" in text) == said
   assert "| 20 | %.3f |" % rates[1] in text

@@ -9,7 +9,7 @@ import numpy as np
 from conftest import small_config
 from configs import finetune as finetune_config
 from data_prep import split as split_lib
-from ssfer_jax import kfold
+from ssfer_jax.analysis import kfold
 from ssfer_jax.input import records
 
 

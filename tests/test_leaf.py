@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssfer_jax import leaf, negative_learning
+from ssfer_jax.methods import leaf, negative_learning
 from ssfer_jax.input import pipeline
 from ssfer_jax.models import leaf_levels
 

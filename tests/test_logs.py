@@ -6,7 +6,7 @@ import os
 
 from absl import logging as absl_logging
 
-from ssfer_jax import logs
+from ssfer_jax.runtime import logs
 
 
 def test_library_info_goes_to_the_file_only(tmp_path, capsys):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import build_demo_subset, train_losses
-from ssfer_jax import writers
+from ssfer_jax.runtime import writers
 from ssfer_jax.input import records
 
 HERE = os.path.dirname(os.path.abspath(__file__))

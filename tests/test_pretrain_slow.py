@@ -6,7 +6,7 @@ import pytest
 
 from conftest import build_demo_subset
 from configs import pretrain_mae
-from ssfer_jax import writers
+from ssfer_jax.runtime import writers
 from ssfer_jax.trainers import loop, pretrain
 
 

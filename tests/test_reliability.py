@@ -17,7 +17,7 @@ import pytest
 
 from conftest import small_config, train_losses
 from configs import pretrain_mae
-from ssfer_jax import checkpointing, sharding, workdir, writers
+from ssfer_jax.runtime import checkpointing, sharding, workdir, writers
 from ssfer_jax.trainers import loop, pretrain
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ssfer_jax import thresholds
+from ssfer_jax.methods import thresholds
 
 C = 7
 STEP = jax.jit(thresholds.mask_and_update, static_argnums=0)

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import small_config, train_losses as losses
 from configs import pretrain_mae
-from ssfer_jax import checkpointing, sharding, writers
+from ssfer_jax.runtime import checkpointing, sharding, writers
 from ssfer_jax.trainers import loop, pretrain
 
 

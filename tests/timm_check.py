@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-from ssfer_jax import export, interop  # noqa: E402
+from ssfer_jax import export, pytorch_weights
 from ssfer_jax.models import param_table, vit  # noqa: E402
 
 torch.set_num_threads(2)
@@ -63,8 +63,8 @@ def ours_vs_timm(size, pool, image_size, tmp):
   params = jax.tree.unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape) for l, k in
                                       zip(leaves, keys)])
   path = os.path.join(tmp, f"{size}_{pool}.safetensors")
-  interop.write_safetensors(path, param_table.to_state_dict(params, "vit"), {"format": "pt"})
-  spec = interop.timm_model(kwargs, 5, image_size)
+  pytorch_weights.write_safetensors(path, param_table.to_state_dict(params, "vit"), {"format": "pt"})
+  spec = pytorch_weights.timm_model(kwargs, 5, image_size)
   call = export.timm_call(spec["arch"], spec["kwargs"], path, (0.5,) * 3, (0.5,) * 3)
   theirs = eval(call, {"timm": timm})  # pylint: disable=eval-used
   ours = model.apply({"params": params}, x, train=False)
@@ -75,13 +75,13 @@ def ours_vs_timm(size, pool, image_size, tmp):
   sd = {k: v.detach().numpy() for k, v in fresh.state_dict().items()}
   pth = os.path.join(tmp, f"{size}_{pool}.pth")
   torch.save({"model": fresh.state_dict(), "epoch": 3}, pth)
-  read = interop.read_state_dict(pth)
+  read = pytorch_weights.read_state_dict(pth)
   assert read.keys() == sd.keys() and all(np.array_equal(read[k], sd[k]) for k in sd)
   imported = param_table.from_state_dict(read, params, "vit")
   close(model.apply({"params": imported}, x, train=False), timm_forward(fresh, np.asarray(x)),
         f"timm's weights imported from .pth, {size} {pool}")
   # Stage 2's warm start from the same file takes exactly these encoder tensors.
-  encoder, report = interop.load_encoder(pth, params)
+  encoder, report = pytorch_weights.load_encoder(pth, params)
   assert report["fresh"] == sorted(set(params) - set(encoder)) and "head" in report["fresh"]
   for (k, a), (_, b) in zip(sorted(jax.tree_util.tree_leaves_with_path(encoder), key=str),
                             sorted(jax.tree_util.tree_leaves_with_path(

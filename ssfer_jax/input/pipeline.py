@@ -65,7 +65,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ssfer_jax import sharding as sharding_lib
+from ssfer_jax.runtime import sharding as sharding_lib
 from ssfer_jax.input import augment, randaugment, records
 
 FIELDS = {  # name -> (shape after the batch dim, given image size and strong views; dtype)

@@ -21,7 +21,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from ssfer_jax import checkpointing, evaluate, facemix, interop, optim, sharding
+from ssfer_jax import evaluate, pytorch_weights
+from ssfer_jax.methods import facemix
+from ssfer_jax.runtime import checkpointing, sharding
+from ssfer_jax.trainers import optim
 from ssfer_jax.input import device, leakage, pipeline, records
 from ssfer_jax.models import flops, vit
 from ssfer_jax.trainers import loop, pretrain
@@ -155,7 +158,7 @@ def make_init(config, model: vit.ViT, tx, make_extra=None):
 
 
 def make_loss(config, model: vit.ViT, num_classes: int, weights: np.ndarray | None):
-  """The pure loss of one labeled batch under `config.mix`; see `ssfer_jax.facemix`."""
+  """The pure loss of one labeled batch under `config.mix`; see `ssfer_jax.methods.facemix`."""
   size, mix, smoothing = config.data.image_size, config.mix, config.loss.label_smoothing
   mean, std, dtype = config.data.mean, config.data.std, model.dtype
   w = None if weights is None else jnp.asarray(weights)
@@ -297,7 +300,7 @@ def _resolve_checkpoint(path: str, what: str) -> tuple[checkpointing.Checkpointe
 
 def check_pretraining_data(config: ml_collections.ConfigDict) -> None:
   """Refuses (before compiling) a stage-1 run that saw images of this split's val or test."""
-  if interop.is_weight_file(config.init_from):
+  if pytorch_weights.is_weight_file(config.init_from):
     logging.warning("init_from %s is a weight file: whether its pretraining saw images of this "
                     "split's val or test lists cannot be checked.", config.init_from)
     return
@@ -313,13 +316,13 @@ def check_pretraining_data(config: ml_collections.ConfigDict) -> None:
 
 def warm_start(config, mesh, state: loop.TrainState) -> loop.TrainState:
   """Puts a pretrained encoder into a fresh classifier state (and its EMA): a stage-1 run's
-  MAE, or a timm / MAE weight file (`interop.load_encoder`)."""
-  if interop.is_weight_file(config.init_from):
+  MAE, or a timm / MAE weight file (`pytorch_weights.load_encoder`)."""
+  if pytorch_weights.is_weight_file(config.init_from):
     try:
-      encoder, report = interop.load_encoder(config.init_from, state.params)
-    except interop.WeightsError as e:
+      encoder, report = pytorch_weights.load_encoder(config.init_from, state.params)
+    except pytorch_weights.WeightsError as e:
       raise InitError(f"init_from: {e}") from None
-    interop.log_report(config.init_from, report)
+    pytorch_weights.log_report(config.init_from, report)
   else:
     encoder = _encoder_from_run(config, mesh)
   target = {k: state.params[k] for k in encoder}

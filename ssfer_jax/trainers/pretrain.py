@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ssfer_jax import interop, optim, sharding, viz
+from ssfer_jax import pytorch_weights
+from ssfer_jax.runtime import figures, sharding
+from ssfer_jax.trainers import optim
 from ssfer_jax.input import device, pipeline
 from ssfer_jax.models import flops, mae, vit
 from ssfer_jax.trainers import loop
@@ -72,12 +74,12 @@ def restore_params(ckpt, step: int, config: ml_collections.ConfigDict, mesh) -> 
 
 
 def warm_start(path: str, state: loop.TrainState) -> loop.TrainState:
-  """Fresh optimiser state around an official MAE checkpoint's weights (`interop.load_mae`)."""
+  """Fresh optimiser state around an official MAE checkpoint's weights (`pytorch_weights.load_mae`)."""
   try:
-    params, report = interop.load_mae(path, state.params)
-  except interop.WeightsError as e:
+    params, report = pytorch_weights.load_mae(path, state.params)
+  except pytorch_weights.WeightsError as e:
     raise sharding.ConfigError(f"init_from: {e}") from None
-  interop.log_report(path, report)
+  pytorch_weights.log_report(path, report)
   params = jax.tree.map(lambda s, t: jax.device_put(jnp.asarray(s, t.dtype), t.sharding),
                         params, state.params)
   return state.replace(params=params)
@@ -120,7 +122,7 @@ class ReconstructionFigure:
   def __call__(self, state: loop.TrainState, step: int) -> dict:
     loss, mask, recon = self._reconstruct(state.params, self._batch, self._rng)
     if jax.process_index() == 0:
-      grid = viz.reconstruction_figure(self._images, np.asarray(mask),
-                                       np.asarray(recon), self._patch)
-      viz.write_png(os.path.join(self._dir, f"reconstruction_{step:07d}.png"), grid)
+      grid = figures.reconstruction_figure(self._images, np.asarray(mask),
+                                           np.asarray(recon), self._patch)
+      figures.write_png(os.path.join(self._dir, f"reconstruction_{step:07d}.png"), grid)
     return {"figure_loss": float(loss)}

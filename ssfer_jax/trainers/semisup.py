@@ -4,7 +4,7 @@ Student and teacher both start from a stage-2 result (`init_from`: its chosen we
 model). Each step eats a "semisup" batch (`input/pipeline.py`): B labeled faces (weak view)
 and mu x B unlabeled ones, each as a weak and a strong view of one stored image; the strong
 view is another crop and flip plus RandAugment, applied here on the device. The teacher
-labels the weak view; pseudo-labels that clear the threshold policy (`ssfer_jax.thresholds`)
+labels the weak view; pseudo-labels that clear the threshold policy (`ssfer_jax.methods.thresholds`)
 supervise the student on the strong view:
 
   L = CE(student(labeled), y) + lambda_u * mean_u(mask * CE(student(strong), pseudo))
@@ -16,11 +16,11 @@ over all unlabeled rows, masked ones included (the published code and USB).
 Options on top (`configs/semisup.py`, ',leaf' and ',negative'):
   LEAF       semantic and instance levels in the model (`models/leaf_levels.py`); two strong
              views, each trained on ambiguous pseudo-labels (positive / negative sets,
-             `ssfer_jax/leaf.py`) instead of the cross entropy, plus their consistency (L_u,
+             `ssfer_jax/methods/leaf.py`) instead of the cross entropy, plus their consistency (L_u,
              the category level), and a contrastive term over the rows the threshold
              rejected: L = 0.5 L_x + L_u + 0.1 L_supcon, as the public code.
   negative   the rejected rows' complementary classes (teacher probability < 0.05) pushed
-             down with -log(1 - p_c) (`ssfer_jax/negative_learning.py`).
+             down with -log(1 - p_c) (`ssfer_jax/methods/negative_learning.py`).
 
 Teachers (`config.teacher`):
   "ema"      SSFER: an EMA of the student (decay `ema_decay`, 0.999), updated after each
@@ -52,8 +52,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from ssfer_jax import (evaluate, facemix, leaf, negative_learning, optim, sharding, thresholds,
-                       viz, writers)
+from ssfer_jax import evaluate
+from ssfer_jax.methods import facemix, leaf, negative_learning, thresholds
+from ssfer_jax.runtime import figures, sharding, writers
+from ssfer_jax.trainers import optim
 from ssfer_jax.input import device, randaugment, records
 from ssfer_jax.models import flops, leaf_levels, vit
 from ssfer_jax.trainers import finetune, loop
@@ -489,7 +491,7 @@ def plot_thresholds(workdir: str, step: int, current: Mapping[str, float],
   """Per-class thresholds and mask rates over training (every epoch logged so far)."""
   rows = [r for r in writers.read_metrics(workdir) if r.get("split") == "epoch"
           and r["step"] < step] + [{"step": step, **current}]
-  plt = viz.pyplot()
+  plt = figures.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
   for ax, what, title in ((axes[0], "threshold", "per-class threshold"),
                           (axes[1], "mask_rate", "mask rate (by pseudo-label)")):

@@ -1,6 +1,6 @@
 """The job at several label-noise rates (the paper's Table 8).
 
-  python -m ssfer_jax.label_noise --config configs/ssfer.py:rafdb,p5 --workdir runs/noise \
+  python -m ssfer_jax.analysis.label_noise --config configs/ssfer.py:rafdb,p5 --workdir runs/noise \
       --rates 0,0.1,0.2,0.3 [--pretrained runs/rafdb/pretrain] [--dataset RAF-DB] \
       [--config.FIELD=V ...]
 
@@ -26,7 +26,8 @@ from absl import app, flags
 import jax
 import ml_collections
 
-from ssfer_jax import job, writers
+from ssfer_jax import job
+from ssfer_jax.runtime import writers
 from ssfer_jax.input import records
 
 RESULT_FILE = "label_noise.json"

@@ -7,7 +7,7 @@ regularisation C chosen on val, then read once on the evaluation lists:
           9 bins) of the face and of its mirror concatenated, standardised, logistic regression.
 A model of this project that scores below them has learned less than a linear map of pixels.
 
-  python -m ssfer_jax.classical --data BUILD [--split default] [--lists test]
+  python -m ssfer_jax.analysis.classical --data BUILD [--split default] [--lists test]
 """
 
 from __future__ import annotations

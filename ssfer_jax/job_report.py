@@ -13,7 +13,8 @@ import os
 import shutil
 from typing import Any, Mapping
 
-from ssfer_jax import evaluate, viz, writers
+from ssfer_jax import evaluate
+from ssfer_jax.runtime import figures, writers
 
 REPORT_FILE = "report.md"
 FREQUENT = 15   # the mean-class column over classes with at least this many evaluated faces
@@ -90,18 +91,18 @@ def _pretrain_section(run_dir: str, out_dir: str) -> list[str]:
     lines.append(f"Loss (masked patches) {train[0]['loss']:.3f} at step {train[0]['step']} -> "
                  f"{train[-1]['loss']:.3f} at step {train[-1]['step']}.")
     lines.append("")
-    viz.plot_curves(os.path.join(out_dir, "pretrain_loss.png"), _series(train, "loss"),
-                    "stage 1: MAE loss", "loss")
+    figures.plot_curves(os.path.join(out_dir, "pretrain_loss.png"), _series(train, "loss"),
+                        "stage 1: MAE loss", "loss")
     _image(lines, f"{FIGURES}/pretrain_loss.png", "MAE loss")
-  figures = os.path.join(run_dir, "figures")
-  recon = sorted(f for f in os.listdir(figures) if f.startswith("reconstruction_")) \
-      if os.path.isdir(figures) else []
+  fig_dir = os.path.join(run_dir, "figures")
+  recon = sorted(f for f in os.listdir(fig_dir) if f.startswith("reconstruction_")) \
+      if os.path.isdir(fig_dir) else []
   if recon:
     lines.append(f"Reconstructions at step {int(recon[-1][15:22])} (original, masked, "
                  "reconstruction, reconstruction with the visible patches pasted), as the "
                  "paper's Fig. 3:")
     lines.append("")
-    _image(lines, _copy(os.path.join(figures, recon[-1]), out_dir, "reconstructions.png"),
+    _image(lines, _copy(os.path.join(fig_dir, recon[-1]), out_dir, "reconstructions.png"),
            "reconstructions")
   return lines
 
@@ -111,15 +112,15 @@ def _classifier_section(stage: str, title: str, run_dir: str, out_dir: str,
   lines = [f"## {title}", ""]
   val = _rows(run_dir, "val")
   if val:
-    viz.plot_curves(os.path.join(out_dir, f"{stage}_val.png"),
-                    _series(val, "raw_accuracy", "ema_accuracy"), f"{title}: val accuracy",
-                    "accuracy")
+    figures.plot_curves(os.path.join(out_dir, f"{stage}_val.png"),
+                        _series(val, "raw_accuracy", "ema_accuracy"), f"{title}: val accuracy",
+                        "accuracy")
     _image(lines, f"{FIGURES}/{stage}_val.png", "val accuracy")
   train = _rows(run_dir, "train")
   keys = ("loss", "loss_x", "loss_u", "mask_rate") if stage == "semisup" else ("loss",)
   if train:
-    viz.plot_curves(os.path.join(out_dir, f"{stage}_train.png"), _series(train, *keys),
-                    f"{title}: training", "value")
+    figures.plot_curves(os.path.join(out_dir, f"{stage}_train.png"), _series(train, *keys),
+                        f"{title}: training", "value")
     _image(lines, f"{FIGURES}/{stage}_train.png", "training curves")
   if stage == "semisup":
     epochs = _rows(run_dir, "epoch")

@@ -5,7 +5,7 @@ FGSM perturbs only that region (or only its complement) by eps * sign(grad of th
 entropy with the true label), in [0, 1] pixel units before normalisation, clipped to [0, 1].
 An attack on what the model relies on should cost more accuracy than one on the rest.
 
-  python -m ssfer_jax.fgsm --run RUN --data DATA [--lists test] [--eps 0,0.02,...,0.10]
+  python -m ssfer_jax.analysis.fgsm --run RUN --data DATA [--lists test] [--eps 0,0.02,...,0.10]
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ssfer_jax import evaluate, gradcam
+from ssfer_jax import evaluate
+from ssfer_jax.analysis import gradcam
 from ssfer_jax.input import device, pipeline, records
 from ssfer_jax.trainers import finetune
 

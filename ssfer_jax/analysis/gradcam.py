@@ -7,7 +7,7 @@ ReLU(sum_d w_d A_d) over patch tokens, w_d the patch-mean gradient of the target
 min-max normalised per image and upsampled bilinearly to the image. The target is the
 predicted class. Values above 0.3 are the paper's "emotion focused regions" (`fgsm.py`).
 
-  python -m ssfer_jax.gradcam --run RUN --data DATA [--lists test] [--count 16] [--out DIR]
+  python -m ssfer_jax.analysis.gradcam --run RUN --data DATA [--lists test] [--count 16] [--out DIR]
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssfer_jax import evaluate, viz
+from ssfer_jax import evaluate
+from ssfer_jax.runtime import figures
 from ssfer_jax.input import device, pipeline, records
 from ssfer_jax.trainers import finetune
 
@@ -80,8 +81,8 @@ def figure(path: str, images: np.ndarray, cams: np.ndarray, labels: Sequence[str
     cv2.putText(img, f"{true}>{pred}"[:18], (1, img.shape[0] - 3), cv2.FONT_HERSHEY_SIMPLEX,
                 0.28, (255, 255, 255), 1, cv2.LINE_AA)
     over[k] = img
-  return viz.write_png(path, viz.image_grid([images, over, focused],
-                                            ["face", "Grad-CAM (true>pred)", "map > 0.3"]))
+  return figures.write_png(path, figures.image_grid([images, over, focused],
+                                                ["face", "Grad-CAM (true>pred)", "map > 0.3"]))
 
 
 def first_batch(clf, data_dir: str, split: str | None, lists: Sequence[str], count: int):

@@ -4,7 +4,7 @@ Trains one stage-2 run per fold of a `data_prep split --folds K` split set, each
 its own val list, evaluates each on its fold's test list, and prints mean +- std over folds.
 
   python -m data_prep split --data DATA --name cv --folds 5 --group-by '^(.*)_\\d+\\.\\w+$'
-  python -m ssfer_jax.kfold --config configs/finetune.py:cpu --workdir runs/cv \
+  python -m ssfer_jax.analysis.kfold --config configs/finetune.py:cpu --workdir runs/cv \
       --folds cv --config.data.dir=DATA [--config.init_from=STAGE1_RUN ...]
 
 Fold k trains in WORKDIR/fold{k}; finished folds are reused, so an interrupted driver
@@ -24,7 +24,8 @@ import numpy as np
 from ml_collections import config_flags
 
 from data_prep import split as split_lib
-from ssfer_jax import evaluate, logs, sharding
+from ssfer_jax import evaluate
+from ssfer_jax.runtime import logs, sharding
 from ssfer_jax.input import records
 from ssfer_jax.trainers import finetune, loop
 
