@@ -43,9 +43,9 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/input_pipeline.py
-	$(BIN)/python benchmarks/data_prep_readers.py
-	$(BIN)/python benchmarks/step_throughput.py
+	$(BIN)/python -m benchmarks.input_pipeline
+	$(BIN)/python -m benchmarks.data_prep_readers
+	$(BIN)/python -m benchmarks.step_throughput
 
 lock:
 	$(BIN)/pip freeze --exclude-editable | grep -v -E '^(pip|setuptools|wheel)==' > /tmp/lock.txt

@@ -9,7 +9,7 @@ encoding, shard writing and the manifest, as a real build does them. Reports wal
 images/s, CPU seconds per image (this process and its workers) and the linear extrapolation to
 1.2M images on 1, 16 and 64 cores. Not in CI: it writes ~0.5 GB; check free disk first.
 
-  python benchmarks/build_scale.py [--repeat 9] [--size 112] [--workers 2] [--dir /tmp/build_scale]
+  python -m benchmarks.build_scale [--repeat 9] [--size 112] [--workers 2] [--dir /tmp/build_scale]
 """
 
 from __future__ import annotations
@@ -25,12 +25,10 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 import cv2  # noqa: E402
 
-import machine  # noqa: E402  (benchmarks/machine.py)
+from benchmarks import machine  # noqa: E402
 from data_prep import build, sources  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "datasets" / "facial_expressions"

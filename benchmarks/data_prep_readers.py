@@ -16,7 +16,7 @@ datasets issue is >= 500 at 112 px for readers without detection. Rows:
   folders+blazeface  the same with --crop align --detector blazeface (detection included:
                    the keypoint detector's cost, not a reader's)
 
-  python benchmarks/data_prep_readers.py [--images 600] [--size 112] [--repeats 3]
+  python -m benchmarks.data_prep_readers [--images 600] [--size 112] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import datetime
 import os
 import pathlib
 import statistics
-import sys
 import tempfile
 import time
 
@@ -35,10 +34,9 @@ import cv2
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 
-import benchmark_fixtures as bf  # noqa: E402
 from data_prep import build, sources  # noqa: E402
+from tests.helpers import paper_datasets  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "datasets" / "facial_expressions" / "images"
 
@@ -70,7 +68,7 @@ def write_all(root: pathlib.Path, imgs: list[np.ndarray]) -> dict[str, tuple[lis
     (raf / "Annotation/boxes" / f"{stem}_boundingbox.txt").write_text(
         f"{0.1 * w} {0.1 * h} {0.9 * w} {0.9 * h}\n")
     (raf / "Annotation/manual" / f"{stem}_manu_attri.txt").write_text(
-        "".join(f"{x}\t{y}\n" for x, y in bf.face_landmarks(face)) + "1\n0\n2\n")
+        "".join(f"{x}\t{y}\n" for x, y in paper_datasets.face_landmarks(face)) + "1\n0\n2\n")
     grey = cv2.resize(cv2.cvtColor(face, cv2.COLOR_BGR2GRAY), (48, 48), interpolation=cv2.INTER_AREA)
     pixel_rows.append([0, " ".join(map(str, grey.ravel().tolist())), "Training"])
     votes = [0] * 10
@@ -79,7 +77,7 @@ def write_all(root: pathlib.Path, imgs: list[np.ndarray]) -> dict[str, tuple[lis
     rel = f"{i % 50}/img{i:05d}.jpg"
     (aff / "Manually_Annotated_Images" / str(i % 50)).mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(aff / "Manually_Annotated_Images" / rel), face)
-    marks = ";".join(f"{v:.2f}" for v in bf.landmarks_68(face).ravel())
+    marks = ";".join(f"{v:.2f}" for v in paper_datasets.landmarks_68(face).ravel())
     aff_rows.append([rel, int(0.1 * w), int(0.1 * h), int(0.8 * w), int(0.8 * h), marks, i % 8,
                      0, 0])
     (casia / f"{i % 40:07d}").mkdir(parents=True, exist_ok=True)
@@ -88,11 +86,11 @@ def write_all(root: pathlib.Path, imgs: list[np.ndarray]) -> dict[str, tuple[lis
   with open(fer / "fer2013.csv", "w", newline="") as f:
     csv.writer(f).writerows([["emotion", "pixels", "Usage"]] + pixel_rows)
   with open(fer / "fer2013new.csv", "w", newline="") as f:
-    csv.writer(f).writerows([bf.FERPLUS_HEADER] + vote_rows)
+    csv.writer(f).writerows([paper_datasets.FERPLUS_HEADER] + vote_rows)
   with open(aff / "training.csv", "w", newline="") as f:
-    csv.writer(f).writerows([bf.AFFECTNET_HEADER] + aff_rows)
+    csv.writer(f).writerows([paper_datasets.AFFECTNET_HEADER] + aff_rows)
   with open(aff / "validation.csv", "w", newline="") as f:
-    csv.writer(f).writerows([bf.AFFECTNET_HEADER] + aff_rows[:1])
+    csv.writer(f).writerows([paper_datasets.AFFECTNET_HEADER] + aff_rows[:1])
   p = lambda *tokens: sources.parse([str(t) for t in tokens])  # noqa: E731
   return {
       "rafdb aligned": ([p("rafdb", raf)], dict(crop="none", detector="none")),

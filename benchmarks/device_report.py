@@ -15,7 +15,7 @@ recorded as such; the others still run):
              GPU's memory (B, no remat), run for real: fits or not, and the measured peak
   input      the input pipeline on the host's cores (benchmarks/input_pipeline.py)
 
-  OUT=/tmp/out python benchmarks/device_report.py [--batch 256] [--skip torch]
+  OUT=/tmp/out python -m benchmarks.device_report [--batch 256] [--skip torch]
 """
 
 from __future__ import annotations
@@ -52,9 +52,8 @@ print(json.dumps({"device": d.device_kind, "tflops": 2 * n**3 * reps / (time.per
 
 MEMORY = r"""
 import json, sys, time
-sys.path.insert(0, "benchmarks")
 import jax
-import step_throughput as st
+from benchmarks import step_throughput as st
 batch = int(sys.argv[1])
 try:
   r = st.bench("mae", "vit_b16", None, batch, None, 3, 0.0, "bfloat16", False, "cudnn")

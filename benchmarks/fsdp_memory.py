@@ -13,7 +13,7 @@ batch under 80 GB (H100) and 141 GB (H200), with 10% kept free for the runtime.
 Caveat: these are the CPU compiler's buffer assignments. A GPU compile fuses differently and
 its temporaries differ; the GPU run of `run_device.sh` is what confirms the batch limits.
 
-  python benchmarks/fsdp_memory.py [--sizes B,L] [--batches 4,8] [--json OUT]
+  python -m benchmarks.fsdp_memory [--sizes B,L] [--batches 4,8] [--json OUT]
 """
 
 from __future__ import annotations
@@ -23,20 +23,17 @@ import datetime
 import json
 import math
 import os
-import pathlib
-import sys
 import time
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import pretrain_mae  # noqa: E402
-from ssfer_jax.runtime import sharding
 from ssfer_jax.input import pipeline  # noqa: E402
+from ssfer_jax.runtime import sharding
 from ssfer_jax.trainers import loop, pretrain  # noqa: E402
 
 GB = 1e9

@@ -14,7 +14,7 @@ and reports each at N/4, N/2 and N (so growth worse than linear shows), with the
 the start-up process. The goal of the performance issue: start-up under 10 s at 1.2M.
 Not in CI (it writes ~0.3 GB per size); check free disk first.
 
-  python benchmarks/index_scale.py [--records 1200000] [--dir /tmp/index_scale]
+  python -m benchmarks.index_scale [--records 1200000] [--dir /tmp/index_scale]
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402

@@ -31,7 +31,7 @@ backend: `device.crop_resize_flip` jitted on a batch of 64 host-drawn windows, a
 It moved off the host, it did not vanish; on a CPU backend it is the costliest stage by far.
 So did the strong view: the same line times it (a second resample plus RandAugment).
 
-  python benchmarks/input_pipeline.py [--records 2000] [--size 224] [--json OUT]
+  python -m benchmarks.input_pipeline [--records 2000] [--size 224] [--json OUT]
 """
 
 from __future__ import annotations
@@ -56,11 +56,10 @@ import jax
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the dataset writer, until data_prep builds them
 
-import dataset_fixture  # noqa: E402
-import machine  # noqa: E402  (benchmarks/machine.py)
+from benchmarks import machine  # noqa: E402
 from ssfer_jax.input import augment, device, pipeline, randaugment, records  # noqa: E402
+from tests.helpers import dataset_fixture  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "datasets" / "facial_expressions"
 

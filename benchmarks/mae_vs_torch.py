@@ -18,8 +18,8 @@ PyTorch). --xla_flags adds the JAX rows once per given flag set (XLA's CPU optio
 "--xla_cpu_use_thunk_runtime=false"). The default shape is the performance issue's: ViT-Ti/16,
 112 px, decoder 512 x 8, batch 32, 2 threads.
 
-  python benchmarks/mae_vs_torch.py [--model Ti --image 112 --batch 32 --steps 10 --rounds 3]
-  python benchmarks/mae_vs_torch.py --variant cpu --model mu --image 96 --batch 64
+  python -m benchmarks.mae_vs_torch [--model Ti --image 112 --batch 32 --steps 10 --rounds 3]
+  python -m benchmarks.mae_vs_torch --variant cpu --model mu --image 96 --batch 64
       [--xla_flags= --xla_flags=--xla_cpu_enable_fast_math=true]
 """
 
@@ -36,8 +36,6 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 TORCH_PYTHON = REPO / ".venv-timm" / "bin" / "python"
 
 

@@ -7,7 +7,7 @@ JPEGs. Rows: detection per photo (the run's detector), classification per face (
 fixed-size batches; --batch-size), and `predict.run` over the folder end to end (reading and
 writing the CSV/JSON included).
 
-  python benchmarks/predict_throughput.py [--model workdirs/demo/semisup] [--photos 200]
+  python -m benchmarks.predict_throughput [--model workdirs/demo/semisup] [--photos 200]
       [--batch-size 32] [--repeats 3] [--detector blazeface]
 
 The default model is the demo's (`make demo` first).
@@ -27,10 +27,8 @@ import cv2
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-import machine  # noqa: E402  (benchmarks/machine.py)
+from benchmarks import machine  # noqa: E402
 from ssfer_jax import predict
 
 FACES = [REPO.parent / "shared" / "datasets" / "facial_expressions" / "images",

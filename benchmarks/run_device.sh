@@ -19,5 +19,5 @@ export PYTHONUNBUFFERED=1
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
   python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__)"
-  timeout 330 python3 benchmarks/device_report.py
+  timeout 330 python3 -m benchmarks.device_report
 } 2>&1 | tee "$OUT/bench.log"

@@ -5,7 +5,7 @@ global batch sizes and image sizes: step time, images/s, analytic training GFLOP
 (matmuls incl. attention, backward = 2 x forward: models/flops.py) and the achieved GFLOP/s.
 A step that is cheap for its FLOPs is one where something other than the matmuls dominates.
 
-  python benchmarks/step_scaling.py [--stage mae --stage finetune] [--variant cpu]
+  python -m benchmarks.step_scaling [--stage mae --stage finetune] [--variant cpu]
       [--batches 16,32,64] [--images 64,96,128] [--steps 5]
 """
 
@@ -14,17 +14,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import pathlib
-import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 import jax  # noqa: E402
 
-import machine  # noqa: E402  (benchmarks/machine.py)
-import step_throughput  # noqa: E402
+from benchmarks import machine  # noqa: E402
+from benchmarks import step_throughput  # noqa: E402
 
 
 def main():

@@ -15,9 +15,9 @@ options on top of it (`--teacher ema,leaf`, `ema,negative`) also give their cost
 the plain stage-3 (EMA) step of the same run (`x_stage3`): LEAF adds a second strong view,
 trained, and its levels.
 
-  python benchmarks/step_throughput.py                 # picks variants for the backend
-  python benchmarks/step_throughput.py --stage mae --variant vit_b16 --batch 256
-  python benchmarks/step_throughput.py --stage finetune --variant vit_b16 --peak_tflops 989
+  python -m benchmarks.step_throughput                 # picks variants for the backend
+  python -m benchmarks.step_throughput --stage mae --variant vit_b16 --batch 256
+  python -m benchmarks.step_throughput --stage finetune --variant vit_b16 --peak_tflops 989
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import numpy as np
 from configs import finetune as finetune_config
 from configs import pretrain_mae
 from configs import semisup as semisup_config
-from ssfer_jax.runtime import sharding
 from ssfer_jax.input import pipeline
+from ssfer_jax.runtime import sharding
 from ssfer_jax.trainers import finetune, loop, pretrain, semisup
 
 # Dense bf16 peak per device, TFLOP/s (vendor figures; measure with --measure_peak).

@@ -6,7 +6,7 @@ EMA weights), the accuracy of those weights on train_labeled itself (un-augmente
 model fit its labels?), the training loss curve and the wall time. Test is never read here:
 the recipe is chosen on val, and the test list is scored once, by the job, afterwards.
 
-  python experiments/diagnose.py --data BUILD --out runs/diagnose [--base small] \
+  python -m experiments.diagnose --data BUILD --out runs/diagnose [--base small] \
       --arm 'crop02:data.crop_scale=(0.2,1.0)' --arm 'crop06:data.crop_scale=(0.6,1.0)' ...
 
 An arm is NAME:FIELD=VALUE;FIELD=VALUE... (values as Python literals, else strings; empty

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssfer_jax.runtime import figures, logs, sharding
 from ssfer_jax.input import device, pipeline, records
+from ssfer_jax.runtime import figures, logs, sharding
 
 
 class ClassMismatchError(records.DatasetError):

@@ -35,9 +35,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ssfer_jax import pytorch_weights
-from ssfer_jax.runtime import checkpointing, sharding, writers
 from ssfer_jax.input import records
 from ssfer_jax.models import param_table, vit
+from ssfer_jax.runtime import checkpointing, sharding, writers
 from ssfer_jax.trainers import finetune, loop, pretrain
 
 CARD = "model_card.json"

@@ -39,8 +39,8 @@ from jax.experimental import multihost_utils
 
 from ssfer_jax import evaluate, job_report
 from ssfer_jax.analysis import classical
-from ssfer_jax.runtime import sharding, workdir as workdir_lib, writers
 from ssfer_jax.input import records
+from ssfer_jax.runtime import sharding, workdir as workdir_lib, writers
 from ssfer_jax.trainers import finetune, loop, pretrain, semisup
 
 JOB_FILE = "job.json"

@@ -21,8 +21,8 @@ import jax
 from ml_collections import config_flags
 
 from ssfer_jax import job
-from ssfer_jax.runtime import checkpointing, distributed, logs, preemption, sharding, workdir
 from ssfer_jax.input import records
+from ssfer_jax.runtime import checkpointing, distributed, logs, preemption, sharding, workdir
 from ssfer_jax.trainers import finetune, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file, with :VARIANT.",

@@ -44,8 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_prep import faces, images
-from ssfer_jax.runtime import logs, sharding
 from ssfer_jax.input import augment, device
+from ssfer_jax.runtime import logs, sharding
 from ssfer_jax.trainers import finetune
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

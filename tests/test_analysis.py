@@ -11,10 +11,10 @@ import pytest
 
 from ssfer_jax import evaluate
 from ssfer_jax.analysis import fgsm, gradcam, label_noise
-from ssfer_jax.runtime import sharding
 from ssfer_jax.input import records
+from ssfer_jax.runtime import sharding
 from ssfer_jax.trainers import finetune
-from test_job import job_config
+from tests.test_job import job_config
 
 
 @pytest.fixture

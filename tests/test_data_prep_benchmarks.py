@@ -12,10 +12,10 @@ import msgpack
 import numpy as np
 import pytest
 
-import benchmark_fixtures as bf
 from data_prep import benchmarks, build, images, sources, split, vocabulary
 from ssfer_jax.input import pipeline, records
-from test_data_prep_build import read_shards
+from tests.helpers import paper_datasets
+from tests.test_data_prep_build import read_shards
 
 NONE = build.Config(size=48, crop="none", detector="none")
 
@@ -40,7 +40,7 @@ def check_reader(out, manifest, name, want, skipped, label_of):
 
 
 def test_rafdb_reader_aligned_and_original(demo_data_dir, tmp_path):
-  want, skipped = bf.write_rafdb(tmp_path / "basic", demo_data_dir)
+  want, skipped = paper_datasets.write_rafdb(tmp_path / "basic", demo_data_dir)
   src = benchmarks.RafDbSource("rafdb", str(tmp_path / "basic"))
   manifest = build.build([src], str(tmp_path / "aligned"), NONE, workers=1, progress=False)
   assert manifest["classes"] == [vocabulary.RAFDB[i] for i in range(1, 8)]   # RAF-DB's order
@@ -60,7 +60,7 @@ def test_rafdb_reader_aligned_and_original(demo_data_dir, tmp_path):
 
 
 def test_ferplus_reader_applies_the_majority_rule(demo_data_dir, tmp_path):
-  want, skipped = bf.write_ferplus(tmp_path / "fer", demo_data_dir)
+  want, skipped = paper_datasets.write_ferplus(tmp_path / "fer", demo_data_dir)
   src = sources.parse(["ferplus", str(tmp_path / "fer")])
   manifest = build.build([src], str(tmp_path / "out"), NONE, workers=1, progress=False)
   assert manifest["classes"] == list(vocabulary.FERPLUS_CLASSES)
@@ -74,7 +74,7 @@ def test_ferplus_reader_applies_the_majority_rule(demo_data_dir, tmp_path):
   # The stored image is the CSV's 48x48 grey pixels (JPEG at quality 90).
   first = recs["ferplus/Training/fer0000000.png"]
   stored = cv2.imdecode(np.frombuffer(first["image"], np.uint8), cv2.IMREAD_UNCHANGED)
-  face = bf.demo_images(demo_data_dir, 10)[0]
+  face = paper_datasets.demo_images(demo_data_dir, 10)[0]
   grey = cv2.resize(cv2.cvtColor(face, cv2.COLOR_BGR2GRAY), (48, 48), interpolation=cv2.INTER_AREA)
   assert stored.shape == (48, 48)
   assert np.abs(stored.astype(int) - grey).mean() < 4
@@ -97,7 +97,7 @@ def test_ferplus_majority_on_hand_made_votes(votes, expect):
 
 @pytest.mark.parametrize("classes", [8, 7])
 def test_affectnet_reader_classes_exclusions_and_landmarks(demo_data_dir, tmp_path, classes):
-  want, skipped = bf.write_affectnet(tmp_path / "aff", demo_data_dir)
+  want, skipped = paper_datasets.write_affectnet(tmp_path / "aff", demo_data_dir)
   if classes == 7:
     moved = [rid for rid, (expr, _) in want.items() if expr == 7]
     skipped.update({rid: "excluded expression 7 (Contempt)" for rid in moved})
@@ -137,8 +137,8 @@ def test_affectnet_reader_classes_exclusions_and_landmarks(demo_data_dir, tmp_pa
 def test_align_undoes_a_rotation_on_real_faces(demo_data_dir):
   """A face rotated, scaled and shifted (landmarks moved with it) aligns to what the face
   itself aligns to; the landmarks land on the template."""
-  for face in bf.demo_images(demo_data_dir, 3):
-    marks = bf.face_landmarks(face)
+  for face in paper_datasets.demo_images(demo_data_dir, 3):
+    marks = paper_datasets.face_landmarks(face)
     h, w = face.shape[:2]
     box = (0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h)
     m = cv2.getRotationMatrix2D((w / 2, h / 2), 25.0, 1.3)
@@ -174,7 +174,7 @@ def test_identity_folders_round_trip_and_group_splits(demo_data_dir, tmp_path):
   for i, fn in enumerate(files):
     os.makedirs(root / f"{i % 6:07d}", exist_ok=True)
     os.link(demo_data_dir / "images" / fn, root / f"{i % 6:07d}" / fn)
-  labeled = bf.write_rafdb(tmp_path / "basic", demo_data_dir)[0]
+  labeled = paper_datasets.write_rafdb(tmp_path / "basic", demo_data_dir)[0]
   srcs = [sources.parse(["folder", str(root), "labels=identity", "name=casia"]),
           benchmarks.RafDbSource("rafdb", str(tmp_path / "basic"))]
   build.build(srcs, str(tmp_path / "out"), NONE, workers=1, progress=False)
@@ -192,7 +192,7 @@ def test_identity_folders_round_trip_and_group_splits(demo_data_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def ferplus_build(demo_data_dir, tmp_path_factory):
-  return bf.ferplus_dataset(tmp_path_factory.mktemp("ferplus"), demo_data_dir)
+  return paper_datasets.ferplus_dataset(tmp_path_factory.mktemp("ferplus"), demo_data_dir)
 
 
 def test_split_keeps_the_datasets_own_partition(ferplus_build):
@@ -299,7 +299,7 @@ def test_partition_records_stay_put_whatever_the_identity_groups():
 def test_user_aliases_apply_after_the_canonical_names(demo_data_dir, tmp_path):
   """`happy` and `HAPPINESS` are one canonical class; `--alias happiness=joyful` renames it
   on purpose (the user's word wins)."""
-  rows = bf.demo_images(demo_data_dir, 4)
+  rows = paper_datasets.demo_images(demo_data_dir, 4)
   root = tmp_path / "imgs"
   root.mkdir()
   lines = []
@@ -326,7 +326,7 @@ def test_blazeface_finds_faces_and_their_keypoints(demo_data_dir):
   from data_prep import faces  # pylint: disable=g-import-not-at-top
   det = faces.BlazeFace()
   found = 0
-  photos = bf.demo_images(demo_data_dir, 20)
+  photos = paper_datasets.demo_images(demo_data_dir, 20)
   for face in photos:
     box, points = det.with_landmarks(face)
     if box is None:
@@ -345,7 +345,7 @@ def test_align_with_blazeface_puts_faces_on_the_template(demo_data_dir, tmp_path
   from data_prep import faces  # pylint: disable=g-import-not-at-top
   root = tmp_path / "photos"
   root.mkdir()
-  for i, face in enumerate(bf.demo_images(demo_data_dir, 12)):
+  for i, face in enumerate(paper_datasets.demo_images(demo_data_dir, 12)):
     big = cv2.copyMakeBorder(face, 40, 20, 10, 50, cv2.BORDER_REFLECT)   # off-centre faces
     cv2.imwrite(str(root / f"p{i:02d}.jpg"), big)
   cfg = build.Config(size=112, crop="align", detector="blazeface", margin=1.5)

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import dataset_fixture
 from ssfer_jax import evaluate
-from ssfer_jax.runtime import sharding
 from ssfer_jax.input import pipeline, records
+from ssfer_jax.runtime import sharding
+from tests.helpers import dataset_fixture
 
 
 @pytest.fixture(scope="module")

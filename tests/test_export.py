@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import small_config
 from configs import finetune as finetune_config
 from configs import pretrain_mae
 from ssfer_jax import export, pytorch_weights
 from ssfer_jax.models import param_table, vit
 from ssfer_jax.trainers import finetune, loop, pretrain
+from tests.conftest import small_config
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,8 @@ import optax
 import pytest
 
 from configs import finetune as finetune_config
-from ssfer_jax.methods import facemix
 from ssfer_jax.input import augment, device
+from ssfer_jax.methods import facemix
 from ssfer_jax.trainers import finetune
 
 

@@ -12,13 +12,13 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import small_config, train_losses
 from configs import finetune as finetune_config
 from configs import pretrain_mae
-from ssfer_jax.runtime import checkpointing, sharding, writers
-from ssfer_jax.trainers import optim
 from ssfer_jax.input import pipeline, records
+from ssfer_jax.runtime import checkpointing, sharding, writers
 from ssfer_jax.trainers import finetune, loop, pretrain
+from ssfer_jax.trainers import optim
+from tests.conftest import small_config, train_losses
 
 
 @pytest.fixture(autouse=True)

@@ -10,15 +10,15 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATASET
 from configs import finetune as finetune_config
 from configs import semisup as semisup_config
 from data_prep import build, sources, split
 from ssfer_jax import evaluate
 from ssfer_jax.analysis import classical
-from ssfer_jax.runtime import sharding, writers
 from ssfer_jax.input import records
+from ssfer_jax.runtime import sharding, writers
 from ssfer_jax.trainers import finetune, loop, semisup
+from tests.conftest import SHARED_DATASET
 
 LISTS = ("val", "test")
 

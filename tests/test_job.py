@@ -11,10 +11,10 @@ import signal
 import pytest
 
 from configs import ssfer
-from conftest import DEMO_DATA
 from ssfer_jax import job, job_report
 from ssfer_jax.runtime import preemption, writers
 from ssfer_jax.trainers import loop
+from tests.conftest import DEMO_DATA
 
 
 def job_config(tmp_path, **fields):

@@ -6,11 +6,11 @@ import os
 import jax
 import numpy as np
 
-from conftest import small_config
 from configs import finetune as finetune_config
 from data_prep import split as split_lib
 from ssfer_jax.analysis import kfold
 from ssfer_jax.input import records
+from tests.conftest import small_config
 
 
 def test_kfold_trains_every_fold_and_summarises(small_dataset, tmp_path):

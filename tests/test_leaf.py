@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssfer_jax.methods import leaf, negative_learning
 from ssfer_jax.input import pipeline
+from ssfer_jax.methods import leaf, negative_learning
 from ssfer_jax.models import leaf_levels
 
 

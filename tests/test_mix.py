@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-import benchmark_fixtures as bf
+from tests.helpers import paper_datasets
 import dataclasses
 from data_prep import split
 from ssfer_jax.input import leakage, pipeline, records
@@ -19,7 +19,7 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def ferplus(demo_data_dir, tmp_path_factory):
   """FERPlus-format build (48 px, FERPlus class order), split over its own partition."""
-  out = bf.ferplus_dataset(tmp_path_factory.mktemp("ferplus"), demo_data_dir)
+  out = paper_datasets.ferplus_dataset(tmp_path_factory.mktemp("ferplus"), demo_data_dir)
   split.split(out, "default", split.Options(labeled_fraction=0.5))
   return out
 
@@ -146,7 +146,7 @@ def test_pretraining_on_evaluation_images_is_refused(small_dataset, ferplus, tmp
 def test_a_mix_that_reads_its_own_splits_val_or_test_is_refused(small_dataset, ferplus):
   """Stage 1 or 2: a data.mix entry over every record of data.dir (or another split of it)
   would train on the run's own val/test: refused while planning, before compiling."""
-  from conftest import small_config  # pylint: disable=g-import-not-at-top
+  from tests.conftest import small_config  # pylint: disable=g-import-not-at-top
   from configs import finetune as finetune_config
   from ssfer_jax.trainers import loop
 
@@ -176,7 +176,7 @@ def test_the_same_benchmark_faces_in_another_variant_are_caught(demo_data_dir, t
   """RAF-DB's aligned and original images are different files of the same faces: pretraining
   on every aligned record leaks the original build's test faces (matched by RAF-DB's names)."""
   from data_prep import benchmarks, build  # pylint: disable=g-import-not-at-top
-  bf.write_rafdb(tmp_path / "basic", demo_data_dir)
+  paper_datasets.write_rafdb(tmp_path / "basic", demo_data_dir)
   src = benchmarks.RafDbSource("rafdb", str(tmp_path / "basic"))
   aligned, original = str(tmp_path / "aligned"), str(tmp_path / "original")
   build.build([src], aligned, build.Config(size=32, crop="none", detector="none"), workers=1,
@@ -195,7 +195,7 @@ def test_stage_1_trains_on_a_mix_and_stage_2_refuses_what_it_saw(small_dataset, 
                                                                  tmp_path):
   """A real MAE run over one whole build and another's train lists; fine-tuning on the
   whole build's split is refused before compiling (its val/test were pretrained on)."""
-  from conftest import small_config  # pylint: disable=g-import-not-at-top
+  from tests.conftest import small_config  # pylint: disable=g-import-not-at-top
   from configs import finetune as finetune_config, pretrain_mae
   from ssfer_jax.trainers import finetune, loop, pretrain
 

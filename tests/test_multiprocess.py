@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from conftest import build_demo_subset, train_losses
-from ssfer_jax.runtime import writers
 from ssfer_jax.input import records
+from ssfer_jax.runtime import writers
+from tests.conftest import build_demo_subset, train_losses
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -30,7 +30,7 @@ def run_two(tmp_path, data_dir, stage, processes=2, init_from=None):
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]),
              SSFER_TEST_PROCESSES=str(processes), SSFER_TEST_INIT_FROM=init_from or "")
   env.pop("XLA_FLAGS", None)
-  procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_worker.py"),
+  procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "helpers", "multiprocess_worker.py"),
                              str(port), str(i), data_dir, workdir, stage],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
            for i in range(processes)]
@@ -57,7 +57,7 @@ def start_pretrain_job(data_dir, workdir, total_steps, heartbeat_s):
   port = free_port()
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
   env.pop("XLA_FLAGS", None)
-  return [subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_worker.py"),
+  return [subprocess.Popen([sys.executable, os.path.join(HERE, "helpers", "multiprocess_worker.py"),
                             str(port), str(i), data_dir, workdir, "pretrain", str(total_steps),
                             str(heartbeat_s)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -142,7 +142,7 @@ def test_a_process_that_cannot_reach_the_coordinator_fails_clearly_in_time(tmp_p
 def test_a_checkpoint_restores_onto_fewer_devices(tmp_path, data_dir):
   """8 devices (mesh 4 x 2) to 4 (mesh 2 x 2) mid-run: the run ends as a straight one."""
   import jax
-  from conftest import small_config
+  from tests.conftest import small_config
   from configs import pretrain_mae
   from ssfer_jax.trainers import loop, pretrain
   jax.config.update("jax_threefry_partitionable", True)

@@ -12,8 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-import dataset_fixture
 from ssfer_jax.input import augment, pipeline, records
+from tests.helpers import dataset_fixture
 
 SIZE = 32
 

@@ -10,9 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import DEMO_DATA
 from data_prep import images
 from ssfer_jax import predict
+from tests.conftest import DEMO_DATA
 
 
 @pytest.fixture

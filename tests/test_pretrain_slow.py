@@ -4,10 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import build_demo_subset
 from configs import pretrain_mae
 from ssfer_jax.runtime import writers
 from ssfer_jax.trainers import loop, pretrain
+from tests.conftest import build_demo_subset
 
 
 @pytest.mark.slow

@@ -15,10 +15,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import small_config, train_losses
 from configs import pretrain_mae
 from ssfer_jax.runtime import checkpointing, sharding, workdir, writers
 from ssfer_jax.trainers import loop, pretrain
+from tests.conftest import small_config, train_losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -13,13 +13,13 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import small_config, train_losses
 from configs import semisup as semisup_config
 from ssfer_jax import evaluate
+from ssfer_jax.input import augment, device, pipeline, records
 from ssfer_jax.methods import thresholds
 from ssfer_jax.runtime import sharding, writers
-from ssfer_jax.input import augment, device, pipeline, records
 from ssfer_jax.trainers import finetune, loop, semisup
+from tests.conftest import small_config, train_losses
 
 
 @pytest.fixture(autouse=True)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from configs import pretrain_mae
+from ssfer_jax.models import mae
 from ssfer_jax.runtime import sharding
 from ssfer_jax.trainers import optim
-from ssfer_jax.models import mae
 from ssfer_jax.trainers import pretrain
 
 

@@ -15,9 +15,9 @@ import numpy as np
 import optax
 
 from configs import pretrain_mae
-from ssfer_jax.runtime import sharding
 from ssfer_jax.input import device
 from ssfer_jax.models import mae
+from ssfer_jax.runtime import sharding
 from ssfer_jax.trainers import loop, pretrain
 
 

@@ -13,10 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import DEMO_DATA, REPO, small_config
 from configs import finetune as finetune_config
 from ssfer_jax import export
 from ssfer_jax.trainers import finetune, loop
+from tests.conftest import DEMO_DATA, REPO, small_config
 
 pytestmark = pytest.mark.slow
 TIMM_PYTHON = REPO / ".venv-timm" / "bin" / "python"
@@ -41,7 +41,7 @@ def test_exports_match_timm_and_timm_weights_import(timm_env, small_dataset, tmp
   images = images.astype(np.float32)
   np.savez(tmp_path / "case.npz", images=images, logits=np.asarray(clf.apply(clf.params, images)))
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([timm_env, str(REPO / "tests" / "timm_check.py"), str(tmp_path / "export"),
+  out = subprocess.run([timm_env, str(REPO / "tests" / "helpers" / "timm_check.py"), str(tmp_path / "export"),
                         str(tmp_path / "case.npz")], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600)
   print(out.stdout)

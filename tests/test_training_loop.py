@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import small_config, train_losses as losses
 from configs import pretrain_mae
 from ssfer_jax.runtime import checkpointing, sharding, writers
 from ssfer_jax.trainers import loop, pretrain
+from tests.conftest import small_config, train_losses as losses
 
 
 @pytest.fixture

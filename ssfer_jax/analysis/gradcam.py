@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssfer_jax import evaluate
-from ssfer_jax.runtime import figures
 from ssfer_jax.input import device, pipeline, records
+from ssfer_jax.runtime import figures
 from ssfer_jax.trainers import finetune
 
 THRESHOLD = 0.3   # the paper's: a normalised map above it is an emotion-focused region

@@ -25,8 +25,8 @@ from ml_collections import config_flags
 
 from data_prep import split as split_lib
 from ssfer_jax import evaluate
-from ssfer_jax.runtime import logs, sharding
 from ssfer_jax.input import records
+from ssfer_jax.runtime import logs, sharding
 from ssfer_jax.trainers import finetune, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/finetune.py:VARIANT")

@@ -27,8 +27,8 @@ import jax
 import ml_collections
 
 from ssfer_jax import job
-from ssfer_jax.runtime import writers
 from ssfer_jax.input import records
+from ssfer_jax.runtime import writers
 
 RESULT_FILE = "label_noise.json"
 

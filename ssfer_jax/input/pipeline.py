@@ -65,8 +65,8 @@ import numpy as np
 from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ssfer_jax.runtime import sharding as sharding_lib
 from ssfer_jax.input import augment, randaugment, records
+from ssfer_jax.runtime import sharding as sharding_lib
 
 FIELDS = {  # name -> (shape after the batch dim, given image size and strong views; dtype)
     "image": (lambda s, v: (s, s, 3), np.uint8),

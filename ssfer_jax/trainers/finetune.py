@@ -22,12 +22,12 @@ import numpy as np
 import optax
 
 from ssfer_jax import evaluate, pytorch_weights
-from ssfer_jax.methods import facemix
-from ssfer_jax.runtime import checkpointing, sharding
-from ssfer_jax.trainers import optim
 from ssfer_jax.input import device, leakage, pipeline, records
+from ssfer_jax.methods import facemix
 from ssfer_jax.models import flops, vit
+from ssfer_jax.runtime import checkpointing, sharding
 from ssfer_jax.trainers import loop, pretrain
+from ssfer_jax.trainers import optim
 
 STAGE = "finetune"
 CLASS_WEIGHTINGS = ("none", "balanced", "sqrt")

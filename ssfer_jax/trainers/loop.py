@@ -29,9 +29,9 @@ import ml_collections
 import optax
 from clu import metrics as clu_metrics
 
+from ssfer_jax.input import augment, leakage, pipeline, records
 from ssfer_jax.runtime import checkpointing, preemption, sharding, writers
 from ssfer_jax.runtime import workdir as workdir_lib
-from ssfer_jax.input import augment, leakage, pipeline, records
 
 RESULT_FILE = "result.json"
 

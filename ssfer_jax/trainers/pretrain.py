@@ -10,11 +10,11 @@ import ml_collections
 import numpy as np
 
 from ssfer_jax import pytorch_weights
-from ssfer_jax.runtime import figures, sharding
-from ssfer_jax.trainers import optim
 from ssfer_jax.input import device, pipeline
 from ssfer_jax.models import flops, mae, vit
+from ssfer_jax.runtime import figures, sharding
 from ssfer_jax.trainers import loop
+from ssfer_jax.trainers import optim
 
 STAGE = "pretrain_mae"
 FIGURES_DIR = "figures"

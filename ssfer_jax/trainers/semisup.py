@@ -53,12 +53,12 @@ import numpy as np
 import optax
 
 from ssfer_jax import evaluate
-from ssfer_jax.methods import facemix, leaf, negative_learning, thresholds
-from ssfer_jax.runtime import figures, sharding, writers
-from ssfer_jax.trainers import optim
 from ssfer_jax.input import device, randaugment, records
+from ssfer_jax.methods import facemix, leaf, negative_learning, thresholds
 from ssfer_jax.models import flops, leaf_levels, vit
+from ssfer_jax.runtime import figures, sharding, writers
 from ssfer_jax.trainers import finetune, loop
+from ssfer_jax.trainers import optim
 
 STAGE = "semisup"
 TEACHERS = ("ema", "student")

@@ -24,8 +24,8 @@ from configs import finetune as finetune_config
 from configs import pretrain_mae
 from configs import semisup as semisup_config
 from ssfer_jax import evaluate
-from ssfer_jax.runtime import distributed, preemption
 from ssfer_jax.input import records
+from ssfer_jax.runtime import distributed, preemption
 from ssfer_jax.trainers import finetune, loop, pretrain, semisup
 
 

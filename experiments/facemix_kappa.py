@@ -19,7 +19,7 @@ longer side of the face box as a fraction of the image (stored row: of the store
 so face px = that x the stored size; weak row: of the model's view), and the share of pairs
 where either image had no face detected (its box is then the whole image or padded square).
 
-  python benchmarks/facemix_kappa.py --data /work/builds/fe96_m1.25 --data /work/builds/fe96_m2.0
+  python -m experiments.facemix_kappa --data /work/builds/fe96_m1.25 --data /work/builds/fe96_m2.0
       [--split default] [--lists train_labeled] [--batches 20] [--batch 64] [--seed 0]
       [--plot kappa.png] [--json OUT]
 """
@@ -31,19 +31,15 @@ import dataclasses
 import datetime
 import json
 import os
-import pathlib
-import sys
 
 import grain
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import machine  # noqa: E402  (benchmarks/machine.py)
+from benchmarks import machine  # noqa: E402
+from ssfer_jax.input import pipeline, records  # noqa: E402
 from ssfer_jax.methods import facemix
 from ssfer_jax.runtime import figures
-from ssfer_jax.input import pipeline, records  # noqa: E402
 
 PERCENTILES = (10, 25, 50, 75, 90)
 SMALL = 0.05  # kappa below this: the real-image loss is all but switched off

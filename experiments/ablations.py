@@ -5,10 +5,10 @@ The dataset is a `data_prep` build with a split (the protocol: the shared
 facial_expressions set, 25% of each class labeled, identity-grouped). Every cell is one
 stage-2 run of the CPU science recipe (`configs/finetune.py:small`, from
 `pretrain_mae.py:small`) selected on val (never on test), then evaluated once on test; the
-classical floor (`ssfer_jax/analysis/classical.py`) and the majority class stand under the table. Cells are appended
-to OUT/cells.jsonl as they finish, so an interrupted grid resumes where it stopped.
+classical floor (`ssfer_jax/analysis/classical.py`) and the majority class stand under the
+table. Cells are appended to OUT/cells.jsonl as they finish, so an interrupted grid resumes where it stopped.
 
-  python benchmarks/ablations.py --data /work/builds/fe96_m1.6 --out runs/ablations \
+  python -m experiments.ablations --data /work/builds/fe96_m1.6 --out runs/ablations \
       [--seeds 0,1,2] [--mae-epochs N] [--ft-epochs N] [--extra balanced] [--stage3]
 
 Seeds are paired across arms: seed s fixes the classifier's initialisation, the batch order
@@ -36,14 +36,14 @@ import time
 import jax
 import numpy as np
 
-import machine  # benchmarks/machine.py
+from benchmarks import machine  # noqa: E402
 from configs import finetune as finetune_config
 from configs import pretrain_mae
 from configs import semisup as semisup_config
 from ssfer_jax import evaluate
 from ssfer_jax.analysis import classical
-from ssfer_jax.runtime import logs, sharding, writers
 from ssfer_jax.input import records
+from ssfer_jax.runtime import logs, sharding, writers
 from ssfer_jax.trainers import finetune, loop, pretrain, semisup
 
 MIXINGS = ("none", "mixup", "facemix")

@@ -2,7 +2,7 @@
 test_timm_interop.py: our exports against timm's forward pass, and timm / PyTorch files read
 back by our importer.
 
-  .venv-timm/bin/python tests/timm_check.py EXPORT_DIR CASE.npz
+  .venv-timm/bin/python tests/helpers/timm_check.py EXPORT_DIR CASE.npz
 
 CASE.npz holds normalised images and the logits our JAX model gave for them (main env).
 Prints one line per check; exits non-zero on the first mismatch.
