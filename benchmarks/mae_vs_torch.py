@@ -48,11 +48,12 @@ def jax_worker(args) -> dict:
   import optax  # pylint: disable=g-import-not-at-top
 
   from configs import pretrain_mae  # pylint: disable=g-import-not-at-top
-  from ssfer_jax import optim, sharding  # pylint: disable=g-import-not-at-top
+  from benchmarks import step_throughput  # pylint: disable=g-import-not-at-top
+  from ssfer_jax import results  # pylint: disable=g-import-not-at-top
   from ssfer_jax.input import device, pipeline  # pylint: disable=g-import-not-at-top
   from ssfer_jax.models import mae  # pylint: disable=g-import-not-at-top
-  from ssfer_jax.trainers import loop, pretrain  # pylint: disable=g-import-not-at-top
-  import step_throughput  # pylint: disable=g-import-not-at-top
+  from ssfer_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
+  from ssfer_jax.trainers import loop, optim, pretrain  # pylint: disable=g-import-not-at-top
 
   c = pretrain_mae.get_config(args.variant).unlock()
   c.model.size, c.model.dtype, c.batch_size = args.model, "float32", args.batch
@@ -62,7 +63,7 @@ def jax_worker(args) -> dict:
   rng = np.random.default_rng(0)
   parts = {}
   if args.worker == "jax_model":
-    model = mae.MAE(**pretrain.model_kwargs(c))
+    model = mae.MAE(**results.mae_kwargs(c))
     tx, _ = optim.make_optimizer(c.optim, args.batch, plan.total_steps, plan.steps_per_epoch)
     x = jnp.asarray(rng.standard_normal((args.batch, args.image, args.image, 3)), jnp.float32)
     params = nn.meta.unbox(model.init({"params": jax.random.key(0), "mask": jax.random.key(1)},
@@ -202,7 +203,7 @@ def main():
           if not flags:
             parts.setdefault(("jax", name), []).append(ms)
     print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
-  import machine  # pylint: disable=g-import-not-at-top
+  from benchmarks import machine  # pylint: disable=g-import-not-at-top
   torch_ms = statistics.median(rows["torch (official MAE, eager)"])
   from configs import pretrain_mae  # pylint: disable=g-import-not-at-top
   dec = pretrain_mae.get_config(args.variant).model

@@ -7,7 +7,7 @@ import sys
 import warnings
 
 from data_prep import build, faces, images, sources, split, verify
-from ssfer_jax.input.records import DatasetError
+from ssfer_jax import errors
 
 BUILD_EPILOG = """\
 sources (repeat --source; record ids are "NAME/relative/path"):
@@ -274,9 +274,8 @@ def main(argv=None) -> int:
       print(f"{args.data}: every shard and ids.txt match the manifest")
       return 0
     report = _run_build(args) if args.command == "build" else _run_split(args)
-  except (DatasetError, ValueError, FileExistsError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except (errors.UserError, ValueError, FileExistsError, FileNotFoundError) as e:
+    return errors.report(e)   # also a bad argument value, an output folder that exists
   print(report, file=sys.stderr if args.command == "build" else sys.stdout)
   return 0
 

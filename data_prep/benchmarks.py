@@ -30,8 +30,8 @@ import os
 import numpy as np
 
 from data_prep import vocabulary
-from data_prep.sources import Item, Point, _item, sha256_file
-from ssfer_jax.input.records import DatasetError
+from data_prep.sources import _item, Item, Point, sha256_file
+from ssfer_jax.errors import DatasetError
 
 FER_SIDE = 48
 

@@ -32,8 +32,8 @@ import tqdm
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from data_prep import faces, images, sources as sources_lib
+from ssfer_jax.errors import DatasetError
 from ssfer_jax.input import records
-from ssfer_jax.input.records import DatasetError
 
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: cheap random access (grain)
 PART_FILE = "part.json"

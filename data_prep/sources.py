@@ -16,7 +16,7 @@ import os
 import posixpath
 
 from data_prep import vocabulary
-from ssfer_jax.input.records import DatasetError
+from ssfer_jax.errors import DatasetError
 
 Box = tuple[float, float, float, float]
 Point = tuple[float, float]

@@ -21,8 +21,8 @@ import warnings
 from array_record.python.array_record_module import ArrayRecordReader
 
 from data_prep.build import UNLABELED_KEY
+from ssfer_jax.errors import DatasetError
 from ssfer_jax.input import records
-from ssfer_jax.input.records import DatasetError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,7 +40,7 @@ from benchmarks import machine  # noqa: E402
 from configs import finetune as finetune_config
 from configs import pretrain_mae
 from configs import semisup as semisup_config
-from ssfer_jax import evaluate
+from ssfer_jax import evaluate, results
 from ssfer_jax.analysis import classical
 from ssfer_jax.input import records
 from ssfer_jax.runtime import logs, sharding, writers
@@ -150,7 +150,7 @@ def stage3_grid(args, mesh, seeds, stage2_cells: list[dict]) -> str:
     run = os.path.join(args.out, "runs", f"stage3_{arm}_s{seed}")
     t = time.perf_counter()
     loop.train(stage3_config(args, arm, seed, stage2), run, semisup.make_stage)
-    result = finetune.read_result(run)
+    result = results.read_result(run)
     last = [r for r in writers.read_metrics(run) if r["split"] == "epoch"][-1]
     cell = {"arm": arm, "seed": seed, "weights": result["weights"], "step": result["step"],
             "val_select": result["val"]["accuracy"], "test": summarise(test_report(run, args, mesh)),
@@ -159,7 +159,7 @@ def stage3_grid(args, mesh, seeds, stage2_cells: list[dict]) -> str:
     left = eta(t0, i, len(todo))
     print(f"[stage 3 {i + 1}/{len(todo)}] {arm} seed {seed}: test acc "
           f"{cell['test']['accuracy']:.3f} (stage 2 "
-          f"{finetune.read_result(stage2)['val']['accuracy']:.3f} val), mask rate "
+          f"{results.read_result(stage2)['val']['accuracy']:.3f} val), mask rate "
           f"{cell['mask_rate']}, pseudo-label acc {cell['pseudo_label_accuracy']} "
           f"({cell['seconds']:.0f}s; ETA {left / 60:.0f} min)", flush=True)
   start = [c for c in stage2_cells if (c["init"], c["mix"], c["extra"]) == ("mae", "facemix", "")
@@ -222,7 +222,7 @@ def knn_probe(args, mae_run: str, mesh, k: int = 20) -> dict:
 
 
 def test_report(run: str, args, mesh) -> dict:
-  clf = finetune.load_classifier(run, mesh=mesh)
+  clf = results.load_classifier(run, mesh=mesh)
   return evaluate.Evaluator.for_classifier(clf, data_dir=args.data, split=args.split,
                                            lists=("test",), mesh=mesh, num_threads=2)(clf.params)
 
@@ -302,7 +302,7 @@ def main():
     run = os.path.join(args.out, "runs", f"{init}_{mix}{'_' + extra if extra else ''}_s{seed}")
     t = time.perf_counter()
     loop.train(cell_config(args, init, mix, seed, mae_run, extra), run, finetune.make_stage)
-    result = finetune.read_result(run)
+    result = results.read_result(run)
     test = test_report(run, args, mesh)
     cell = {"init": init, "mix": mix, "seed": seed, "extra": extra or "",
             "weights": result["weights"], "step": result["step"],

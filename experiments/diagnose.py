@@ -33,7 +33,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from configs import finetune as finetune_config
-from ssfer_jax import evaluate
+from ssfer_jax import evaluate, results
 from ssfer_jax.analysis import classical
 from ssfer_jax.runtime import logs, sharding
 from ssfer_jax.trainers import finetune, loop
@@ -78,8 +78,8 @@ def run_arm(args, name: str, overrides: dict, mesh) -> dict:
   t0 = time.perf_counter()
   loop.train(c, run, finetune.make_stage)
   seconds = time.perf_counter() - t0
-  result = finetune.read_result(run)
-  clf = finetune.load_classifier(run, mesh=mesh)
+  result = results.read_result(run)
+  clf = results.load_classifier(run, mesh=mesh)
   fit = evaluate.Evaluator.for_classifier(clf, data_dir=args.data, split=args.split,
                                           lists=("train_labeled",), mesh=mesh,
                                           num_threads=2)(clf.params)

@@ -29,11 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssfer_jax import errors, results
 from ssfer_jax.input import device, pipeline, records
 from ssfer_jax.runtime import figures, logs, sharding
 
 
-class ClassMismatchError(records.DatasetError):
+class ClassMismatchError(errors.DatasetError):
   """The model and the dataset share no class name."""
 
 
@@ -152,7 +153,7 @@ class Evaluator:
   def for_classifier(cls, clf, *, data_dir: str, split: str | None, lists: Sequence[str],
                      mesh: jax.sharding.Mesh, batch_size: int = 64,
                      num_threads: int = pipeline.DEFAULT_THREADS) -> "Evaluator":
-    """For a `finetune.Classifier`: its classes, preprocessing and apply function."""
+    """For a `results.Classifier`: its classes, preprocessing and apply function."""
     pre = clf.preprocessing
     return cls(data_dir=data_dir, split=split, lists=lists, model_classes=clf.classes,
                image_size=pre["image_size"], mean=pre["mean"], std=pre["std"],
@@ -276,9 +277,7 @@ def evaluate_result(run_dir: str, *, data_dir: str, split: str, lists: Sequence[
                     mesh: jax.sharding.Mesh, batch_size: int = 64,
                     num_threads: int = pipeline.DEFAULT_THREADS) -> dict[str, Any]:
   """A classifier run's result weights on `lists`, written to RUN/eval/ as NAME.json + PNGs."""
-  from ssfer_jax.trainers import finetune  # pylint: disable=g-import-not-at-top
-
-  clf = finetune.load_classifier(run_dir, mesh=mesh)
+  clf = results.load_classifier(run_dir, mesh=mesh)
   report = Evaluator.for_classifier(clf, data_dir=data_dir, split=split, lists=lists, mesh=mesh,
                                     batch_size=batch_size, num_threads=num_threads)(clf.params)
   report.update(run=os.path.abspath(run_dir), step=clf.step, weights=clf.weights)
@@ -288,11 +287,10 @@ def evaluate_result(run_dir: str, *, data_dir: str, split: str, lists: Sequence[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from ssfer_jax.trainers import finetune  # pylint: disable=g-import-not-at-top
-
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--run", required=True, help="a fine-tuning workdir (with result.json)")
+  ap.add_argument("--run", required=True,
+                  help="a fine-tuning run: its workdir (with result.json) or RUN/checkpoints/STEP")
   ap.add_argument("--data", required=True, help="a `data_prep build` output")
   ap.add_argument("--split", default="default", help="split name or path (default: default)")
   ap.add_argument("--lists", default="test", help="comma-separated lists (default: test)")
@@ -303,19 +301,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--batch-size", type=int, default=64)
   ap.add_argument("--out", help="where the report goes (default RUN/eval)")
   args = ap.parse_args(argv)
-  out_dir = args.out or os.path.join(args.run, "eval")
+  out_dir = args.out or os.path.join(results.split_run_path(args.run)[0], "eval")
   logs.setup(out_dir)
   try:
     mesh = sharding.make_mesh((-1, 1))
-    clf = finetune.load_classifier(args.run, step=args.step, weights=args.weights, mesh=mesh)
+    clf = results.load_classifier(args.run, step=args.step, weights=args.weights, mesh=mesh)
     evaluator = Evaluator.for_classifier(
         clf, data_dir=args.data, split=None if args.all_records else args.split,
         lists=args.lists.split(","), mesh=mesh, batch_size=args.batch_size)
-    finetune.check_preprocessing(clf.preprocessing, args.data)
+    results.check_preprocessing(clf.preprocessing, args.data)
     report = evaluator(clf.params)
-  except (records.DatasetError, finetune.InitError, sharding.ConfigError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except errors.UserError as e:
+    return errors.report(e)
   report.update(run=os.path.abspath(args.run), step=clf.step, weights=clf.weights)
   name = "all" if args.all_records else "_".join(args.lists.split(","))
   paths = write_report(report, out_dir, name)

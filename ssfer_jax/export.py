@@ -34,11 +34,11 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ssfer_jax import pytorch_weights
+from ssfer_jax import errors, pytorch_weights, results
 from ssfer_jax.input import records
 from ssfer_jax.models import param_table, vit
 from ssfer_jax.runtime import checkpointing, sharding, writers
-from ssfer_jax.trainers import finetune, loop, pretrain
+from ssfer_jax.trainers import pretrain
 
 CARD = "model_card.json"
 WEIGHTS = "model.safetensors"
@@ -46,16 +46,8 @@ ORBAX = "orbax"
 FORMAT = "ssfer-jax export 1"
 
 
-class ExportError(ValueError):
+class ExportError(errors.UserError, ValueError):
   pass
-
-
-def _result(run_dir: str) -> dict:
-  path = os.path.join(run_dir, loop.RESULT_FILE)
-  if not os.path.exists(path):
-    raise ExportError(f"{path} not found: export a finished run (stage 1, 2 or 3).")
-  with open(path) as f:
-    return json.load(f)
 
 
 def timm_call(arch: str, kwargs: Mapping[str, Any], path: str, mean, std,
@@ -101,7 +93,7 @@ def _data_summary(data: Mapping[str, Any] | None) -> dict | None:
 
 
 def _classifier(run_dir: str, result: dict, weights: str) -> tuple[dict, dict, dict]:
-  clf = finetune.load_classifier(run_dir, weights=weights)
+  clf = results.load_classifier(run_dir, weights=weights)
   kwargs = result["model"]
   val = result.get("val") or {}
   card = {"kind": "classifier", "classes": result["classes"], "step": clf.step,
@@ -117,22 +109,22 @@ def _classifier(run_dir: str, result: dict, weights: str) -> tuple[dict, dict, d
 def load_mae_run(run_dir: str) -> tuple[dict, dict]:
   """A finished stage-1 run's MAE params (its result's step, on the host) and its resolved
   model kwargs."""
-  result = _result(run_dir)
+  result = results.read_result(run_dir)
   src = ml_collections.ConfigDict(result["config"])
   ckpt = checkpointing.Checkpointer(run_dir)
   try:
-    params = pretrain.restore_params(ckpt, result["step"], src, sharding.single_device_mesh())
+    params = results.restore_mae_params(ckpt, result["step"], src, sharding.single_device_mesh())
   finally:
     ckpt.close()
-  kwargs = {k: (str(v) if k == "dtype" else v) for k, v in pretrain.model_kwargs(src).items()}
+  kwargs = {k: (str(v) if k == "dtype" else v) for k, v in results.mae_kwargs(src).items()}
   return jax.device_get(params), kwargs
 
 
 def export_run(run_dir: str, out_dir: str, *, weights: str = "best",
                fmt: str = "encoder") -> dict:
   """Writes DIR/model.safetensors, DIR/model_card.json and DIR/orbax/; returns the card."""
-  result = _result(run_dir)
-  if result["stage"] in finetune.CLASSIFIER_STAGES:
+  result = results.read_result(run_dir)
+  if result["stage"] in results.CLASSIFIER_STAGES:
     params, kwargs, card = _classifier(run_dir, result, weights)
     image_size = result["preprocessing"]["image_size"]
     num_classes, mean, std = len(result["classes"]), *(result["preprocessing"][k]
@@ -212,9 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = ap.parse_args(argv)
   try:
     card = export_run(args.run, args.out, weights=args.weights, fmt=args.format)
-  except (ExportError, finetune.InitError, pytorch_weights.WeightsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except errors.UserError as e:
+    return errors.report(e)
   print(f"exported {card['kind']} of {args.run} (step {card['step']}, {card['weights']} weights) "
         f"to {args.out}: {WEIGHTS}, {CARD}, {ORBAX}/")
   if "timm" in card:

@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ssfer_jax import evaluate, job_report
+from ssfer_jax import errors, evaluate, job_report, results
 from ssfer_jax.analysis import classical
 from ssfer_jax.input import records
 from ssfer_jax.runtime import sharding, workdir as workdir_lib, writers
@@ -58,7 +58,7 @@ STAGES = {pretrain.STAGE: pretrain.make_stage, finetune.STAGE: finetune.make_sta
           semisup.STAGE: semisup.make_stage}
 
 
-class JobError(RuntimeError):
+class JobError(errors.UserError, RuntimeError):
   """The job cannot run as configured (a bad stage list, missing data, a changed upstream)."""
 
 
@@ -191,7 +191,7 @@ def _agreed(flag: bool) -> bool:
 
 
 def _done(run_dir: str) -> dict | None:
-  path = os.path.join(run_dir, loop.RESULT_FILE)
+  path = os.path.join(run_dir, results.RESULT_FILE)
   if not _agreed(os.path.exists(path)):
     return None
   with open(path) as f:
@@ -202,7 +202,7 @@ def _results_digest(config: ml_collections.ConfigDict, workdir: str) -> dict[str
   """sha256 of each classifier stage's result.json: what the evaluation was computed from."""
   out = {}
   for stage in (s for s in config.stages if s in CLASSIFIER_STAGES):
-    with open(os.path.join(workdir, stage, loop.RESULT_FILE), "rb") as f:
+    with open(os.path.join(workdir, stage, results.RESULT_FILE), "rb") as f:
       out[stage] = hashlib.sha256(f.read()).hexdigest()
   return out
 

@@ -20,10 +20,9 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from ssfer_jax import job
-from ssfer_jax.input import records
-from ssfer_jax.runtime import checkpointing, distributed, logs, preemption, sharding, workdir
-from ssfer_jax.trainers import finetune, loop
+from ssfer_jax import errors, job
+from ssfer_jax.runtime import distributed, logs, preemption, workdir
+from ssfer_jax.trainers import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file, with :VARIANT.",
                                           lock_config=True)
@@ -65,14 +64,9 @@ def setup(argv):
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            _INIT_TIMEOUT.value, _HEARTBEAT.value)
-  except distributed.JoinError as e:
-    sys.stderr.write(f"JoinError: {e}\n")
-    sys.exit(1)
-  try:
     workdir.prepare(_WORKDIR.value)
-  except workdir.WorkdirError as e:
-    sys.stderr.write(f"WorkdirError: {e}\n")
-    sys.exit(1)
+  except errors.UserError as e:   # before the log file exists: to stderr alone
+    sys.exit(errors.report(e))
   index = jax.process_index()
   log_file = logs.setup(_WORKDIR.value, "log.txt" if index == 0 else f"log.process{index}.txt")
   logging.info("library logs: %s", log_file)
@@ -102,16 +96,14 @@ def main(argv):
 
 
 def exit_on_errors(fn):
-  """Runs `fn`; a preemption exits with its code, a known error with its one-line message."""
+  """Runs `fn`; a preemption exits with its code, a user's error with its one line (status 2)."""
   try:
     return fn()
   except preemption.Preempted as e:
     logging.warning("%s", e)
     sys.exit(e.exit_code)
-  except (sharding.ConfigError, records.DatasetError, checkpointing.CheckpointError,
-          loop.NonFiniteError, finetune.InitError, workdir.WorkdirError, job.JobError) as e:
-    logging.error("%s: %s", type(e).__name__, e)
-    sys.exit(1)
+  except errors.UserError as e:
+    sys.exit(errors.report(e, log=True))
 
 
 if __name__ == "__main__":

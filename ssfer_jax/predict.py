@@ -44,15 +44,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_prep import faces, images
+from ssfer_jax import errors, results
 from ssfer_jax.input import augment, device
 from ssfer_jax.runtime import logs, sharding
-from ssfer_jax.trainers import finetune
+
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 
 
-class PredictError(ValueError):
+class PredictError(errors.UserError, ValueError):
   """The model or the inputs cannot be used as given."""
 
 
@@ -64,27 +65,15 @@ class Face:
   probabilities: dict[str, float]
 
 
-def _split_model(model: str) -> tuple[str, int | None]:
-  """A run dir, its result.json, or RUN/checkpoints/STEP -> (run dir, step or None)."""
-  model = os.path.abspath(model)
-  if os.path.basename(model) == "result.json":
-    return os.path.dirname(model), None
-  parent = os.path.dirname(model)
-  if os.path.basename(model).isdigit() and os.path.basename(parent) == "checkpoints":
-    return os.path.dirname(parent), int(os.path.basename(model))
-  return model, None
-
-
 class Predictor:
   """A classifier run's weights with its framing and a detector; `predict` per image."""
 
   def __init__(self, model: str, *, weights: str = "best", detector: str | None = None,
                yunet_model: str | None = None, batch_size: int = 32):
-    run_dir, step = _split_model(model)
     try:
-      self.classifier = finetune.load_classifier(run_dir, step=step, weights=weights,
-                                                 mesh=sharding.single_device_mesh())
-    except finetune.InitError as e:
+      self.classifier = results.load_classifier(model, weights=weights,
+                                                mesh=sharding.single_device_mesh())
+    except errors.InitError as e:
       raise PredictError(f"--model {model}: {e}") from None
     pre = self.classifier.preprocessing
     self.classes = list(self.classifier.classes)
@@ -339,9 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(predictor.describe(), file=sys.stderr)
     summary = run(predictor, args.inputs, args.out, every=max(1, args.every),
                   annotate_images=args.annotate)
-  except PredictError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except errors.UserError as e:
+    return errors.report(e)
   print(f"{summary['faces']} faces in {summary['images']} images/frames "
         f"({summary['faces_per_s'] or 0:.1f} faces/s); {len(summary['no_face'])} without a face; "
         f"{len(summary['unreadable'])} unreadable")

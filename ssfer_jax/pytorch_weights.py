@@ -15,6 +15,7 @@ import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 
+from ssfer_jax import errors
 from ssfer_jax.models import param_table, vit
 
 WEIGHT_FILES = (".safetensors", ".pth", ".pt", ".bin")
@@ -23,7 +24,7 @@ TIMM_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base"
               (1024, 24, 16): "large"}
 
 
-class WeightsError(ValueError):
+class WeightsError(errors.UserError, ValueError):
   """A weight file cannot be read or does not fit the model."""
 
 

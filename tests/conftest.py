@@ -16,7 +16,7 @@ DEMO_DATA = REPO / "data_prep" / "demo_data"
 
 def train_losses(workdir) -> dict:
   """step -> loss of the train rows a run logged in `workdir`."""
-  from ssfer_jax import writers  # pylint: disable=g-import-not-at-top   (after XLA_FLAGS)
+  from ssfer_jax.runtime import writers  # pylint: disable=g-import-not-at-top   (after XLA_FLAGS)
   return {r["step"]: r["loss"] for r in writers.read_metrics(str(workdir))
           if r["split"] == "train"}
 

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssfer_jax import evaluate
+from ssfer_jax import evaluate, results
 from ssfer_jax.analysis import fgsm, gradcam, label_noise
 from ssfer_jax.input import records
 from ssfer_jax.runtime import sharding
-from ssfer_jax.trainers import finetune
+
 from tests.test_job import job_config
 
 
@@ -23,8 +23,8 @@ def run(finetuned_run):
 
 
 def test_gradcam_maps_and_their_gradient_point(run, small_dataset):
-  clf = finetune.load_classifier(run)
-  model = finetune.model_from_result(finetune.read_result(run))
+  clf = results.load_classifier(run)
+  model = results.model_from_result(results.read_result(run))
   pre = clf.preprocessing
   images, labels = gradcam.first_batch(clf, small_dataset, "default", ["test"], 8)
   x01 = images.astype(np.float32) / 255
@@ -51,7 +51,7 @@ def test_gradcam_maps_and_their_gradient_point(run, small_dataset):
 
 def test_fgsm_table_starts_at_clean_accuracy(run, small_dataset):
   result = fgsm.run(run, small_dataset, "default", ["test"], eps=(0.0, 0.05, 0.5), batch_size=16)
-  clf = finetune.load_classifier(run)
+  clf = results.load_classifier(run)
   clean = evaluate.Evaluator.for_classifier(clf, data_dir=small_dataset, split="default",
                                             lists=("test",), mesh=sharding.make_mesh((-1, 1)),
                                             batch_size=16)(clf.params)
@@ -60,7 +60,7 @@ def test_fgsm_table_starts_at_clean_accuracy(run, small_dataset):
     assert accs[0] == pytest.approx(100 * clean["accuracy"])
     assert all(0 <= a <= 100 for a in accs)
   # Each attack moves only its own region's pixels, by at most eps, within [0, 1].
-  clf_model = finetune.model_from_result(finetune.read_result(run))
+  clf_model = results.model_from_result(results.read_result(run))
   pre = clf.preprocessing
   images, labels = gradcam.first_batch(clf, small_dataset, "default", ["test"], 8)
   x01 = jnp.asarray(images, jnp.float32) / 255

@@ -16,8 +16,8 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
 from data_prep import build, sources
+from ssfer_jax.errors import DatasetError
 from ssfer_jax.input import records
-from ssfer_jax.input.records import DatasetError
 
 CLASSES = ("anger", "contempt", "disgust", "fear", "happiness", "neutral", "sadness", "surprise")
 FAST = build.Config(size=32, crop="none", detector="none")

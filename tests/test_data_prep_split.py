@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from data_prep import __main__ as cli
 from data_prep import build, sources, split
+from ssfer_jax import errors
 from ssfer_jax.input import records
 
 IDENTITY = r"^(.*)_\d+\.\w+$"
@@ -250,7 +251,7 @@ def test_folds_are_seeded_reproducible_and_one_set(data):
   split.kfold(data, "cva", split.FoldOptions(folds=2, seed=5), overwrite=True)
   assert split.fold_names(data, "cva") == ["cva_fold0", "cva_fold1"]
   assert not (pathlib.Path(data) / "splits" / "cva_fold2.json").exists()  # no stale fold
-  with pytest.raises(records.DatasetError, match="nope_fold0.json not found.*--folds K"):
+  with pytest.raises(errors.DatasetError, match="nope_fold0.json not found.*--folds K"):
     split.fold_names(data, "nope")
 
 

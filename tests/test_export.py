@@ -12,7 +12,7 @@ from flax import traverse_util
 
 from configs import finetune as finetune_config
 from configs import pretrain_mae
-from ssfer_jax import export, pytorch_weights
+from ssfer_jax import errors, export, pytorch_weights, results
 from ssfer_jax.models import param_table, vit
 from ssfer_jax.trainers import finetune, loop, pretrain
 from tests.conftest import small_config
@@ -49,7 +49,7 @@ def flat(tree):
 def test_classifier_export_round_trips_exactly(runs, tmp_path):
   _, ft_dir = runs
   card = export.export_run(ft_dir, str(tmp_path / "x"))
-  clf = finetune.load_classifier(ft_dir)
+  clf = results.load_classifier(ft_dir)
   assert card["classes"] == clf.classes and card["weights"] == clf.weights
   assert card["timm"]["kwargs"]["num_classes"] == len(clf.classes)
   assert card["timm"]["kwargs"]["img_size"] == 32
@@ -136,12 +136,12 @@ def test_timm_file_with_learned_positions_starts_stage2(small_dataset, tmp_path)
   pytorch_weights.write_safetensors(str(tmp_path / "bad.safetensors"),
                                     {k: v for k, v in sd.items() if not k.startswith("blocks.1.")}, {})
   bad = small_config(finetune_config, small_dataset, init_from=str(tmp_path / "bad.safetensors"))
-  with pytest.raises(finetune.InitError, match="lacks the encoder's"):
+  with pytest.raises(errors.InitError, match="lacks the encoder's"):
     started(bad, finetune.make_stage)
 
 
 def test_export_refuses_what_it_cannot_write(tmp_path):
-  with pytest.raises(export.ExportError, match="result.json not found"):
+  with pytest.raises(errors.InitError, match="result.json not found"):
     export.export_run(str(tmp_path), str(tmp_path / "out"))
   with pytest.raises(pytorch_weights.WeightsError, match="LEAF"):
     pytorch_weights.timm_model(vit.vit_kwargs("mu", pool="cls", patch_size=16, leaf_experts=8), 7, 32)

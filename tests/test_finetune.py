@@ -14,10 +14,10 @@ import pytest
 
 from configs import finetune as finetune_config
 from configs import pretrain_mae
+from ssfer_jax import errors, results
 from ssfer_jax.input import pipeline, records
 from ssfer_jax.runtime import checkpointing, sharding, writers
-from ssfer_jax.trainers import finetune, loop, pretrain
-from ssfer_jax.trainers import optim
+from ssfer_jax.trainers import finetune, loop, optim, pretrain
 from tests.conftest import small_config, train_losses
 
 
@@ -64,7 +64,7 @@ def test_class_weights_keep_the_loss_scale():
   np.testing.assert_allclose((w[labels]).mean(), 1.0, rtol=1e-6)  # mean over records is 1
   assert w[3] == 0                                              # absent class
   assert finetune.class_weights(labels, 4, "none") is None
-  with pytest.raises(sharding.ConfigError, match="class_weighting"):
+  with pytest.raises(errors.ConfigError, match="class_weighting"):
     finetune.class_weights(labels, 4, "inverse")
 
 
@@ -142,16 +142,16 @@ def test_warm_start_loads_the_mae_encoder(small_dataset, mae_run, tmp_path):
 
 
 def test_init_from_errors(small_dataset, mae_run, tmp_path):
-  with pytest.raises(finetune.InitError, match="not a run directory"):
+  with pytest.raises(errors.InitError, match="not a run directory"):
     loop.train(ft_config(small_dataset, init_from=str(tmp_path / "nowhere")),
                str(tmp_path / "a"), finetune.make_stage)
   wide = ft_config(small_dataset, init_from=mae_run)
   wide.model.size = "Ti"
   wide.sharding_rules = ()
-  with pytest.raises(finetune.InitError, match=r"width \(64 there, 192 here\)"):
+  with pytest.raises(errors.InitError, match=r"width \(64 there, 192 here\)"):
     loop.train(wide, str(tmp_path / "b"), finetune.make_stage)
   loop.train(ft_config(small_dataset), str(tmp_path / "ft"), finetune.make_stage, stop_at=1)
-  with pytest.raises(finetune.InitError, match="'finetune' checkpoint"):
+  with pytest.raises(errors.InitError, match="'finetune' checkpoint"):
     loop.train(ft_config(small_dataset, init_from=str(tmp_path / "ft")), str(tmp_path / "c"),
                finetune.make_stage)
 
@@ -174,12 +174,12 @@ def test_resume_restores_the_ema_exactly_and_keeps_the_best(small_dataset, tmp_p
   np.testing.assert_allclose([r[k] for k in range(1, 7)], [s[k] for k in range(1, 7)], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(straight.extra), jax.tree.leaves(resumed.extra)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-  result = finetune.read_result(str(tmp_path / "straight"))
+  result = results.read_result(str(tmp_path / "straight"))
   assert result["classes"] == records.load_manifest(small_dataset)["classes"]
   assert result["weights"] in ("raw", "ema") and result["preprocessing"]["image_size"] == 32
   assert result["step"] in (2, 4, 6)
   assert result["val"]["count"] == len(records.load_split(small_dataset, "default", ["val"]))
-  clf = finetune.load_classifier(str(tmp_path / "straight"))
+  clf = results.load_classifier(str(tmp_path / "straight"))
   assert clf.step == result["step"] and clf.weights == result["weights"]
 
 
@@ -202,13 +202,13 @@ def test_best_checkpoint_survives_and_resume_starts_from_the_latest(small_datase
   loop.train(c, workdir, make_stage)
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   assert steps == [2, 6]                      # the best (2) and the latest (6)
-  result = finetune.read_result(workdir)
+  result = results.read_result(workdir)
   assert result["step"] == 2 and result["val"] == {"step": 2} and result["classes"] == ["x"]
   c.total_steps = 8   # a longer run: the resume must be allowed to reshape the schedule
   loop.train(c, workdir, make_stage, allow_schedule_change=True)
   logged = [r["step"] for r in writers.read_metrics(workdir) if r["split"] == "train"]
   assert logged == [1, 2, 3, 4, 5, 6, 7, 8]   # resumed from 6, not from the best step 2
-  assert finetune.read_result(workdir)["step"] == 2
+  assert results.read_result(workdir)["step"] == 2
 
 
 def test_hooks_update_stage_state_and_it_is_checkpointed(small_dataset, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from configs import finetune as finetune_config
 from configs import semisup as semisup_config
 from data_prep import build, sources, split
-from ssfer_jax import evaluate
+from ssfer_jax import evaluate, results
 from ssfer_jax.analysis import classical
 from ssfer_jax.input import records
 from ssfer_jax.runtime import sharding, writers
@@ -53,7 +53,7 @@ def stage2(tmp_path_factory):
 def test_short_finetune_beats_the_majority_class(stage2):
   data, run = stage2
   mesh = sharding.make_mesh((-1, 1))
-  clf = finetune.load_classifier(run, mesh=mesh)
+  clf = results.load_classifier(run, mesh=mesh)
   report = evaluate.Evaluator.for_classifier(clf, data_dir=data, split="default", lists=LISTS,
                                              mesh=mesh, num_threads=2)(clf.params)
   base = evaluate.majority_report(data, "default", LISTS)
@@ -70,7 +70,7 @@ def test_small_recipe_stage2_beats_the_classical_floor(stage2):
   (logistic regression on 32x32 grey pixels, C chosen on val), scored on the same faces."""
   data, run = stage2
   mesh = sharding.make_mesh((-1, 1))
-  clf = finetune.load_classifier(run, mesh=mesh)
+  clf = results.load_classifier(run, mesh=mesh)
   report = evaluate.Evaluator.for_classifier(clf, data_dir=data, split="default", lists=LISTS,
                                              mesh=mesh, num_threads=2)(clf.params)
   (floor,) = classical.floor_reports(data, "default", LISTS, kinds=("pixels",), log=print)
@@ -107,5 +107,5 @@ def test_short_semisup_run_logs_every_diagnostic(stage2, tmp_path):
     assert any(k.startswith("pseudo_label_accuracy/") for k in r)
   assert {"raw_accuracy", "ema_accuracy"} <= val[-1].keys()
   assert os.path.exists(os.path.join(run, semisup.FIGURE))
-  result = finetune.read_result(run)
+  result = results.read_result(run)
   assert result["stage"] == "semisup" and result["weights"] in ("raw", "ema")

@@ -11,7 +11,7 @@ import signal
 import pytest
 
 from configs import ssfer
-from ssfer_jax import job, job_report
+from ssfer_jax import job, job_report, results
 from ssfer_jax.runtime import preemption, writers
 from ssfer_jax.trainers import loop
 from tests.conftest import DEMO_DATA
@@ -75,9 +75,9 @@ def test_job_resumes_inside_and_between_stages(interrupted_then_resumed, monkeyp
   assert open(os.path.join(workdir, "pretrain", writers.METRICS_FILE)).read() == pretrain_log
   assert steps_logged(os.path.join(workdir, "finetune")) == [1, 2, 3, 4, 5, 6]
   for stage in ssfer.STAGES:
-    with open(os.path.join(workdir, stage, loop.RESULT_FILE)) as f:
+    with open(os.path.join(workdir, stage, results.RESULT_FILE)) as f:
       assert json.load(f)["step"] >= 1
-  with open(os.path.join(workdir, "pretrain", loop.RESULT_FILE)) as f:
+  with open(os.path.join(workdir, "pretrain", results.RESULT_FILE)) as f:
     assert json.load(f)["step"] == 6   # stage 1's result is its last checkpoint
   # A third run has nothing left to train.
   trained = []

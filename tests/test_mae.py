@@ -8,7 +8,7 @@ import pytest
 from ssfer_jax.models import param_table
 from ssfer_jax.models.mae import (MAE, masked_mse, patch_targets, patchify, random_masking, reconstruct_images,
                                   unpatchify)
-from ssfer_jax.models.vit import ViT, encoder_params_from_mae, vit_kwargs
+from ssfer_jax.models.vit import encoder_params_from_mae, ViT, vit_kwargs
 
 MU = vit_kwargs("mu")  # width 64, depth 2, 4 heads, mlp 256
 DEC = dict(decoder_width=32, decoder_depth=2, decoder_heads=4)

@@ -11,6 +11,7 @@ import pytest
 from tests.helpers import paper_datasets
 import dataclasses
 from data_prep import split
+from ssfer_jax import errors
 from ssfer_jax.input import leakage, pipeline, records
 
 SIZE = 32
@@ -110,7 +111,7 @@ def test_labeled_mix_maps_classes_by_name(small_dataset, ferplus):
         assert ours[label] == theirs[labels[int(index)]]
         mapped += 1
   assert mapped == 16
-  with pytest.raises(records.DatasetError, match="has class"):
+  with pytest.raises(errors.DatasetError, match="has class"):
     _mixed(small_dataset, ferplus, kind="labeled", seed=0)
 
 
@@ -128,18 +129,18 @@ def test_pretraining_on_evaluation_images_is_refused(small_dataset, ferplus, tmp
           "train_lists": ["train_labeled", "train_unlabeled"], "mix": ""}
   leakage.check(data, small_dataset, "default", "runs/mae")
   leakage.check(dict(data, mix=f"{ferplus}@default=1"), small_dataset, "default", "runs/mae")
-  with pytest.raises(records.DatasetError, match="trains on .* image"):
+  with pytest.raises(errors.DatasetError, match="trains on .* image"):
     leakage.check(dict(data, mix=f"{small_dataset}=1,{ferplus}=1"), small_dataset, "default",
                   "runs/mae")
   copy = str(tmp_path / "copy")
   shutil.copytree(small_dataset, copy)   # the same photos, another build path
-  with pytest.raises(records.DatasetError, match="runs/mae trains on"):
+  with pytest.raises(errors.DatasetError, match="runs/mae trains on"):
     leakage.check(dict(data, mix=f"{copy}=1"), small_dataset, "default", "runs/mae")
   other = split.split(copy, "other", split.Options(labeled_fraction=0.5, seed=9))
   held = set(json.load(open(os.path.join(small_dataset, "splits", "default.json")))["lists"][
       "test"])
   assert held & set(other["lists"]["train_labeled"] + other["lists"]["train_unlabeled"])
-  with pytest.raises(records.DatasetError, match="val/test lists of split 'default'"):
+  with pytest.raises(errors.DatasetError, match="val/test lists of split 'default'"):
     leakage.check(dict(data, dir=copy, split="other"), small_dataset, "default", "runs/mae")
 
 
@@ -152,7 +153,7 @@ def test_a_mix_that_reads_its_own_splits_val_or_test_is_refused(small_dataset, f
 
   ft = small_config(finetune_config, ferplus, total_steps=2)
   ft.data.mix = f"{ferplus}=1"
-  with pytest.raises(records.DatasetError, match="data.mix trains on 20 image"):
+  with pytest.raises(errors.DatasetError, match="data.mix trains on 20 image"):
     loop.plan_run(ft)
   ft.data.mix = f"{ferplus}@default=1,{small_dataset}@default=1"
   assert loop.plan_run(ft).train_indices_count > 0
@@ -165,7 +166,7 @@ def test_a_labeled_mix_needs_labeled_records(small_dataset, ferplus, tmp_path):
   manifest["counts"]["unlabeled"] = 3   # as a build with an unlabeled source would say
   with open(os.path.join(unlabeled, records.MANIFEST), "w") as f:
     json.dump(manifest, f)
-  with pytest.raises(records.DatasetError, match="unlabeled records"):
+  with pytest.raises(errors.DatasetError, match="unlabeled records"):
     pipeline.make_train_iterator(
         ferplus, "default", ["train_labeled"], kind="labeled", global_batch_size=8,
         image_size=SIZE, seed=0, num_threads=1, process_index=0, process_count=1,
@@ -187,7 +188,7 @@ def test_the_same_benchmark_faces_in_another_variant_are_caught(demo_data_dir, t
   split.split(aligned, "own", split.Options(labeled_fraction=1.0, val_fraction=0.0))
   data = {"dir": aligned, "split": "own", "train_lists": ["train_labeled", "train_unlabeled"]}
   leakage.check(data, original, "own", "runs/mae")   # the train part only: fine
-  with pytest.raises(records.DatasetError, match="rafdb/test_0001.jpg"):
+  with pytest.raises(errors.DatasetError, match="rafdb/test_0001.jpg"):
     leakage.check(dict(data, mix=f"{aligned}=1"), original, "own", "runs/mae")
 
 
@@ -207,6 +208,6 @@ def test_stage_1_trains_on_a_mix_and_stage_2_refuses_what_it_saw(small_dataset, 
                                                       mae.data.train_lists))
   loop.train(mae, str(tmp_path / "mae"), pretrain.make_stage)
   ft = small_config(finetune_config, small_dataset, init_from=str(tmp_path / "mae"))
-  with pytest.raises(records.DatasetError, match=r"init_from .* \(stage 1\) trains on"):
+  with pytest.raises(errors.DatasetError, match=r"init_from .* \(stage 1\) trains on"):
     loop.train(ft, str(tmp_path / "ft"), finetune.make_stage)
   assert not os.path.exists(tmp_path / "ft" / "checkpoints" / "1")

@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ssfer_jax import errors
 from ssfer_jax.input import augment, pipeline, records
 from tests.helpers import dataset_fixture
 
@@ -145,7 +146,7 @@ def test_weak_batches_carry_the_hosts_window_flip_and_box(data_dir, stored):
 def test_labeled_kind_rejects_unlabeled_records(data_dir):
   it = pipeline.make_train_iterator(data_dir, "default", ["train_unlabeled"], kind="labeled",
                                     global_batch_size=8, image_size=SIZE, seed=0, num_threads=2)
-  with pytest.raises(records.DatasetError, match="label -1.*kind='unlabeled'"):
+  with pytest.raises(errors.DatasetError, match="label -1.*kind='unlabeled'"):
     next(it)
 
 

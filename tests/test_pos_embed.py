@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ssfer_jax.models import param_table
-from ssfer_jax.models.vit import ViT, resample_pos_embed, sincos_pos_embed, vit_kwargs
+from ssfer_jax.models.vit import resample_pos_embed, sincos_pos_embed, ViT, vit_kwargs
 from ssfer_jax.trainers import optim
 
 MU = vit_kwargs("mu")  # width 64

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from configs import pretrain_mae
-from ssfer_jax.runtime import checkpointing, sharding, workdir, writers
+from ssfer_jax import errors
+from ssfer_jax.runtime import checkpointing, workdir, writers
 from ssfer_jax.trainers import loop, pretrain
 from tests.conftest import small_config, train_losses
 
@@ -147,9 +148,9 @@ def test_bad_command_lines_end_in_one_clear_line(small_dataset, tmp_path):
   (tmp_path / "file").write_text("")
   out = main("--config", "configs/pretrain_mae.py:test", "--workdir",
              str(tmp_path / "file" / "run"), f"--config.data.dir={small_dataset}")
-  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert out.returncode == 2 and "Traceback" not in out.stderr
   assert "a file is in the way" in out.stderr
-  with pytest.raises(sharding.ConfigError, match="batch_size=0"):
+  with pytest.raises(errors.ConfigError, match="batch_size=0"):
     loop.plan_run(mae_config(small_dataset, batch_size=0))
 
 
@@ -230,7 +231,7 @@ def test_a_damaged_shard_is_named_and_verify_finds_it(small_dataset, tmp_path):
   shard.write_bytes(bytes(flipped))   # inside a JPEG payload a read may not notice: verify does
   assert data_prep_main.main(["verify", str(data)]) == 2
   shard.write_bytes(raw[:len(raw) * 3 // 5])   # truncated: reads fail, and say where
-  with pytest.raises(records.DatasetError, match=rf"\['{shard}'\] cannot be opened.*data_prep verify"):
+  with pytest.raises(errors.DatasetError, match=rf"\['{shard}'\] cannot be opened.*data_prep verify"):
     pipeline.make_eval_iterator(str(data), None, (), global_batch_size=8, image_size=32,
                                 num_threads=1, process_index=0, process_count=1)
   # A read that fails mid-shard names the shard file and the record's place in it.

@@ -14,11 +14,11 @@ import optax
 import pytest
 
 from configs import semisup as semisup_config
-from ssfer_jax import evaluate
+from ssfer_jax import errors, evaluate, results
 from ssfer_jax.input import augment, device, pipeline, records
 from ssfer_jax.methods import thresholds
 from ssfer_jax.runtime import sharding, writers
-from ssfer_jax.trainers import finetune, loop, semisup
+from ssfer_jax.trainers import loop, semisup
 from tests.conftest import small_config, train_losses
 
 
@@ -117,7 +117,7 @@ def test_masking_and_unlabeled_loss_on_hand_made_logits():
 def _stage_and_batch(data_dir, stage2, variant="test", **overrides):
   config = ss_config(data_dir, stage2, variant, **overrides)
   plan = loop.plan_run(config)
-  result = finetune.read_result(stage2)
+  result = results.read_result(stage2)
   stage = semisup.training_stage(config, plan, semisup.model_kwargs(config, result),
                                  len(result["classes"]))
   return config, plan, stage, next(semisup_iterator(data_dir, ratio=1,
@@ -148,7 +148,7 @@ def test_teacher_is_an_ema_of_the_student_and_takes_no_gradient(small_dataset, s
   # varied teacher and tau 0.4 leave rows for the contrastive term and negative learning too.
   config.threshold.tau, config.negative.bound = (0.4, 0.02) if leaf else (0.0, 0.05)
   stage = semisup.training_stage(config, plan, semisup.model_kwargs(
-      config, finetune.read_result(stage2_run)), 6)
+      config, results.read_result(stage2_run)), 6)
   mesh = plan.mesh
   _, shardings = loop.state_layout(config, stage, mesh)
   state = jax.jit(lambda r: nn.meta.unbox(stage.init(r)), out_shardings=shardings)(
@@ -200,7 +200,7 @@ def test_sharded_and_single_device_semisup_steps_agree(small_dataset, stage2_run
                                                teacher=teacher)
   config.threshold.policy, config.threshold.p_cutoff = policy, 0.0
   config.negative.bound = 0.02
-  result = finetune.read_result(stage2_run)
+  result = results.read_result(stage2_run)
 
   def run(mesh):
     p = dataclasses.replace(plan, mesh=mesh, total_steps=10, steps_per_epoch=5)
@@ -265,11 +265,11 @@ def test_resume_restores_teacher_thresholds_and_both_streams(small_dataset, stag
     np.testing.assert_array_equal(selected, resumed.extra["thresholds"]["selected_label"])
   for a, b in zip(jax.tree.leaves(straight.extra), jax.tree.leaves(resumed.extra)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-  result = finetune.read_result(str(tmp_path / "straight"))
+  result = results.read_result(str(tmp_path / "straight"))
   assert result["stage"] == "semisup" and result["weights"] in ("raw", "ema")
-  assert result["model"] == {**finetune.read_result(stage2_run)["model"], **(
+  assert result["model"] == {**results.read_result(stage2_run)["model"], **(
       {"leaf_experts": config.leaf.experts} if config.leaf.enabled else {})}
-  clf = finetune.load_classifier(str(tmp_path / "straight"))
+  clf = results.load_classifier(str(tmp_path / "straight"))
   report = evaluate.Evaluator.for_classifier(clf, data_dir=small_dataset, split="default",
                                              lists=["val"], mesh=sharding.make_mesh((-1, 1)),
                                              batch_size=16)(clf.params)
@@ -323,46 +323,46 @@ def _copy_build(src, dst, **manifest_changes):
 
 def test_bad_input_fails_before_compiling(small_dataset, stage2_run, tmp_path):
   train = lambda c: loop.train(c, str(tmp_path / "run"), semisup.make_stage)
-  with pytest.raises(finetune.InitError, match="init_from is empty"):
+  with pytest.raises(errors.InitError, match="init_from is empty"):
     train(ss_config(small_dataset, ""))
-  with pytest.raises(finetune.InitError, match="result.json not found"):
+  with pytest.raises(errors.InitError, match="result.json not found"):
     train(ss_config(small_dataset, str(tmp_path)))
   fake = tmp_path / "not_stage2"
   fake.mkdir()
-  with open(fake / loop.RESULT_FILE, "w") as f:
+  with open(fake / results.RESULT_FILE, "w") as f:
     json.dump({"stage": "pretrain_mae"}, f)
-  with pytest.raises(finetune.InitError, match="stage 3 starts from a stage-2"):
+  with pytest.raises(errors.InitError, match="stage 3 starts from a stage-2"):
     train(ss_config(small_dataset, str(fake)))
   # An empty unlabeled list.
   split = json.load(open(os.path.join(small_dataset, "splits", "default.json")))
   split["lists"]["train_unlabeled"] = []
   with open(os.path.join(small_dataset, "splits", "empty_unlabeled.json"), "w") as f:
     json.dump(split, f)
-  with pytest.raises(sharding.ConfigError, match="hold 0 records, fewer than one unlabeled"):
+  with pytest.raises(errors.ConfigError, match="hold 0 records, fewer than one unlabeled"):
     loop.plan_run(_with(ss_config(small_dataset, stage2_run), split="empty_unlabeled"))
   # mu x B must be a whole number of rows per batch shard: mu a whole number >= 1 (the
   # config's type keeps it an int) and B a multiple of the shards.
   c = ss_config(small_dataset, stage2_run)
   c.data.unlabeled_ratio = 0
-  with pytest.raises(sharding.ConfigError, match="unlabeled_ratio"):
+  with pytest.raises(errors.ConfigError, match="unlabeled_ratio"):
     train(c)
-  with pytest.raises(sharding.ConfigError, match="not divisible"):
+  with pytest.raises(errors.ConfigError, match="not divisible"):
     train(ss_config(small_dataset, stage2_run, batch_size=12))
   # Another image size or normalisation than the stage-2 model's.
   c = ss_config(small_dataset, stage2_run)
   c.data.image_size = 48
-  with pytest.raises(sharding.ConfigError, match="data.image_size=48.*expects 32"):
+  with pytest.raises(errors.ConfigError, match="data.image_size=48.*expects 32"):
     train(c)
   c = ss_config(small_dataset, stage2_run)
   c.data.mean = (0.5, 0.5, 0.5)
-  with pytest.raises(sharding.ConfigError, match="data.mean"):
+  with pytest.raises(errors.ConfigError, match="data.mean"):
     train(c)
   other = _copy_build(small_dataset, tmp_path / "stored48", image_size=48)
-  with pytest.raises(records.DatasetError, match="stores 48 px"):
+  with pytest.raises(errors.DatasetError, match="stores 48 px"):
     train(ss_config(other, stage2_run))
   classes = records.load_manifest(small_dataset)["classes"]
   renamed = _copy_build(small_dataset, tmp_path / "renamed", classes=classes[::-1])
-  with pytest.raises(records.DatasetError, match="names and order must match"):
+  with pytest.raises(errors.DatasetError, match="names and order must match"):
     train(ss_config(renamed, stage2_run))
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
 

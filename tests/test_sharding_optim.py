@@ -7,29 +7,29 @@ import numpy as np
 import pytest
 
 from configs import pretrain_mae
+from ssfer_jax import errors, results
 from ssfer_jax.models import mae
 from ssfer_jax.runtime import sharding
 from ssfer_jax.trainers import optim
-from ssfer_jax.trainers import pretrain
 
 
 def test_mesh_fills_the_rest_and_rejects_impossible_shapes():
   assert dict(sharding.make_mesh((-1, 2)).shape) == {"data": 4, "fsdp": 2}
   assert dict(sharding.make_mesh((1, -1)).shape) == {"data": 1, "fsdp": 8}
-  with pytest.raises(sharding.ConfigError, match="needs 6 devices"):
+  with pytest.raises(errors.ConfigError, match="needs 6 devices"):
     sharding.make_mesh((3, 2))
-  with pytest.raises(sharding.ConfigError, match="not divisible by 3"):
+  with pytest.raises(errors.ConfigError, match="not divisible by 3"):
     sharding.make_mesh((-1, 3))
-  with pytest.raises(sharding.ConfigError, match="at most one axis"):
+  with pytest.raises(errors.ConfigError, match="at most one axis"):
     sharding.make_mesh((-1, -1))
-  with pytest.raises(sharding.ConfigError, match="lacks"):
+  with pytest.raises(errors.ConfigError, match="lacks"):
     sharding.make_mesh((8,), ("data",))
 
 
 def test_batch_must_divide_over_batch_axes():
   mesh = sharding.make_mesh((4, 2))
   sharding.check_batch_size(16, mesh)
-  with pytest.raises(sharding.ConfigError, match="batch_size=12 is not divisible by the 8"):
+  with pytest.raises(errors.ConfigError, match="batch_size=12 is not divisible by the 8"):
     sharding.check_batch_size(12, mesh)
 
 
@@ -42,13 +42,13 @@ def test_unknown_config_key_is_rejected():
 
 
 def test_uneven_fsdp_split_is_reported_with_the_parameter():
-  model = mae.MAE(**pretrain.model_kwargs(pretrain_mae.get_config("test")))
+  model = mae.MAE(**results.mae_kwargs(pretrain_mae.get_config("test")))
   boxed = jax.eval_shape(lambda: model.init(
       {"params": jax.random.key(0), "mask": jax.random.key(1)}, jnp.zeros((1, 32, 32, 3)),
       train=False)["params"])
   # width 64 splits 8 ways; a rule sending the MLP hidden (256) and 'patch' (768) is fine,
   # but 'qkv' (3) cannot be split 2 ways.
-  with pytest.raises(sharding.ConfigError, match="qkv|cannot be split"):
+  with pytest.raises(errors.ConfigError, match="qkv|cannot be split"):
     sharding.logical_shardings(boxed, sharding.make_mesh((4, 2)), [("qkv", "fsdp")])
   shardings = sharding.logical_shardings(boxed, sharding.make_mesh((4, 2)), [("embed", "fsdp")])
   specs = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
@@ -56,7 +56,7 @@ def test_uneven_fsdp_split_is_reported_with_the_parameter():
 
 
 def test_weight_decay_mask_skips_biases_norms_and_tokens():
-  model = mae.MAE(**pretrain.model_kwargs(pretrain_mae.get_config("test")))
+  model = mae.MAE(**results.mae_kwargs(pretrain_mae.get_config("test")))
   params = jax.eval_shape(lambda: model.init(
       {"params": jax.random.key(0), "mask": jax.random.key(1)}, jnp.zeros((1, 32, 32, 3)),
       train=False)["params"])

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from configs import pretrain_mae
+from ssfer_jax import results
 from ssfer_jax.input import device
 from ssfer_jax.models import mae
 from ssfer_jax.runtime import sharding
@@ -29,7 +30,7 @@ def real_faces(demo_data_dir, n, size):
 
 
 def mae_stage(config, tx):
-  model = mae.MAE(**pretrain.model_kwargs(config))
+  model = mae.MAE(**results.mae_kwargs(config))
   size = config.data.image_size
 
   def init(rng):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import finetune as finetune_config
-from ssfer_jax import export
+from ssfer_jax import export, results
 from ssfer_jax.trainers import finetune, loop
 from tests.conftest import DEMO_DATA, REPO, small_config
 
@@ -33,7 +33,7 @@ def test_exports_match_timm_and_timm_weights_import(timm_env, small_dataset, tmp
   run = str(tmp_path / "ft")
   loop.train(small_config(finetune_config, small_dataset), run, finetune.make_stage)
   card = export.export_run(run, str(tmp_path / "export"))
-  clf = finetune.load_classifier(run)
+  clf = results.load_classifier(run)
   size = card["image_size"]
   faces = [cv2.resize(cv2.imread(str(p))[..., ::-1], (size, size), interpolation=cv2.INTER_AREA)
            for p in sorted((DEMO_DATA / "images").iterdir())[:6]]

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from configs import pretrain_mae
-from ssfer_jax.runtime import checkpointing, sharding, writers
+from ssfer_jax import errors
+from ssfer_jax.runtime import checkpointing, writers
 from ssfer_jax.trainers import loop, pretrain
 from tests.conftest import small_config, train_losses as losses
 
@@ -88,9 +89,9 @@ def test_nan_before_any_checkpoint_still_leaves_a_loadable_one(data_dir, tmp_pat
 
 
 def test_config_errors_come_before_compilation(data_dir, tmp_path):
-  with pytest.raises(sharding.ConfigError, match="batch_size=12"):
+  with pytest.raises(errors.ConfigError, match="batch_size=12"):
     loop.train(make_config(data_dir, batch_size=12), str(tmp_path), pretrain.make_stage)
-  with pytest.raises(sharding.ConfigError, match="fewer than batch_size"):
+  with pytest.raises(errors.ConfigError, match="fewer than batch_size"):
     loop.train(make_config(data_dir, batch_size=4096), str(tmp_path), pretrain.make_stage)
 
 

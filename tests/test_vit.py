@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import AxisType
 
 from ssfer_jax.models import param_table
-from ssfer_jax.models.vit import PatchEmbed, ViT, sincos_pos_embed, vit_kwargs
+from ssfer_jax.models.vit import PatchEmbed, sincos_pos_embed, ViT, vit_kwargs
 
 MU = vit_kwargs("mu")  # width 64, depth 2, 4 heads, mlp 256
 AXIS_NAMES = {"embed", "mlp", "heads", "head_dim", "qkv", "patch", "classes", None}

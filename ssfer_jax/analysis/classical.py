@@ -24,7 +24,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ssfer_jax import evaluate
+from ssfer_jax import errors, evaluate
 from ssfer_jax.input import records
 
 # name -> the C values tried on val (the issue-21 measurements used 1e-3 and 1e-2).
@@ -72,8 +72,8 @@ def floor_reports(data_dir: str, split: str, lists: Sequence[str] = ("test",),
   load = lambda names: load_grey(data_dir, records.load_split(data_dir, split, names), noise)
   (train, y_train), (val, y_val), (test, y_test) = load(["train_labeled"]), load(["val"]), load(lists)
   if not len(y_val):
-    raise records.DatasetError(f"{data_dir}: split {split!r} has no val list to choose C on; "
-                               "rewrite it with `data_prep split --val-fraction`.")
+    raise errors.DatasetError(f"{data_dir}: split {split!r} has no val list to choose C on; "
+                              "rewrite it with `data_prep split --val-fraction`.")
   reports = []
   for kind in kinds:
     t0 = time.perf_counter()
@@ -109,9 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = ap.parse_args(argv)
   try:
     reports = floor_reports(args.data, args.split, args.lists.split(","))
-  except records.DatasetError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except errors.UserError as e:
+    return errors.report(e)
   for r in reports:
     frequent = evaluate.subset_mean_class_accuracy(r, 15)
     print(f"{r['name']:<40} accuracy {100 * r['accuracy']:.1f}%  mean-class "

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ssfer_jax import evaluate
+from ssfer_jax import errors, evaluate, results
 from ssfer_jax.analysis import gradcam
 from ssfer_jax.input import device, pipeline, records
-from ssfer_jax.trainers import finetune
+
 
 EPS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.10)
 REGIONS = ("emotion focused regions", "emotion unfocused regions")
@@ -71,7 +71,7 @@ def make_attack_fn(model, mean, std, eps: Sequence[float]):
 def run(run_dir: str, data_dir: str, split: str | None, lists: Sequence[str],
         eps: Sequence[float] = EPS, batch_size: int = 64) -> dict:
   """Accuracy (%) under each attack over the lists' labeled records of the model's classes."""
-  clf = finetune.load_classifier(run_dir)
+  clf = results.load_classifier(run_dir)
   model = clf.model
   pre = clf.preprocessing
   cmap = evaluate.match_classes(clf.classes, records.load_manifest(data_dir)["classes"])
@@ -110,9 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     result = run(args.run, args.data, args.split, args.lists.split(","),
                  [float(e) for e in args.eps.split(",")], args.batch_size)
-  except (finetune.InitError, records.DatasetError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except errors.UserError as e:
+    return errors.report(e)
   out = args.out or os.path.join(args.run, "analysis")
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "fgsm.json"), "w") as f:

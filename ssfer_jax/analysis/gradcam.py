@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssfer_jax import evaluate
+from ssfer_jax import errors, evaluate, results
 from ssfer_jax.input import device, pipeline, records
 from ssfer_jax.runtime import figures
-from ssfer_jax.trainers import finetune
+
 
 THRESHOLD = 0.3   # the paper's: a normalised map above it is an emotion-focused region
 
@@ -116,10 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = ap.parse_args(argv)
   out = args.out or os.path.join(args.run, "analysis")
   try:
-    clf = finetune.load_classifier(args.run)
-  except finetune.InitError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    clf = results.load_classifier(args.run)
+  except errors.UserError as e:
+    return errors.report(e)
   images, labels = first_batch(clf, args.data, args.split, args.lists.split(","), args.count)
   cam = jax.jit(make_cam_fn(clf.model, clf.preprocessing["mean"], clf.preprocessing["std"]))
   maps, logits = cam(clf.params, images.astype(np.float32) / 255.0)

@@ -24,8 +24,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from data_prep import split as split_lib
-from ssfer_jax import evaluate
-from ssfer_jax.input import records
+from ssfer_jax import errors, evaluate, results
 from ssfer_jax.runtime import logs, sharding
 from ssfer_jax.trainers import finetune, loop
 
@@ -46,7 +45,7 @@ def run_folds(config, workdir: str, folds_name: str) -> dict:
     fold_config.data.split = split_name
     run = os.path.join(workdir, f"fold{k}")
     logging.info("== fold %d/%d: split %s -> %s", k + 1, len(names), split_name, run)
-    if not os.path.exists(os.path.join(run, loop.RESULT_FILE)):
+    if not os.path.exists(os.path.join(run, results.RESULT_FILE)):
       loop.train(fold_config, run, finetune.make_stage)
     report = evaluate.evaluate_result(
         run, data_dir=config.data.dir, split=split_name, lists=("test",), mesh=mesh,
@@ -83,9 +82,8 @@ def main(argv):
     raise app.UsageError(f"k-fold runs the fine-tuning stage; {config.stage!r} given.")
   try:
     result = run_folds(config, _WORKDIR.value, _FOLDS.value)
-  except (sharding.ConfigError, records.DatasetError, finetune.InitError) as e:
-    logging.error("%s: %s", type(e).__name__, e)
-    sys.exit(1)
+  except errors.UserError as e:
+    sys.exit(errors.report(e, log=True))
   with open(os.path.join(_WORKDIR.value, "kfold.json"), "w") as f:
     json.dump(result, f, indent=2)
   print(format_summary(result))

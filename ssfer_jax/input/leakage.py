@@ -16,6 +16,7 @@ import json
 import os
 from typing import Sequence
 
+from ssfer_jax import errors
 from ssfer_jax.input import records
 from ssfer_jax.input.pipeline import MixSource, parse_mix
 
@@ -65,7 +66,7 @@ def check(train_data: dict, data_dir: str, split: str, run: str) -> None:
     if shared:
       examples = ", ".join(dict.fromkeys(f"{held[k]!r}" for k in shared[:6]))
       images = len({held[k] for k in shared})
-      raise records.DatasetError(
+      raise errors.DatasetError(
           f"{run} trains on {images} image(s) of the val/test lists of split {split!r} of "
           f"{data_dir} (e.g. {examples}; read from {source.data_dir}"
           f"{'@' + source.split if source.split else ' (every record)'}): its accuracy there "

@@ -65,6 +65,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ssfer_jax import errors
 from ssfer_jax.input import augment, randaugment, records
 from ssfer_jax.runtime import sharding as sharding_lib
 
@@ -235,7 +236,7 @@ class _Batch:
         if self.label_map is not None and 0 <= label < len(self.label_map):
           label = self.label_map[label]
         if not lowest <= label < self.num_classes:
-          raise records.DatasetError(
+          raise errors.DatasetError(
               f"{self.where}: record {rec['id']!r} (index {index}) has label {label}, not one "
               f"of the {self.num_classes} classes; a {self.kind} pipeline needs labeled lists "
               "(train_labeled, val, test) or use kind='unlabeled'.")
@@ -346,7 +347,7 @@ def _open(data_dir, split, names, kind, image_size, source=None):
     where = f"{data_dir} (split {split!r}, lists {list(names)})"
   noise = records.load_label_noise(data_dir, split) if split is not None else {}
   if not len(indices):
-    raise records.DatasetError(f"{where}: no records; name lists that are not empty.")
+    raise errors.DatasetError(f"{where}: no records; name lists that are not empty.")
   if source is None:
     paths = records.shard_paths(data_dir, manifest)
     try:
@@ -452,14 +453,14 @@ def _mixed(data_dir, names, kind, image_size, seed, mix, global_batch_size, proc
     manifest = records.load_manifest(m.data_dir)
     theirs = manifest["classes"]
     if kind == "labeled" and m.split is None and manifest["counts"].get("unlabeled", 0):
-      raise records.DatasetError(
+      raise errors.DatasetError(
           f"data.mix: {m.data_dir} (every record) holds {manifest['counts']['unlabeled']} "
           "unlabeled records, which a labeled stream cannot train on; name a split whose "
           f"train lists are labeled ({m.data_dir}@SPLIT).")
     if kind == "labeled":
       missing = [c for c in theirs if c not in classes]
       if missing:
-        raise records.DatasetError(
+        raise errors.DatasetError(
             f"data.mix: {m.data_dir} has class(es) {missing} that {data_dir} (the run's "
             f"data.dir, classes {classes}) lacks; a labeled mix maps classes by name.")
       fields["label_map"] = tuple(classes.index(c) for c in theirs)

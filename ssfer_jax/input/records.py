@@ -27,6 +27,8 @@ import msgpack
 import numpy as np
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 
+from ssfer_jax import errors
+
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 UNLABELED = -1
@@ -34,10 +36,6 @@ MANIFEST = "manifest.json"
 IDS_FILE = "ids.txt"
 SPLITS_DIR = "splits"
 SPLIT_NAMES = ("train_labeled", "train_unlabeled", "val", "test")
-
-
-class DatasetError(ValueError):
-  """Bad or inconsistent dataset files; the message names the file and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +69,7 @@ def decode(raw: bytes) -> dict:
   """Returns the record as a dict (cheap: the JPEG stays encoded)."""
   d = msgpack.unpackb(raw, raw=False)
   if d.get("v") not in READABLE_VERSIONS:
-    raise DatasetError(
+    raise errors.DatasetError(
         f"record schema version {d.get('v')} is not one of {READABLE_VERSIONS}; rebuild the "
         "dataset with this version of `python -m data_prep build`.")
   d.setdefault("identity", "")
@@ -87,12 +85,12 @@ def shard_paths(data_dir: str, manifest: dict) -> list[str]:
   paths = [os.path.join(data_dir, shard_name(i, n)) for i in range(n)]
   missing = [p for p in paths if not os.path.exists(p)]
   if missing:
-    raise DatasetError(f"{data_dir}: shard files missing ({missing[:3]}...); "
-                       "finish or rerun `python -m data_prep build`.")
+    raise errors.DatasetError(f"{data_dir}: shard files missing ({missing[:3]}...); "
+                              "finish or rerun `python -m data_prep build`.")
   return paths
 
 
-def read_error(data_dir: str, index: int, error: BaseException) -> DatasetError:
+def read_error(data_dir: str, index: int, error: BaseException) -> errors.DatasetError:
   """A failed read of global record `index`, named by its shard file and place in it."""
   where = f"record {index}"
   try:
@@ -102,15 +100,15 @@ def read_error(data_dir: str, index: int, error: BaseException) -> DatasetError:
         where = (f"record {index} ({offset} of {os.path.join(data_dir, shard['file'])})")
         break
       offset -= shard["num_records"]
-  except (OSError, KeyError, ValueError, DatasetError):
+  except (OSError, KeyError, ValueError, errors.DatasetError):
     pass
-  return DatasetError(
+  return errors.DatasetError(
       f"{data_dir}: {where} cannot be read ({type(error).__name__}: {error}). The shard is "
       f"damaged: `python -m data_prep verify {data_dir}` checks every shard's checksum; "
       "rebuild or restore the dataset.")
 
 
-def open_error(data_dir: str, paths: list[str], error: BaseException) -> DatasetError:
+def open_error(data_dir: str, paths: list[str], error: BaseException) -> errors.DatasetError:
   """Opening the shards failed: name the ones that do not open on their own."""
   from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=g-import-not-at-top
   bad = []
@@ -119,7 +117,7 @@ def open_error(data_dir: str, paths: list[str], error: BaseException) -> Dataset
       ArrayRecordReader(path).close()
     except Exception:  # pylint: disable=broad-except
       bad.append(path)
-  return DatasetError(
+  return errors.DatasetError(
       f"{data_dir}: shard(s) {bad or paths} cannot be opened ({type(error).__name__}: "
       f"{str(error)[:300]}). `python -m data_prep verify {data_dir}` checks every shard's "
       "checksum; rebuild or restore the dataset.")
@@ -128,13 +126,13 @@ def open_error(data_dir: str, paths: list[str], error: BaseException) -> Dataset
 def load_manifest(data_dir: str) -> dict:
   path = os.path.join(data_dir, MANIFEST)
   if not os.path.exists(path):
-    raise DatasetError(f"{path} not found: {data_dir} is not a complete dataset; "
-                       f"build it with `python -m data_prep build --out {data_dir} ...`.")
+    raise errors.DatasetError(f"{path} not found: {data_dir} is not a complete dataset; "
+                              f"build it with `python -m data_prep build --out {data_dir} ...`.")
   with open(path) as f:
     manifest = json.load(f)
   if manifest.get("schema_version") not in READABLE_VERSIONS:
-    raise DatasetError(f"{path}: schema_version {manifest.get('schema_version')} is not one of "
-                       f"{READABLE_VERSIONS}; rebuild the dataset with this version.")
+    raise errors.DatasetError(f"{path}: schema_version {manifest.get('schema_version')} is not one of "
+                              f"{READABLE_VERSIONS}; rebuild the dataset with this version.")
   return manifest
 
 
@@ -196,11 +194,11 @@ def split_file_name(data_dir: str, split_file: str) -> str:
 
 
 def split_path(data_dir: str, split_file: str) -> str:
-  """`split_file_name`, or DatasetError (saying how to write it) when it does not exist."""
+  """`split_file_name`, or errors.DatasetError (saying how to write it) when it does not exist."""
   path = split_file_name(data_dir, split_file)
   if not os.path.exists(path):
-    raise DatasetError(f"split file {path} not found; write it with "
-                       f"`python -m data_prep split --data {data_dir} ...`.")
+    raise errors.DatasetError(f"split file {path} not found; write it with "
+                              f"`python -m data_prep split --data {data_dir} ...`.")
   return path
 
 
@@ -223,18 +221,18 @@ def _load_split_version(data_dir: str, path: str, names: tuple[str, ...],
   with open(path) as f:
     split = json.load(f)
   if split.get("manifest_sha256") != manifest["manifest_sha256"]:
-    raise DatasetError(f"{path} was made for another build of {data_dir} (manifest checksum "
-                       "differs); rerun `python -m data_prep split` over this build.")
+    raise errors.DatasetError(f"{path} was made for another build of {data_dir} (manifest checksum "
+                              "differs); rerun `python -m data_prep split` over this build.")
   unknown = [n for n in names if n not in split["lists"]]
   if unknown:
-    raise DatasetError(f"{path}: no list named {unknown}; it has {sorted(split['lists'])}.")
+    raise errors.DatasetError(f"{path}: no list named {unknown}; it has {sorted(split['lists'])}.")
   index_of = _index_of(data_dir)
   out = []
   for name in names:
     for rid in split["lists"][name]:
       if rid not in index_of:
-        raise DatasetError(f"{path}: record id {rid!r} in list {name!r} is not in "
-                           f"{os.path.join(data_dir, IDS_FILE)}; the split is stale.")
+        raise errors.DatasetError(f"{path}: record id {rid!r} in list {name!r} is not in "
+                                  f"{os.path.join(data_dir, IDS_FILE)}; the split is stale.")
       out.append(index_of[rid])
   indices = np.asarray(sorted(out), dtype=np.int64)
   indices.flags.writeable = False   # shared by every caller of the cache

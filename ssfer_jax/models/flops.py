@@ -10,7 +10,7 @@ does not run on the matrix units. Training = 3 x forward (backward = 2 x forward
 from __future__ import annotations
 
 from ssfer_jax.models.mae import MAE
-from ssfer_jax.models.vit import ViT, stem_convs
+from ssfer_jax.models.vit import stem_convs, ViT
 
 
 def _grid(image_size: int | tuple[int, int], patch_size: int) -> int:

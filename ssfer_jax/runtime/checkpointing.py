@@ -21,11 +21,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from ssfer_jax import errors
+
 FORMAT_VERSION = 2   # 2: TrainState.extra (stage state)
 CHECKPOINT_DIR = "checkpoints"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError, RuntimeError):
   pass
 
 

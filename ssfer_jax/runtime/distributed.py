@@ -9,6 +9,8 @@ import time
 
 import jax
 
+from ssfer_jax import errors
+
 # Environment variables that mean "this process is one of several" to a cluster detector.
 _CLUSTER_HINTS = {
     "SLURM": lambda e: int(e.get("SLURM_NTASKS", "1")) > 1,
@@ -18,7 +20,7 @@ _CLUSTER_HINTS = {
 }
 
 
-class JoinError(RuntimeError):
+class JoinError(errors.UserError, RuntimeError):
   """This process could not join the multi-process job."""
 
 

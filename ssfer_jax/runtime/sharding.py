@@ -16,28 +16,26 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from ssfer_jax import errors
+
 BATCH_AXES = ("data", "fsdp")
-
-
-class ConfigError(ValueError):
-  """A configuration that cannot run; raised before anything compiles."""
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
   """Fills one -1 entry with "the rest" of the devices (as MaxText's ici_*_parallelism)."""
   shape = [int(s) for s in shape]
   if shape.count(-1) > 1:
-    raise ConfigError(f"mesh.shape {shape}: at most one axis may be -1.")
+    raise errors.ConfigError(f"mesh.shape {shape}: at most one axis may be -1.")
   if any(s == 0 or s < -1 for s in shape):
-    raise ConfigError(f"mesh.shape {shape}: sizes must be positive or -1.")
+    raise errors.ConfigError(f"mesh.shape {shape}: sizes must be positive or -1.")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if num_devices % known:
-      raise ConfigError(f"mesh.shape {shape}: {num_devices} devices are not divisible by {known}.")
+      raise errors.ConfigError(f"mesh.shape {shape}: {num_devices} devices are not divisible by {known}.")
     shape[shape.index(-1)] = num_devices // known
   if math.prod(shape) != num_devices:
-    raise ConfigError(f"mesh.shape {tuple(shape)} needs {math.prod(shape)} devices; "
-                      f"{num_devices} are present. Use -1 for one axis to take the rest.")
+    raise errors.ConfigError(f"mesh.shape {tuple(shape)} needs {math.prod(shape)} devices; "
+                             f"{num_devices} are present. Use -1 for one axis to take the rest.")
   return tuple(shape)
 
 
@@ -51,10 +49,10 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str] = BATCH_AXES,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = list(devices if devices is not None else jax.devices())
   if len(shape) != len(axes):
-    raise ConfigError(f"mesh.shape {tuple(shape)} and mesh.axes {tuple(axes)} differ in length.")
+    raise errors.ConfigError(f"mesh.shape {tuple(shape)} and mesh.axes {tuple(axes)} differ in length.")
   missing = [a for a in BATCH_AXES if a not in axes]
   if missing:
-    raise ConfigError(f"mesh.axes {tuple(axes)} lacks {missing}; the batch is split over {BATCH_AXES}.")
+    raise errors.ConfigError(f"mesh.axes {tuple(axes)} lacks {missing}; the batch is split over {BATCH_AXES}.")
   resolved = resolve_mesh_shape(shape, len(devices))
   return jax.make_mesh(resolved, tuple(axes), axis_types=(AxisType.Auto,) * len(axes),
                        devices=devices)
@@ -75,11 +73,11 @@ def num_batch_shards(mesh: Mesh) -> int:
 def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
   n = num_batch_shards(mesh)
   if global_batch_size % n:
-    raise ConfigError(f"{what}={global_batch_size} is not divisible by the {n} batch shards "
-                      f"of the mesh {dict(mesh.shape)} (axes {BATCH_AXES}).")
+    raise errors.ConfigError(f"{what}={global_batch_size} is not divisible by the {n} batch shards "
+                             f"of the mesh {dict(mesh.shape)} (axes {BATCH_AXES}).")
   if global_batch_size % jax.process_count():
-    raise ConfigError(f"{what}={global_batch_size} is not divisible by the "
-                      f"{jax.process_count()} processes.")
+    raise errors.ConfigError(f"{what}={global_batch_size} is not divisible by the "
+                             f"{jax.process_count()} processes.")
 
 
 def logical_shardings(abstract_boxed: Any, mesh: Mesh,
@@ -97,7 +95,7 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh,
     for dim, axes in zip(leaf.shape, sharding.spec):
       size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
       if dim % size:
-        raise ConfigError(
+        raise errors.ConfigError(
             f"parameter {jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be split "
             f"{size} ways along {axes} (sharding {sharding.spec}); change sharding_rules or mesh.shape.")
   return shardings

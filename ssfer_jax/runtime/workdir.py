@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from ssfer_jax import errors
+
 LOCK_FILE = "lock"
 # Fields a resumed run may change: cadence, threads, evaluation batch, the mesh (checkpoints
 # restore onto any mesh). Changing the schedule's length needs allow_schedule_change.
@@ -39,7 +41,7 @@ FORMER_DEFAULTS = {"data.crop_scale": [0.2, 1.0], "data.crop_ratio": [3 / 4, 4 /
                    "model.stem": "patch", "data.center_crop": 1.0}
 
 
-class WorkdirError(RuntimeError):
+class WorkdirError(errors.UserError, RuntimeError):
   """The workdir cannot be used for this run (busy, another config, not a directory)."""
 
 

@@ -9,7 +9,6 @@ evaluates raw and EMA weights on val, and its result (`result.json`) names the b
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Any, Mapping, Sequence
@@ -21,20 +20,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from ssfer_jax import evaluate, pytorch_weights
+from ssfer_jax import errors, evaluate, pytorch_weights, results
 from ssfer_jax.input import device, leakage, pipeline, records
 from ssfer_jax.methods import facemix
 from ssfer_jax.models import flops, vit
-from ssfer_jax.runtime import checkpointing, sharding
-from ssfer_jax.trainers import loop, pretrain
-from ssfer_jax.trainers import optim
+from ssfer_jax.runtime import sharding
+from ssfer_jax.trainers import loop, optim, pretrain
 
 STAGE = "finetune"
 CLASS_WEIGHTINGS = ("none", "balanced", "sqrt")
-
-
-class InitError(ValueError):
-  """`init_from` or a run to load from cannot be used; the message says why and what to do."""
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict:
@@ -55,7 +49,7 @@ def class_weights(labels: np.ndarray | None, num_classes: int, kind: str) -> np.
   the labeled list get weight 0. The weights multiply soft targets, so label smoothing's
   mass is re-weighted too."""
   if kind not in CLASS_WEIGHTINGS:
-    raise sharding.ConfigError(f"loss.class_weighting={kind!r}; use one of {CLASS_WEIGHTINGS}.")
+    raise errors.ConfigError(f"loss.class_weighting={kind!r}; use one of {CLASS_WEIGHTINGS}.")
   if kind == "none":
     return None
   counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
@@ -69,10 +63,10 @@ def check_mixing(config: ml_collections.ConfigDict, mesh) -> None:
                          ("kappa", facemix.KAPPAS), ("variant", facemix.VARIANTS),
                          ("lambda_mode", facemix.LAMBDA_MODES)):
     if mix[field] not in allowed:
-      raise sharding.ConfigError(f"mix.{field}={mix[field]!r}; use one of {allowed}.")
+      raise errors.ConfigError(f"mix.{field}={mix[field]!r}; use one of {allowed}.")
   per_shard = config.batch_size // sharding.num_batch_shards(mesh)
   if mix.kind != "none" and mix.pairing == "swap" and per_shard % 2:
-    raise sharding.ConfigError(
+    raise errors.ConfigError(
         f"mix.pairing='swap' pairs neighbouring rows within a device: batch_size="
         f"{config.batch_size} leaves {per_shard} rows per batch shard; make it even.")
 
@@ -111,8 +105,8 @@ def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, num_cl
   """The stage's state, loss and optimiser alone: no data read (benchmarks, loading)."""
   size = config.data.image_size
   if size % config.model.patch_size:
-    raise sharding.ConfigError(f"data.image_size={size} is not divisible by "
-                               f"model.patch_size={config.model.patch_size}.")
+    raise errors.ConfigError(f"data.image_size={size} is not divisible by "
+                             f"model.patch_size={config.model.patch_size}.")
   check_mixing(config, plan.mesh)
   model = make_model(config, num_classes)
   tx, schedule = make_tx(config, model, plan.total_steps, plan.steps_per_epoch)
@@ -275,28 +269,7 @@ class ValEvaluation:
                                    "select_metric": self._select, "val": reports[best]})
 
 
-# ---- Loading weights: the MAE encoder for a warm start, a fine-tuned classifier to use. ----
-
-def _resolve_checkpoint(path: str, what: str) -> tuple[checkpointing.Checkpointer, int]:
-  """A run's workdir (its latest step) or one step directory inside its checkpoints/."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, checkpointing.CHECKPOINT_DIR)):
-    workdir, step = path, None
-  elif os.path.basename(os.path.dirname(path)) == checkpointing.CHECKPOINT_DIR and \
-      os.path.basename(path).isdigit():
-    workdir, step = os.path.dirname(os.path.dirname(path)), int(os.path.basename(path))
-  else:
-    raise InitError(f"{what} {path}: not a run directory (no {checkpointing.CHECKPOINT_DIR}/ "
-                    "inside) nor a checkpoint step directory (RUN/checkpoints/STEP).")
-  ckpt = checkpointing.Checkpointer(workdir)
-  steps = ckpt.all_steps()
-  step = ckpt.latest_step() if step is None else step
-  if step is None or step not in steps:
-    ckpt.close()
-    raise InitError(f"{what} {path}: no checkpoint {'' if step is None else step} there "
-                    f"(steps: {steps}); train that stage first.")
-  return ckpt, step
-
+# ---- The warm start: a stage-1 MAE encoder or a timm / MAE weight file. ----
 
 def check_pretraining_data(config: ml_collections.ConfigDict) -> None:
   """Refuses (before compiling) a stage-1 run that saw images of this split's val or test."""
@@ -304,7 +277,7 @@ def check_pretraining_data(config: ml_collections.ConfigDict) -> None:
     logging.warning("init_from %s is a weight file: whether its pretraining saw images of this "
                     "split's val or test lists cannot be checked.", config.init_from)
     return
-  ckpt, step = _resolve_checkpoint(config.init_from, "init_from")
+  ckpt, step = results.resolve_checkpoint(config.init_from, "init_from")
   try:
     src = ckpt.read_config(step)
   finally:
@@ -321,7 +294,7 @@ def warm_start(config, mesh, state: loop.TrainState) -> loop.TrainState:
     try:
       encoder, report = pytorch_weights.load_encoder(config.init_from, state.params)
     except pytorch_weights.WeightsError as e:
-      raise InitError(f"init_from: {e}") from None
+      raise errors.InitError(f"init_from: {e}") from None
     pytorch_weights.log_report(config.init_from, report)
   else:
     encoder = _encoder_from_run(config, mesh)
@@ -335,113 +308,24 @@ def warm_start(config, mesh, state: loop.TrainState) -> loop.TrainState:
 
 def _encoder_from_run(config, mesh) -> dict:
   """The MAE encoder of a stage-1 run's checkpoint, as ViT params."""
-  ckpt, step = _resolve_checkpoint(config.init_from, "init_from")
+  ckpt, step = results.resolve_checkpoint(config.init_from, "init_from")
   try:
     meta = ckpt.read_meta(step)
     if meta.get("stage") != pretrain.STAGE:
-      raise InitError(f"init_from {config.init_from}: step {step} is a '{meta.get('stage')}' "
-                      f"checkpoint; stage 2 starts from a '{pretrain.STAGE}' (stage 1) run.")
+      raise errors.InitError(f"init_from {config.init_from}: step {step} is a '{meta.get('stage')}' "
+                             f"checkpoint; stage 2 starts from a '{pretrain.STAGE}' (stage 1) run.")
     src = ml_collections.ConfigDict(ckpt.read_config(step))
-    ours, theirs = model_kwargs(config), pretrain.model_kwargs(src)
+    ours, theirs = model_kwargs(config), results.mae_kwargs(src)
     diff = {k: (theirs[k], ours[k]) for k in ("width", "depth", "num_heads", "mlp_dim",
                                                "patch_size", "stem") if theirs[k] != ours[k]}
     if diff:
-      raise InitError(f"init_from {config.init_from}: the pretrained encoder differs from this "
-                      f"model in {', '.join(f'{k} ({a} there, {b} here)' for k, (a, b) in diff.items())}; "
-                      "set --config.model.size/patch_size/stem to the pretrained model's.")
-    mae_params = pretrain.restore_params(ckpt, step, src, mesh)
+      raise errors.InitError(f"init_from {config.init_from}: the pretrained encoder differs from this "
+                             f"model in {', '.join(f'{k} ({a} there, {b} here)' for k, (a, b) in diff.items())}; "
+                             "set --config.model.size/patch_size/stem to the pretrained model's.")
+    mae_params = results.restore_mae_params(ckpt, step, src, mesh)
   finally:
     ckpt.close()
   encoder = vit.encoder_params_from_mae(mae_params, pool=config.model.pool)
   logging.info("warm start: MAE encoder (%s) from %s step %d",
                ", ".join(sorted(encoder)), ckpt.directory, step)
   return encoder
-
-
-@dataclasses.dataclass(frozen=True)
-class Classifier:
-  """Fine-tuned weights ready to apply, with what the result says about them."""
-  apply: Any          # (params, normalised images) -> logits
-  params: Any
-  classes: list[str]
-  preprocessing: Mapping[str, Any]
-  step: int
-  weights: str        # "raw" or "ema"
-  model: vit.ViT      # the module `apply` runs (Grad-CAM and FGSM apply it with options)
-
-
-def read_result(run_dir: str) -> dict:
-  path = os.path.join(run_dir, loop.RESULT_FILE)
-  if not os.path.exists(path):
-    raise InitError(f"{path} not found: {run_dir} has no finished fine-tuning run (the stage "
-                    "writes it at its last step); run the same training command again to "
-                    "finish it.")
-  with open(path) as f:
-    return json.load(f)
-
-
-CLASSIFIER_STAGES = (STAGE, "semisup")   # stages whose result is a classifier
-
-
-def classifier_from_kwargs(kwargs: Mapping[str, Any], num_classes: int) -> vit.ViT:
-  """A ViT from resolved model kwargs as results record them (dtype as a string or dtype)."""
-  return vit.ViT(num_classes=num_classes, **{**kwargs, "dtype": jnp.dtype(kwargs["dtype"])})
-
-
-def model_from_result(result: Mapping[str, Any]) -> vit.ViT:
-  """The classifier a stage result describes."""
-  return classifier_from_kwargs(result["model"], len(result["classes"]))
-
-
-def abstract_params(model: vit.ViT, image_size: int, mesh, rules) -> Any:
-  """The model's parameter shapes, carrying their shardings on `mesh` under `rules`."""
-  boxed = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=False)["params"])
-  return checkpointing.abstract_with_shardings(
-      nn.meta.unbox(boxed), sharding.logical_shardings(boxed, mesh, rules))
-
-
-def load_classifier(run_dir: str, *, step: int | None = None, weights: str = "best",
-                    mesh=None) -> Classifier:
-  """The weights of a fine-tuning run (stage 2 or 3): its result's choice, or `weights`
-  ("raw" or "ema") at `step`. Only those weights are read from the checkpoint."""
-  result = read_result(run_dir)
-  if result.get("stage") not in CLASSIFIER_STAGES:
-    raise InitError(f"{run_dir}: its result is of stage '{result.get('stage')}', not a "
-                    f"classifier's ({', '.join(CLASSIFIER_STAGES)}).")
-  step = result["step"] if step is None else step
-  which = result["weights"] if weights == "best" else weights
-  if which not in ("raw", "ema"):
-    raise InitError(f"weights={which!r}; use 'best', 'raw' or 'ema'.")
-  kept = result.get("weights_kept") or (   # results written before "weights_kept": stage 2's
-      ["raw", "ema"] if result["config"].get("ema_decay", 0) > 0 else ["raw"])
-  if which not in kept:
-    raise InitError(f"{run_dir} kept no {which} weights (it kept {kept}); use --weights raw.")
-  mesh = mesh or sharding.make_mesh((-1, 1))
-  model = model_from_result(result)
-  abstract = abstract_params(model, result["preprocessing"]["image_size"], mesh,
-                             result["config"]["sharding_rules"])
-  where = {"params": abstract} if which == "raw" else {"extra": {"ema": abstract}}
-  ckpt = checkpointing.Checkpointer(run_dir)
-  try:
-    if step not in ckpt.all_steps():
-      raise InitError(f"{run_dir}: no checkpoint {step} (steps: {ckpt.all_steps()}).")
-    restored = ckpt.restore_subtree(step, where, result["stage"])
-  finally:
-    ckpt.close()
-  params = restored["params"] if which == "raw" else restored["extra"]["ema"]
-  return Classifier(lambda p, x: model.apply({"params": p}, x, train=False), params,
-                    result["classes"], result["preprocessing"], step, which, model)
-
-
-def check_preprocessing(expected: Mapping[str, Any], data_dir: str) -> list[str]:
-  """Differences between how a model's training data and `data_dir` were prepared (warned)."""
-  manifest = records.load_manifest(data_dir)
-  diffs = [f"{k}: {manifest.get(k)} here, {expected.get(k)} for the model"
-           for k in ("crop", "margin", "detector") if manifest.get(k) != expected.get(k)]
-  if manifest["image_size"] != expected.get("stored_size"):
-    diffs.append(f"stored size {manifest['image_size']} px here, {expected.get('stored_size')} "
-                 "px for the model (images are resized to the model's size)")
-  for d in diffs:
-    logging.warning("%s prepared differently from the model's training data: %s", data_dir, d)
-  return diffs

@@ -29,11 +29,10 @@ import ml_collections
 import optax
 from clu import metrics as clu_metrics
 
+from ssfer_jax import errors, results
 from ssfer_jax.input import augment, leakage, pipeline, records
 from ssfer_jax.runtime import checkpointing, preemption, sharding, writers
 from ssfer_jax.runtime import workdir as workdir_lib
-
-RESULT_FILE = "result.json"
 
 # (params, extra, batch, rng) -> (loss, aux). aux's scalars are logged as metrics, its
 # arrays as histograms; aux["extra"], if present, is the input of `Stage.update_extra`
@@ -102,7 +101,7 @@ class Stage:
 StageFactory = Callable[[ml_collections.ConfigDict, "RunPlan", str], Stage]
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(errors.UserError, RuntimeError):
   pass
 
 
@@ -184,21 +183,21 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
 def plan_run(config: ml_collections.ConfigDict, mesh_devices=None) -> RunPlan:
   """Validates the config against devices and data; every error here precedes compilation."""
   if not (isinstance(config.batch_size, int) and config.batch_size >= 1):
-    raise sharding.ConfigError(f"batch_size={config.batch_size!r}; use a whole number >= 1 "
-                               "(the global batch, across all devices).")
+    raise errors.ConfigError(f"batch_size={config.batch_size!r}; use a whole number >= 1 "
+                             "(the global batch, across all devices).")
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, mesh_devices)
   sharding.check_batch_size(config.batch_size, mesh)
   try:
     augment.check_crop(config.data.crop_scale, config.data.crop_ratio)
     augment.check_center(config.data.center_crop)
   except ValueError as e:
-    raise sharding.ConfigError(f"data.crop_scale / crop_ratio / center_crop: {e}") from None
+    raise errors.ConfigError(f"data.crop_scale / crop_ratio / center_crop: {e}") from None
   mix = pipeline.parse_mix(config.data.get("mix", ""))
   if mix:   # an epoch is a pass over every record the mix can draw
     if config.data.get("unlabeled_lists"):
-      raise sharding.ConfigError("data.mix is for stages 1 and 2; stage 3 reads one build (its "
-                                 "per-record threshold state indexes that build's unlabeled "
-                                 "list). Unset data.mix.")
+      raise errors.ConfigError("data.mix is for stages 1 and 2; stage 3 reads one build (its "
+                               "per-record threshold state indexes that build's unlabeled "
+                               "list). Unset data.mix.")
     pipeline.mix_counts([m.weight for m in mix], config.batch_size)
     n = sum(mix_size(m, config.data.train_lists) for m in mix)
     # The mix must keep out its own split's val and test (data.dir / data.split).
@@ -206,7 +205,7 @@ def plan_run(config: ml_collections.ConfigDict, mesh_devices=None) -> RunPlan:
   else:
     n = len(records.load_split(config.data.dir, config.data.split, config.data.train_lists))
   if n < config.batch_size:
-    raise sharding.ConfigError(
+    raise errors.ConfigError(
         f"{config.data.dir}: lists {tuple(config.data.train_lists)} of split "
         f"'{config.data.split}' hold {n} records, fewer than batch_size={config.batch_size}.")
   steps_per_epoch = n // config.batch_size
@@ -215,14 +214,14 @@ def plan_run(config: ml_collections.ConfigDict, mesh_devices=None) -> RunPlan:
     ratio, views = config.data.unlabeled_ratio, config.data.get("strong_views", 1)
     for name, value in (("unlabeled_ratio (mu)", ratio), ("strong_views", views)):
       if not (isinstance(value, int) and value >= 1):
-        raise sharding.ConfigError(f"data.{name} is {value!r}; use an integer >= 1.")
+        raise errors.ConfigError(f"data.{name} is {value!r}; use an integer >= 1.")
     rows = ratio * config.batch_size
     sharding.check_batch_size(rows, mesh, "the unlabeled batch (data.unlabeled_ratio x "
                               "batch_size)")
     lists = tuple(config.data.unlabeled_lists)
     n_unlabeled = len(records.load_split(config.data.dir, config.data.split, lists))
     if n_unlabeled < rows:
-      raise sharding.ConfigError(
+      raise errors.ConfigError(
           f"{config.data.dir}: unlabeled lists {lists} of split '{config.data.split}' hold "
           f"{n_unlabeled} records, fewer than one unlabeled batch ({ratio} x {config.batch_size}"
           f" = {rows}); split the build with unlabeled records (`data_prep split "
@@ -234,7 +233,7 @@ def plan_run(config: ml_collections.ConfigDict, mesh_devices=None) -> RunPlan:
     logging.info("%d training records < few_labels=%d: %d epochs", n, config.few_labels, epochs)
   total = config.total_steps if config.total_steps > 0 else epochs * steps_per_epoch
   if total <= 0:
-    raise sharding.ConfigError("set total_steps > 0 or num_epochs > 0.")
+    raise errors.ConfigError("set total_steps > 0 or num_epochs > 0.")
   return RunPlan(mesh, n, int(total), steps_per_epoch, n_unlabeled, ratio, views)
 
 
@@ -457,7 +456,7 @@ def write_result(workdir: str, stage: Stage, ckpt: checkpointing.Checkpointer,
   result = {"stage": stage.name, "step": step, "checkpoint_dir": ckpt.directory,
             **best.get("report", {}), **(stage.result_info or {}), "config": config_json}
   if jax.process_index() == 0:
-    path = writers.write_json(os.path.join(workdir, RESULT_FILE), result)
+    path = writers.write_json(os.path.join(workdir, results.RESULT_FILE), result)
     logging.info("result: step %d (%s) -> %s", step, best.get("report", {}).get("weights", ""),
                  path)
   return result

@@ -9,34 +9,24 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ssfer_jax import pytorch_weights
+from ssfer_jax import errors, pytorch_weights, results
 from ssfer_jax.input import device, pipeline
-from ssfer_jax.models import flops, mae, vit
+from ssfer_jax.models import flops, mae
 from ssfer_jax.runtime import figures, sharding
-from ssfer_jax.trainers import loop
-from ssfer_jax.trainers import optim
+from ssfer_jax.trainers import loop, optim
 
-STAGE = "pretrain_mae"
+STAGE = results.MAE_STAGE
 FIGURES_DIR = "figures"
-
-
-def model_kwargs(config: ml_collections.ConfigDict) -> dict:
-  m = config.model
-  return vit.vit_kwargs(
-      m.size, patch_size=m.patch_size, decoder_width=m.decoder_width,
-      decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads, mask_ratio=m.mask_ratio,
-      norm_pix_loss=m.norm_pix_loss, dtype=jnp.dtype(m.dtype), remat=m.remat,
-      attention_impl=m.attention_impl, stem=m.get("stem", "patch"))
 
 
 def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
                workdir: str | None) -> loop.Stage:
   """The MAE stage; without a workdir (benchmarks) it has no figure hook."""
-  kwargs = model_kwargs(config)
+  kwargs = results.mae_kwargs(config)
   size = config.data.image_size
   if size % config.model.patch_size:
-    raise sharding.ConfigError(f"data.image_size={size} is not divisible by "
-                               f"model.patch_size={config.model.patch_size}.")
+    raise errors.ConfigError(f"data.image_size={size} is not divisible by "
+                             f"model.patch_size={config.model.patch_size}.")
   model = mae.MAE(**kwargs)
   tx, schedule = optim.make_optimizer(config.optim, config.batch_size, plan.total_steps,
                                       plan.steps_per_epoch)
@@ -65,20 +55,12 @@ def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
       if config.get("init_from") else None)
 
 
-def restore_params(ckpt, step: int, config: ml_collections.ConfigDict, mesh) -> dict:
-  """A stage-1 checkpoint's MAE params alone (no optimiser state), laid out on `mesh`;
-  `config` is the run's own (as its checkpoint or result records it)."""
-  abstract, _ = loop.state_layout(config, make_stage(config, loop.RunPlan(mesh, 0, 1, 1), None),
-                                  mesh)
-  return ckpt.restore_subtree(step, {"params": abstract.params}, STAGE)["params"]
-
-
 def warm_start(path: str, state: loop.TrainState) -> loop.TrainState:
   """Fresh optimiser state around an official MAE checkpoint's weights (`pytorch_weights.load_mae`)."""
   try:
     params, report = pytorch_weights.load_mae(path, state.params)
   except pytorch_weights.WeightsError as e:
-    raise sharding.ConfigError(f"init_from: {e}") from None
+    raise errors.ConfigError(f"init_from: {e}") from None
   pytorch_weights.log_report(path, report)
   params = jax.tree.map(lambda s, t: jax.device_put(jnp.asarray(s, t.dtype), t.sharding),
                         params, state.params)

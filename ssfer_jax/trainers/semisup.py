@@ -52,13 +52,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from ssfer_jax import evaluate
+from ssfer_jax import errors, evaluate, results
 from ssfer_jax.input import device, randaugment, records
 from ssfer_jax.methods import facemix, leaf, negative_learning, thresholds
 from ssfer_jax.models import flops, leaf_levels, vit
 from ssfer_jax.runtime import figures, sharding, writers
-from ssfer_jax.trainers import finetune, loop
-from ssfer_jax.trainers import optim
+from ssfer_jax.trainers import finetune, loop, optim
 
 STAGE = "semisup"
 TEACHERS = ("ema", "student")
@@ -69,7 +68,7 @@ LEAF_COUNTS = ("positive_size", "positive_hit")
 NEGATIVE_COUNTS = ("negative_rows", "negative_pairs", "negative_known", "negative_wrong")
 FIGURE = os.path.join("figures", "thresholds.png")
 
-InitError = finetune.InitError
+InitError = errors.InitError
 
 
 def policy(config: ml_collections.ConfigDict) -> thresholds.Policy:
@@ -78,36 +77,36 @@ def policy(config: ml_collections.ConfigDict) -> thresholds.Policy:
     return thresholds.Policy(kind=t.policy, tau=t.tau, p_cutoff=t.p_cutoff,
                              thresh_warmup=t.thresh_warmup, momentum=t.momentum, init=t.init)
   except ValueError as e:
-    raise sharding.ConfigError(f"threshold: {e}") from None
+    raise errors.ConfigError(f"threshold: {e}") from None
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   for field, allowed in (("teacher", TEACHERS), ("pseudo_label", PSEUDO_LABELS)):
     if config[field] not in allowed:
-      raise sharding.ConfigError(f"{field}={config[field]!r}; use one of {allowed}.")
+      raise errors.ConfigError(f"{field}={config[field]!r}; use one of {allowed}.")
   if config.teacher == "ema" and not 0 < config.ema_decay < 1:
-    raise sharding.ConfigError(f"ema_decay={config.ema_decay}: the EMA teacher needs a decay "
-                               "in (0, 1) (0.999 as SSFER); teacher='student' is FixMatch.")
+    raise errors.ConfigError(f"ema_decay={config.ema_decay}: the EMA teacher needs a decay "
+                             "in (0, 1) (0.999 as SSFER); teacher='student' is FixMatch.")
   if not config.data.get("unlabeled_lists"):
-    raise sharding.ConfigError("data.unlabeled_lists is empty: stage 3 needs unlabeled faces "
-                               "(e.g. ('train_unlabeled',)).")
+    raise errors.ConfigError("data.unlabeled_lists is empty: stage 3 needs unlabeled faces "
+                             "(e.g. ('train_unlabeled',)).")
   if config.leaf.enabled:
     if config.data.strong_views != 2:
-      raise sharding.ConfigError(
+      raise errors.ConfigError(
           f"data.strong_views={config.data.strong_views}: LEAF's consistency and contrastive "
           "terms compare two strong views; use the ',leaf' config option (e.g. "
           "configs/semisup.py:vit_b16,leaf), which also sets LEAF's lambda_u of 1.")
     if config.pseudo_label != "hard":
-      raise sharding.ConfigError(
+      raise errors.ConfigError(
           "pseudo_label='soft' with LEAF: its ambiguous pseudo-labels replace the soft targets "
           "(positive and negative sets from the teacher's probabilities); use 'hard'.")
     if not (0 < config.leaf.bound <= 1 and config.leaf.max_k >= 1 and config.leaf.experts >= 1):
-      raise sharding.ConfigError(
+      raise errors.ConfigError(
           f"leaf: bound={config.leaf.bound}, max_k={config.leaf.max_k}, experts="
           f"{config.leaf.experts}; use a bound in (0, 1], max_k >= 1 and experts >= 1.")
   if config.negative.enabled and not 0 < config.negative.bound < 1:
-    raise sharding.ConfigError(f"negative.bound={config.negative.bound}: complementary classes "
-                               "are those below a probability in (0, 1), e.g. 0.05.")
+    raise errors.ConfigError(f"negative.bound={config.negative.bound}: complementary classes "
+                             "are those below a probability in (0, 1), e.g. 0.05.")
 
 
 # ---- Where stage 3 starts: a stage-2 result, checked against this run's data. ----
@@ -120,7 +119,7 @@ def start_result(config: ml_collections.ConfigDict) -> dict:
   if not os.path.isdir(config.init_from):
     raise InitError(f"init_from {config.init_from}: no such directory; pass the workdir of a "
                     "finished stage-2 (finetune) run.")
-  result = finetune.read_result(config.init_from)
+  result = results.read_result(config.init_from)
   if result.get("stage") != finetune.STAGE:
     raise InitError(f"init_from {config.init_from}: its result is of stage "
                     f"'{result.get('stage')}'; stage 3 starts from a stage-2 ('{finetune.STAGE}')"
@@ -134,23 +133,23 @@ def check_data(config: ml_collections.ConfigDict, result: Mapping[str, Any],
   same one: the published code re-draws another, which we do not copy)."""
   where, start = config.data.dir, config.init_from
   if list(manifest["classes"]) != list(result["classes"]):
-    raise records.DatasetError(
+    raise errors.DatasetError(
         f"{where} has classes {list(manifest['classes'])}; the stage-2 model {start} was "
         f"trained on {result['classes']} (names and order must match).")
   pre = result["preprocessing"]
   if manifest["image_size"] != pre["stored_size"]:
-    raise records.DatasetError(
+    raise errors.DatasetError(
         f"{where} stores {manifest['image_size']} px images; the stage-2 model {start} was "
         f"trained on a build stored at {pre['stored_size']} px. Use that build.")
   for field in ("image_size", "mean", "std", "center_crop"):
     ours, theirs = config.data[field], pre.get(field, 1.0)   # center_crop: 1 before it existed
     if (list(ours) if field in ("mean", "std") else ours) != theirs:
-      raise sharding.ConfigError(
+      raise errors.ConfigError(
           f"data.{field}={ours}, but the stage-2 model {start} expects {theirs}; set "
           f"--config.data.{field} to it.")
   if manifest["manifest_sha256"] != result["data"]["manifest_sha256"] or \
       config.data.split != result["data"]["split"]:
-    raise records.DatasetError(
+    raise errors.DatasetError(
         f"{where} (split '{config.data.split}') is not the build and split the stage-2 model "
         f"{start} trained on ({result['data']['dir']}, split '{result['data']['split']}'): "
         "stage 3 must use the same labeled list. Point data.dir and data.split there.")
@@ -175,7 +174,7 @@ def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
   classes = list(result["classes"])
   kwargs = model_kwargs(config, result)
   stage = training_stage(config, plan, kwargs, len(classes))
-  model = finetune.classifier_from_kwargs(kwargs, len(classes))
+  model = results.classifier_from_kwargs(kwargs, len(classes))
   info = finetune.result_info(config, manifest, kwargs)
   info["init_from"] = os.path.abspath(config.init_from)
   hook = EpochHook(config, plan, model, classes, workdir)
@@ -190,13 +189,13 @@ def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, kwargs
   """State, loss and optimiser alone (no data read, no stage-2 run): benchmarks, tests."""
   check_config(config)
   if config.leaf.enabled and num_classes <= config.leaf.max_k:
-    raise sharding.ConfigError(
+    raise errors.ConfigError(
         f"leaf.max_k={config.leaf.max_k} with {num_classes} classes: a positive set of up to "
         "max_k classes must leave a negative class; lower leaf.max_k.")
   size = config.data.image_size
   rule = policy(config)
   names = count_names(config)
-  model = finetune.classifier_from_kwargs(kwargs, num_classes)
+  model = results.classifier_from_kwargs(kwargs, num_classes)
   tx, schedule = finetune.make_tx(config, model, plan.total_steps, plan.steps_per_epoch)
   ema = config.teacher == "ema"
   decay = config.ema_decay
@@ -391,7 +390,7 @@ def _counts(pseudo: jax.Array, mask: jax.Array, label: jax.Array, num_classes: i
 def warm_start(config, mesh, state: loop.TrainState) -> loop.TrainState:
   """Student and (EMA) teacher from the stage-2 result's chosen weights; what stage 2 did not
   have (LEAF's levels) keeps its fresh init."""
-  clf = finetune.load_classifier(config.init_from, mesh=mesh)
+  clf = results.load_classifier(config.init_from, mesh=mesh)
   fresh = {"leaf"} if config.leaf.enabled else set()
   if set(clf.params) != set(state.params) - fresh:
     raise InitError(
