@@ -29,7 +29,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 import cv2  # noqa: E402
 
 from benchmarks import machine  # noqa: E402
-from data_prep import build, sources  # noqa: E402
+from data_prep import build, readers  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "datasets" / "facial_expressions"
 USERS_SCALE = 1_200_000
@@ -80,7 +80,7 @@ def main():
   root.mkdir(parents=True)
   try:
     table = inputs(root, args.repeat)
-    source = sources.CsvSource("faces", str(table), root=str(root / "images"),
+    source = readers.CsvSource("faces", str(table), root=str(root / "images"),
                                box_cols=("x0", "y0", "x1", "y1"))
     cfg = build.Config(size=args.size, crop="face", detector="dataset", num_shards=args.shards)
     cpu0, t0 = cpu_seconds(), time.perf_counter()

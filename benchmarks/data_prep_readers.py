@@ -35,7 +35,7 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-from data_prep import build, sources  # noqa: E402
+from data_prep import build, readers  # noqa: E402
 from tests.helpers import paper_datasets  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "datasets" / "facial_expressions" / "images"
@@ -91,7 +91,7 @@ def write_all(root: pathlib.Path, imgs: list[np.ndarray]) -> dict[str, tuple[lis
     csv.writer(f).writerows([paper_datasets.AFFECTNET_HEADER] + aff_rows)
   with open(aff / "validation.csv", "w", newline="") as f:
     csv.writer(f).writerows([paper_datasets.AFFECTNET_HEADER] + aff_rows[:1])
-  p = lambda *tokens: sources.parse([str(t) for t in tokens])  # noqa: E731
+  p = lambda *tokens: readers.parse([str(t) for t in tokens])  # noqa: E731
   return {
       "rafdb aligned": ([p("rafdb", raf)], dict(crop="none", detector="none")),
       "rafdb original": ([p("rafdb", raf, "images=original")],

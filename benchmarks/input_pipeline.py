@@ -242,13 +242,13 @@ def device_resample_cost(size, batch: int = 64, rounds: int = 7) -> dict[str, fl
 # grain/JAX imports (~1.4 s a process) and its cv2 thread setting out of data_prep's figures.
 _DATA_PREP_MAIN = """
 import json, resource, sys, time
-from data_prep import build, sources
+from data_prep import build, readers
 csv_path, images, out, workers = sys.argv[1:]
 def cpu():
   return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (
       resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
 wall, start = time.perf_counter(), cpu()
-manifest = build.build([sources.CsvSource("fe", csv_path, root=images)], out,
+manifest = build.build([readers.CsvSource("fe", csv_path, root=images)], out,
                        build.Config(size=224, crop="face", detector="haar", num_shards=1),
                        workers=int(workers), overwrite=True, progress=False)
 print(json.dumps({"inputs": sum(s["read"] for s in manifest["sources"].values()),

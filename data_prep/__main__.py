@@ -6,7 +6,7 @@ import argparse
 import sys
 import warnings
 
-from data_prep import build, faces, images, sources, split, verify
+from data_prep import build, faces, images, readers, split, verify
 from ssfer_jax import errors
 
 BUILD_EPILOG = """\
@@ -188,7 +188,7 @@ def _run_build(args) -> str:
       keep_corrupt=args.keep_corrupt,
       classes=tuple(c for c in args.classes.split(",") if c.strip()) if args.classes else None,
       aliases=tuple(_alias(a) for a in args.alias), num_shards=args.num_shards)
-  srcs = [sources.parse(tokens) for tokens in args.source]
+  srcs = [readers.parse(tokens) for tokens in args.source]
   if args.shard_index is not None:
     if not args.parts_dir or args.out:
       raise ValueError("--shard-index writes a part into --parts-dir (no --out); assemble the "

@@ -31,7 +31,7 @@ import numpy as np
 import tqdm
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from data_prep import faces, images, sources as sources_lib
+from data_prep import faces, images, items as items_lib, readers
 from ssfer_jax.errors import DatasetError
 from ssfer_jax.input import records
 
@@ -74,7 +74,7 @@ class Config:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  items: list[sources_lib.Item]  # the global input order
+  items: list[items_lib.Item]  # the global input order
   classes: list[str]
   header: dict                   # manifest fields fixed before any pixel is read
 
@@ -87,7 +87,7 @@ def plan(srcs: list, cfg: Config) -> Plan:
   names = [s.name for s in srcs]
   if len(set(names)) != len(names):
     raise DatasetError(f"source names {names} repeat; give each --source a distinct name=...")
-  aliases = {sources_lib.normalise_label(a, {}): b.strip().lower() for a, b in cfg.aliases}
+  aliases = {items_lib.normalise_label(a, {}): b.strip().lower() for a, b in cfg.aliases}
   items = sorted((it for s in srcs for it in s.items(aliases)), key=lambda it: it.id)
   # One record per id: a reader may list an image twice (AffectNet's two CSVs, say); the
   # first listing stands (sort is stable: source order, then listing order).
@@ -100,7 +100,7 @@ def plan(srcs: list, cfg: Config) -> Plan:
                                      f"{it.path})")
     kept.add(it.id)
   if cfg.classes is not None:
-    classes = [sources_lib.normalise_label(c, aliases) for c in cfg.classes]
+    classes = [items_lib.normalise_label(c, aliases) for c in cfg.classes]
     if len(set(classes)) != len(classes):
       raise ValueError(f"--classes {','.join(cfg.classes)}: names repeat after normalising")
   else:   # the first benchmark's own order, then any other label seen, sorted
@@ -131,9 +131,9 @@ def plan(srcs: list, cfg: Config) -> Plan:
   detector_params = faces.params(cfg.detector)
   if cfg.detector == "yunet":
     faces.YuNet(cfg.yunet_model)  # fails now, clearly, rather than in every worker
-    detector_params["model_sha256"] = sources_lib.sha256_file(cfg.yunet_model)
+    detector_params["model_sha256"] = items_lib.sha256_file(cfg.yunet_model)
   if cfg.detector == "blazeface":
-    detector_params["model_sha256"] = sources_lib.sha256_file(faces.blazeface_model())
+    detector_params["model_sha256"] = items_lib.sha256_file(faces.blazeface_model())
   header = {
       "schema_version": records.SCHEMA_VERSION,
       "classes": classes,
@@ -228,7 +228,7 @@ def finalize(parts_dir: str, out: str, *, overwrite: bool = False) -> dict:
   try:
     for part in parts:
       src = os.path.join(parts_dir, _part_name(part["shard"], header["num_shards"]), part["file"])
-      if sources_lib.sha256_file(src) != part["sha256"]:
+      if items_lib.sha256_file(src) != part["sha256"]:
         raise DatasetError(f"{src}: checksum differs from its {PART_FILE}; rerun "
                            f"`build --shard-index {part['shard']}` for that part.")
       _link_or_copy(src, os.path.join(staging, part["file"]))
@@ -291,7 +291,7 @@ def _init_worker(cfg: Config, classes: list[str], tfds_sources: dict, in_pool: b
                 detect=faces.make(cfg.detector, cfg.yunet_model), open={})
 
 
-def _read(item: sources_lib.Item) -> tuple[bytes | np.ndarray, str]:
+def _read(item: items_lib.Item) -> tuple[bytes | np.ndarray, str]:
   """The input's encoded bytes (or TFDS's decoded array) and its sha256."""
   if item.pixels is not None:   # FERPlus: grey pixels from its CSV
     side = int(round(len(item.pixels) ** 0.5))
@@ -325,7 +325,7 @@ def _read(item: sources_lib.Item) -> tuple[bytes | np.ndarray, str]:
   return array, hashlib.sha256(str(array.shape).encode() + array.tobytes()).hexdigest()
 
 
-def _process(item: sources_lib.Item) -> tuple[bytes | None, str | None, str | None, bool,
+def _process(item: items_lib.Item) -> tuple[bytes | None, str | None, str | None, bool,
                                               str | None]:
   """(encoded record or None, skip reason or None, input sha256 or None, face found, the
   corruption a kept record carries or None)."""
@@ -400,9 +400,9 @@ def _results(p: Plan, cfg: Config, items: list, workers: int | None, progress: b
     bar.close()
 
 
-def _tfds_source(p: Plan, name: str) -> sources_lib.TfdsSource:
+def _tfds_source(p: Plan, name: str) -> readers.TfdsSource:
   spec = {k: v for k, v in p.header["sources"][name].items() if k != "kind"}
-  return sources_lib.TfdsSource(name=name, **spec)
+  return readers.TfdsSource(name=name, **spec)
 
 
 def _run(p: Plan, cfg: Config, shards, out_dir: str, workers: int | None, progress: bool) -> list:
@@ -458,7 +458,7 @@ def _write_shard(p: Plan, cfg: Config, shard: int, lo: int, hi: int, results, ou
       part["partitions"].setdefault(item.partition, []).append(item.id)
   writer.close()
   part["num_records"] = len(part["ids"])
-  part["sha256"] = sources_lib.sha256_file(os.path.join(out_dir, name))
+  part["sha256"] = items_lib.sha256_file(os.path.join(out_dir, name))
   return part
 
 

@@ -10,7 +10,7 @@ import os
 
 from array_record.python.array_record_module import ArrayRecordReader
 
-from data_prep import sources
+from data_prep import items
 from ssfer_jax.input import records
 
 
@@ -23,7 +23,7 @@ def verify(data_dir: str) -> list[str]:
     if not os.path.isfile(path):
       problems.append(f"{path}: missing")
       continue
-    digest = sources.sha256_file(path)
+    digest = items.sha256_file(path)
     if digest != shard["sha256"]:
       problems.append(f"{path}: sha256 {digest}, the manifest says {shard['sha256']} (damaged "
                       "or replaced)")

@@ -44,7 +44,7 @@ def build_demo_subset(out_dir, *, rows: int, size: int, seed: int = 0) -> str:
   """A real `data_prep` build (Haar boxes, crop none) + split of the first `rows` demo faces."""
   import csv
 
-  from data_prep import build, sources, split
+  from data_prep import build, readers, split
 
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,7 @@ def build_demo_subset(out_dir, *, rows: int, size: int, seed: int = 0) -> str:
   with open(subset, "w", newline="") as f:
     csv.writer(f).writerows(lines[:rows + 1])
   data = str(out_dir / "data")
-  build.build([sources.CsvSource("demo", str(subset), root=str(DEMO_DATA / "images"))], data,
+  build.build([readers.CsvSource("demo", str(subset), root=str(DEMO_DATA / "images"))], data,
               build.Config(size=size, crop="none", detector="haar", num_shards=2), workers=1,
               progress=False)
   split.split(data, "default", split.Options(labeled_fraction=0.5, val_fraction=0.1,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from data_prep import build, sources
+from data_prep import build, items, readers
 from ssfer_jax.errors import DatasetError
 from ssfer_jax.input import records
 
@@ -40,7 +40,7 @@ def write_csv(path, rows, columns=("user.id", "image", "emotion")):
 
 def demo_source(demo_data_dir, tmp_path, n, name="demo"):
   rows = [(r["user.id"], r["image"], r["emotion"]) for r in demo_rows(demo_data_dir, n)]
-  return sources.CsvSource(name=name, path=write_csv(tmp_path / f"{name}.csv", rows),
+  return readers.CsvSource(name=name, path=write_csv(tmp_path / f"{name}.csv", rows),
                            root=str(demo_data_dir / "images"))
 
 
@@ -70,7 +70,7 @@ def test_csv_source_normalises_labels_and_collapses_duplicate_rows(demo_data_dir
   table += [("JN721", rows[3]["image"], rows[3]["emotion"].upper()),  # repeated, other case
             ("x", rows[5]["image"], " " + rows[5]["emotion"] + " ")]
   assert any(r["emotion"] != r["emotion"].lower() for r in rows)   # the demo's mixed case
-  src = sources.CsvSource("demo", write_csv(tmp_path / "l.csv", table),
+  src = readers.CsvSource("demo", write_csv(tmp_path / "l.csv", table),
                           root=str(demo_data_dir / "images"))
   m = build.build([src], str(tmp_path / "out"), FAST, workers=1, progress=False)
   assert m["classes"] == sorted({r["emotion"].lower() for r in rows})
@@ -88,7 +88,7 @@ def test_class_order_and_aliases(demo_data_dir, tmp_path):
   rows = demo_rows(demo_data_dir, 12)
   table = [("u", r["image"], r["emotion"]) for r in rows[:10]]
   table += [("u", rows[10]["image"], "Happy"), ("u", rows[11]["image"], "glad ")]
-  src = sources.CsvSource("demo", write_csv(tmp_path / "l.csv", table),
+  src = readers.CsvSource("demo", write_csv(tmp_path / "l.csv", table),
                           root=str(demo_data_dir / "images"))
   order = tuple(reversed(CLASSES))
   cfg = build.Config(size=32, crop="none", detector="none", classes=order,
@@ -107,7 +107,7 @@ def test_dataset_boxes_from_csv_columns(demo_data_dir, tmp_path):
   table = [(rows[0]["image"], "neutral", 10, 20, 50, 70),     # 96x96 image
            (rows[1]["image"], "neutral", "n/a", 0, 10, 10),
            (rows[2]["image"], "neutral", 500, 500, 600, 600)]
-  src = sources.parse(["csv", write_csv(tmp_path / "b.csv", table, cols),
+  src = readers.parse(["csv", write_csv(tmp_path / "b.csv", table, cols),
                        f"root={demo_data_dir / 'images'}", "box_cols=left,top,right,bottom"])
   cfg = build.Config(size=64, crop="face", margin=1.5, detector="dataset")
   m = build.build([src], str(tmp_path / "out"), cfg, workers=1, progress=False)
@@ -136,8 +136,8 @@ def test_folder_sources_labeled_and_unlabeled(demo_data_dir, tmp_path):
     d = unl / "a" / ("b" if i else "")
     d.mkdir(parents=True, exist_ok=True)
     shutil.copy(demo_data_dir / "images" / r["image"], d / r["image"])
-  srcs = [sources.parse(["folder", str(lab), "labels=subdirs"]),
-          sources.parse(["folder", str(unl), "labels=none", "name=web"])]
+  srcs = [readers.parse(["folder", str(lab), "labels=subdirs"]),
+          readers.parse(["folder", str(unl), "labels=none", "name=web"])]
   m = build.build(srcs, str(tmp_path / "out"), FAST, workers=1, progress=False)
   assert m["classes"] == ["happiness", "neutral"]
   assert m["counts"] == {"happiness": 4, "neutral": 4, "unlabeled": 3}
@@ -154,12 +154,12 @@ def test_folder_sources_labeled_and_unlabeled(demo_data_dir, tmp_path):
 
 def test_folder_source_must_say_how_it_is_labeled(tmp_path):
   with pytest.raises(DatasetError, match="labels=subdirs"):
-    sources.parse(["folder", str(tmp_path)])
+    readers.parse(["folder", str(tmp_path)])
 
 
 def test_wrong_csv_columns_fail_naming_file_column_and_columns(demo_data_dir, tmp_path):
   path = write_csv(tmp_path / "bad.csv", [("1", "x.jpg", "anger")], ("user.id", "file", "emotion"))
-  src = sources.CsvSource("bad", path, root=str(demo_data_dir / "images"))
+  src = readers.CsvSource("bad", path, root=str(demo_data_dir / "images"))
   with pytest.raises(DatasetError) as e:
     build.build([src], str(tmp_path / "out"), FAST, workers=1, progress=False)
   msg = str(e.value)
@@ -203,7 +203,7 @@ def messy(demo_data_dir, tmp_path, monkeypatch):
                                                    "locked.jpg", "tiny.jpg", "missing.jpg")]
   table += [("u", "conflict.jpg", "happiness"), ("v", "conflict.jpg", "SADNESS"),
             ("u", "unknown.jpg", "Boredom")]
-  yield sources.CsvSource("messy", write_csv(tmp_path / "labels.csv", table), root=str(images_dir))
+  yield readers.CsvSource("messy", write_csv(tmp_path / "labels.csv", table), root=str(images_dir))
   os.chmod(images_dir / "locked.jpg", 0o644)
 
 
@@ -275,10 +275,10 @@ def test_manifest_ids_and_records_agree(haar_build, demo_data_dir):
   assert [r["id"] for r in recs] == ids and len(ids) == manifest["num_records"]
   assert hashlib.sha256((out / "ids.txt").read_bytes()).hexdigest() == manifest["ids_sha256"]
   for shard in manifest["shards"]:
-    assert sources.sha256_file(str(out / shard["file"])) == shard["sha256"]
+    assert items.sha256_file(str(out / shard["file"])) == shard["sha256"]
   some = ids[0].split("/", 1)[1]
   first_input = str(demo_data_dir / "images" / some)
-  assert manifest["inputs_sha256"][ids[0]] == sources.sha256_file(first_input)
+  assert manifest["inputs_sha256"][ids[0]] == items.sha256_file(first_input)
   found = 0
   for r in recs:
     image = cv2.imdecode(np.frombuffer(r["image"], np.uint8), cv2.IMREAD_COLOR)
@@ -422,9 +422,13 @@ def test_tfds_array_record_source_is_read_as_unlabeled(demo_data_dir, tmp_path):
   def images_jpeg(p):
     return cv2.imencode(".jpg", cv2.imread(str(p), cv2.IMREAD_COLOR))[1].tobytes()
 
+  # A one-part module name: tfds looks for a dotted module's (here tests.*) checksums as
+  # package resources, through importlib_resources, which its wheel does not require.
+  TinyFaces.__module__ = "tiny_faces"
+
   data_dir = tmp_path / "tfds"
   TinyFaces(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
-  src = sources.parse(["tfds", "tiny_faces", f"data_dir={data_dir}", "split=train", "name=tf"])
+  src = readers.parse(["tfds", "tiny_faces", f"data_dir={data_dir}", "split=train", "name=tf"])
   m = build.build([src], str(tmp_path / "out"), FAST, workers=1, progress=False)
   assert m["counts"] == {"unlabeled": 6} and m["classes"] == []
   _, recs = read_shards(tmp_path / "out")
@@ -450,7 +454,7 @@ def test_odd_file_names_round_trip_and_non_files_are_skipped(demo_data_dir, tmp_
   os.mkfifo(tree / "fifo.jpg")   # read naively, it blocks the build forever
   bad = os.path.join(os.fsencode(tree), b"latin\xe9.jpg")   # not UTF-8
   shutil.copy(demo_data_dir / "images" / rows[0]["image"], bad)
-  src = sources.parse(["folder", str(tree), "labels=none", "name=odd"])
+  src = readers.parse(["folder", str(tree), "labels=none", "name=odd"])
   m = build.build([src], str(tmp_path / "out"), FAST, workers=1, progress=False)
   reasons = {sk["id"]: sk["reason"] for sk in m["skipped"]}
   assert reasons["odd/fifo.jpg"].startswith("not a regular file")
@@ -469,7 +473,7 @@ def test_csv_edge_cases_are_named(demo_data_dir, tmp_path):
   path = write_csv(tmp_path / "edge.csv", [("u", absolute, rows[0]["emotion"]),
                                            ("u", "", rows[1]["emotion"]),
                                            ("u", rows[2]["image"], rows[2]["emotion"])])
-  src = sources.CsvSource(name="edge", path=path, root=str(tmp_path / "elsewhere"))
+  src = readers.CsvSource(name="edge", path=path, root=str(tmp_path / "elsewhere"))
   items = {it.id: it for it in src.items({})}
   [abs_item] = [it for it in items.values() if it.path == absolute]
   assert abs_item.skip is None                     # an absolute path is used as it is
@@ -477,7 +481,7 @@ def test_csv_edge_cases_are_named(demo_data_dir, tmp_path):
   assert "CSV line 3" in empty.skip
   header_only = write_csv(tmp_path / "empty.csv", [])
   with pytest.raises(DatasetError, match="no data rows"):
-    sources.CsvSource(name="e", path=header_only).items({})
+    readers.CsvSource(name="e", path=header_only).items({})
 
 
 def test_overwrite_replaces_datasets_only(demo_data_dir, tmp_path):
@@ -508,7 +512,7 @@ def test_corrupt_jpeg_data_is_skipped_or_kept_flagged(demo_data_dir, tmp_path, c
   mid = len(raw) // 2
   raw[mid:mid + 50] = np.random.default_rng(0).integers(0, 256, 50, dtype=np.uint8).tobytes()
   smeared.write_bytes(bytes(raw))
-  src = sources.parse(["folder", str(tree), "labels=none", "name=t"])
+  src = readers.parse(["folder", str(tree), "labels=none", "name=t"])
   m = build.build([src], str(tmp_path / "skip"), FAST, workers=1, progress=False)
   [sk] = m["skipped"]
   assert sk["id"] == f"t/{rows[1]['image']}" and sk["reason"].startswith("corrupt JPEG data")

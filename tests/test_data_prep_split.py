@@ -12,7 +12,7 @@ import pytest
 from hypothesis import strategies as st
 
 from data_prep import __main__ as cli
-from data_prep import build, sources, split
+from data_prep import build, readers, split
 from ssfer_jax import errors
 from ssfer_jax.input import records
 
@@ -32,10 +32,10 @@ def data(demo_data_dir, tmp_path_factory):
   held.mkdir(parents=True)
   for p in extra[10:20]:
     (held / p.name).write_bytes(p.read_bytes())
-  srcs = [sources.CsvSource("demo", str(demo_data_dir / "labels.csv"),
+  srcs = [readers.CsvSource("demo", str(demo_data_dir / "labels.csv"),
                             root=str(demo_data_dir / "images")),
-          sources.FolderSource("web", str(unl), "none"),
-          sources.FolderSource("held", str(tmp / "held"), "subdirs")]
+          readers.FolderSource("web", str(unl), "none"),
+          readers.FolderSource("held", str(tmp / "held"), "subdirs")]
   out = tmp / "data"
   build.build(srcs, str(out), build.Config(size=32, crop="none", detector="none"), workers=1,
               progress=False)

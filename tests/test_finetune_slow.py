@@ -12,7 +12,7 @@ import pytest
 
 from configs import finetune as finetune_config
 from configs import semisup as semisup_config
-from data_prep import build, sources, split
+from data_prep import build, readers, split
 from ssfer_jax import evaluate, results
 from ssfer_jax.analysis import classical
 from ssfer_jax.input import records
@@ -31,7 +31,7 @@ def stage2(tmp_path_factory):
   jax.config.update("jax_threefry_partitionable", True)
   tmp = tmp_path_factory.mktemp("shared")
   data = str(tmp / "data")
-  build.build([sources.CsvSource("fe", str(SHARED_DATASET / "legend.csv"),
+  build.build([readers.CsvSource("fe", str(SHARED_DATASET / "legend.csv"),
                                  root=str(SHARED_DATASET / "images"))], data,
               build.Config(size=96, crop="face", margin=1.6, detector="haar", num_shards=4),
               workers=2, progress=False)

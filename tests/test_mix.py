@@ -176,9 +176,9 @@ def test_a_labeled_mix_needs_labeled_records(small_dataset, ferplus, tmp_path):
 def test_the_same_benchmark_faces_in_another_variant_are_caught(demo_data_dir, tmp_path):
   """RAF-DB's aligned and original images are different files of the same faces: pretraining
   on every aligned record leaks the original build's test faces (matched by RAF-DB's names)."""
-  from data_prep import benchmarks, build  # pylint: disable=g-import-not-at-top
+  from data_prep import build, readers  # pylint: disable=g-import-not-at-top
   paper_datasets.write_rafdb(tmp_path / "basic", demo_data_dir)
-  src = benchmarks.RafDbSource("rafdb", str(tmp_path / "basic"))
+  src = readers.RafDbSource("rafdb", str(tmp_path / "basic"))
   aligned, original = str(tmp_path / "aligned"), str(tmp_path / "original")
   build.build([src], aligned, build.Config(size=32, crop="none", detector="none"), workers=1,
               progress=False)

@@ -15,7 +15,7 @@ import os
 import cv2
 import numpy as np
 
-from data_prep import build, images, sources
+from data_prep import build, images, readers
 
 
 def demo_images(demo_data_dir, n: int) -> list[np.ndarray]:
@@ -168,6 +168,6 @@ def ferplus_dataset(root, demo_data_dir, n: int = 60) -> str:
   with open(os.path.join(root, "fer2013new.csv"), "w", newline="") as f:
     csv.writer(f).writerows([FERPLUS_HEADER] + vote_rows)
   out = os.path.join(root, "out")
-  build.build([sources.parse(["ferplus", str(root)])], out,
+  build.build([readers.parse(["ferplus", str(root)])], out,
               build.Config(size=48, crop="none", detector="none"), workers=1, progress=False)
   return out

@@ -1,78 +1,16 @@
-"""Input readers: each source lists its images as `Item`s, one per unique image.
-
-Listing is cheap and deterministic (no pixels are read), so every machine of a
-scaled-out build lists every source and agrees on the global input order. Problems that
-are visible from the listing (conflicting labels, missing files, bad box values) become
-the item's `skip` reason here; pixel problems are found later by the builder.
-"""
+"""The generic readers: a CSV of paths and labels (`csv`), a folder tree (`folder`) and a
+TensorFlow Datasets dataset (`tfds`)."""
 
 from __future__ import annotations
 
 import collections
 import csv
 import dataclasses
-import hashlib
 import os
 import posixpath
 
-from data_prep import vocabulary
+from data_prep.items import Box, Item, make_item, normalise_label, sha256_file
 from ssfer_jax.errors import DatasetError
-
-Box = tuple[float, float, float, float]
-Point = tuple[float, float]
-BENCHMARK_KINDS = ("rafdb", "ferplus", "affectnet")   # readers in data_prep.benchmarks
-KINDS = ("csv", "folder", "tfds") + BENCHMARK_KINDS
-PARTITIONS = ("train", "val", "test")   # a dataset's own partition of its records
-
-
-@dataclasses.dataclass(frozen=True)
-class Item:
-  id: str                  # "{source}/{relative/path}", stable across rebuilds
-  source: str
-  path: str                # the file read (for tfds: "NAME/SPLIT/INDEX", informational)
-  label: str | None        # normalised class name; None = unlabeled
-  box: Box | None = None   # the dataset's own face box, pixels of the decoded image
-  tfds_index: int | None = None
-  rows: int = 1            # CSV rows collapsed into this item (exact duplicates)
-  skip: str | None = None  # skip reason found while listing
-  pixels: bytes | None = None    # raw 8-bit grey pixels (FERPlus), square; read, not `path`
-  landmarks: tuple[Point, ...] | None = None   # 5 points (eyes, nose, mouth corners), pixels
-  partition: str | None = None   # the dataset's own train / val / test
-  original_label: str | None = None   # the label as the dataset writes it, when it differs
-  identity: str = ""             # the person (face-recognition collections), "" = unknown
-
-
-def normalise_label(raw: str, aliases: dict[str, str]) -> str:
-  """Strip, lower-case, map to the canonical vocabulary (`happy` -> `happiness`), then
-  through the user's aliases (keys canonical, so `--alias happiness=happy` names the class
-  "happy" on purpose)."""
-  label = raw.strip().lower()
-  label = vocabulary.ALIASES.get(label, label)
-  return aliases.get(label, label)
-
-
-def sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
-def _item(source: str, rel: str, **kw) -> Item:
-  """An item whose id is "SOURCE/REL". Names the id cannot hold are skipped with the reason:
-  "\n" and "\r" (ids.txt holds one id per "\n"-ended line; every other character
-  round-trips) and bytes that are not UTF-8 (ids are UTF-8 strings in records and lists)."""
-  rid = f"{source}/{rel}"
-  try:
-    rid.encode("utf-8")
-  except UnicodeEncodeError:
-    kw["skip"] = "bad file name: not valid UTF-8 (record ids are UTF-8); rename the file"
-    rid = rid.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-  if "\n" in rid or "\r" in rid:
-    kw["skip"] = "bad file name: contains a line break (record ids are one per line in ids.txt)"
-    rid = rid.replace("\n", "\\n").replace("\r", "\\r")
-  return Item(id=rid, source=source, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +109,7 @@ class CsvSource:
       kw["skip"] = f"missing file: {kw['path']} (named on CSV line {lines}) does not exist"
     if isinstance(kw["box"], str):
       kw["box"] = None
-    return _item(self.name, rel, **kw)
+    return make_item(self.name, rel, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,16 +142,16 @@ class FolderSource:
         rel = os.path.relpath(full, self.path).replace(os.sep, "/")
         parts = rel.split("/")
         if self.labels == "none":
-          out.append(_item(self.name, rel, path=full, label=None))
+          out.append(make_item(self.name, rel, path=full, label=None))
         elif len(parts) == 1:
           what = "a class" if self.labels == "subdirs" else "an identity"
-          out.append(_item(self.name, rel, path=full, label=None,
+          out.append(make_item(self.name, rel, path=full, label=None,
                            skip=f"not in {what} sub-folder (labels={self.labels} reads it from "
                            "the first folder level)"))
         elif self.labels == "identity":
-          out.append(_item(self.name, rel, path=full, label=None, identity=parts[0]))
+          out.append(make_item(self.name, rel, path=full, label=None, identity=parts[0]))
         else:
-          out.append(_item(self.name, rel, path=full, label=normalise_label(parts[0], aliases)))
+          out.append(make_item(self.name, rel, path=full, label=normalise_label(parts[0], aliases)))
     return out
 
 
@@ -246,67 +184,5 @@ class TfdsSource:
   def items(self, aliases: dict[str, str]) -> list[Item]:
     del aliases
     n = len(self.open())
-    return [_item(self.name, f"{self.split}/{i:09d}", path=f"{self.dataset}/{self.split}/{i}",
+    return [make_item(self.name, f"{self.split}/{i:09d}", path=f"{self.dataset}/{self.split}/{i}",
                   label=None, tfds_index=i) for i in range(n)]
-
-
-Source = CsvSource | FolderSource | TfdsSource  # and the benchmark readers of data_prep.benchmarks
-
-
-def parse(tokens: list[str]) -> Source:
-  """`KIND PATH [key=value ...]` from the command line -> a source.
-
-  csv PATH [name= root= image_col= label_col= box_cols=x0,y0,x1,y1]
-  folder PATH labels=subdirs|none [name=]
-  tfds DATASET [name= split= data_dir= image_key=]
-  """
-  from data_prep import benchmarks  # pylint: disable=g-import-not-at-top  (it imports this)
-  usage = (f"--source KIND PATH [key=value ...], KIND one of {', '.join(KINDS)}; "
-           "see `python -m data_prep build --help`")
-  if len(tokens) < 2 or tokens[0] not in KINDS:
-    raise DatasetError(f"--source {' '.join(tokens)}: expected {usage}.")
-  kind, path, opts = tokens[0], tokens[1], {}
-  for tok in tokens[2:]:
-    key, eq, value = tok.partition("=")
-    if not eq:
-      raise DatasetError(f"--source {' '.join(tokens)}: {tok!r} is not key=value; {usage}.")
-    opts[key] = value
-  name = opts.pop("name", None) or _default_name(kind, path)
-  if not name or "/" in name:
-    raise DatasetError(f"--source {' '.join(tokens)}: source name {name!r} must be non-empty "
-                       "without '/'; set name=...")
-  classes = {"csv": CsvSource, "folder": FolderSource, "tfds": TfdsSource,
-             **benchmarks.READERS}
-  fields = {f.name for f in dataclasses.fields(classes[kind])} - {"name", "path", "dataset"}
-  unknown = sorted(set(opts) - fields)
-  if unknown:
-    raise DatasetError(f"--source {' '.join(tokens)}: unknown option(s) {unknown}; "
-                       f"{kind} takes {sorted(fields | {'name'})}.")
-  if kind == "csv":
-    if "box_cols" in opts:
-      cols = tuple(c.strip() for c in opts["box_cols"].split(","))
-      if len(cols) != 4:
-        raise DatasetError(f"--source {' '.join(tokens)}: box_cols needs 4 columns "
-                           "x0,y0,x1,y1 (pixel corners), got {cols}.")
-      opts["box_cols"] = cols
-    return CsvSource(name=name, path=path, **opts)
-  if kind == "folder":
-    if "labels" not in opts:
-      raise DatasetError(f"--source {' '.join(tokens)}: say labels=subdirs (class sub-folders), "
-                         "labels=none (an unlabeled tree of images) or labels=identity (one "
-                         "sub-folder per person, unlabeled).")
-    return FolderSource(name=name, path=path, **opts)
-  if kind in benchmarks.READERS:
-    return benchmarks.parse(kind, name, path, opts, " ".join(tokens))
-  return TfdsSource(name=name, dataset=path, **opts)
-
-
-def _default_name(kind: str, path: str) -> str:
-  if kind in BENCHMARK_KINDS:
-    return kind
-  if kind == "csv":
-    return os.path.basename(os.path.dirname(os.path.abspath(path)))
-  if kind == "folder":
-    return os.path.basename(os.path.abspath(path))
-  return path.split("/")[0].split(":")[0]
-

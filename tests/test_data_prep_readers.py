@@ -12,7 +12,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from data_prep import benchmarks, build, images, sources, split, vocabulary
+from data_prep import build, images, readers, split, vocabulary
+
+from data_prep.readers import ferplus
 from ssfer_jax.input import pipeline, records
 from tests.helpers import paper_datasets
 from tests.test_data_prep_build import read_shards
@@ -41,7 +43,7 @@ def check_reader(out, manifest, name, want, skipped, label_of):
 
 def test_rafdb_reader_aligned_and_original(demo_data_dir, tmp_path):
   want, skipped = paper_datasets.write_rafdb(tmp_path / "basic", demo_data_dir)
-  src = benchmarks.RafDbSource("rafdb", str(tmp_path / "basic"))
+  src = readers.RafDbSource("rafdb", str(tmp_path / "basic"))
   manifest = build.build([src], str(tmp_path / "aligned"), NONE, workers=1, progress=False)
   assert manifest["classes"] == [vocabulary.RAFDB[i] for i in range(1, 8)]   # RAF-DB's order
   check_reader(tmp_path / "aligned", manifest, "rafdb", want, skipped,
@@ -61,7 +63,7 @@ def test_rafdb_reader_aligned_and_original(demo_data_dir, tmp_path):
 
 def test_ferplus_reader_applies_the_majority_rule(demo_data_dir, tmp_path):
   want, skipped = paper_datasets.write_ferplus(tmp_path / "fer", demo_data_dir)
-  src = sources.parse(["ferplus", str(tmp_path / "fer")])
+  src = readers.parse(["ferplus", str(tmp_path / "fer")])
   manifest = build.build([src], str(tmp_path / "out"), NONE, workers=1, progress=False)
   assert manifest["classes"] == list(vocabulary.FERPLUS_CLASSES)
   recs = check_reader(tmp_path / "out", manifest, "ferplus", want, skipped, lambda raw: raw)
@@ -90,7 +92,7 @@ def test_ferplus_reader_applies_the_majority_rule(demo_data_dir, tmp_path):
     ([0, 0, 0, 0, 0, 0, 0, 0, 2, 5], (None, "majority 'NF'")),
 ])
 def test_ferplus_majority_on_hand_made_votes(votes, expect):
-  winner, why = benchmarks.majority(np.asarray(votes, float))
+  winner, why = ferplus.majority(np.asarray(votes, float))
   assert winner == expect[0]
   assert (why is None) == (expect[1] is None) and (why or "").startswith(expect[1] or "")
 
@@ -102,7 +104,7 @@ def test_affectnet_reader_classes_exclusions_and_landmarks(demo_data_dir, tmp_pa
     moved = [rid for rid, (expr, _) in want.items() if expr == 7]
     skipped.update({rid: "excluded expression 7 (Contempt)" for rid in moved})
     want = {rid: v for rid, v in want.items() if rid not in moved}
-  src = sources.parse(["affectnet", str(tmp_path / "aff"), f"classes={classes}"])
+  src = readers.parse(["affectnet", str(tmp_path / "aff"), f"classes={classes}"])
   # AffectNet-8 aligned on its landmarks; AffectNet-7 cropped around its boxes.
   cfg = build.Config(size=64, crop="align" if classes == 8 else "face", detector="dataset")
   manifest = build.build([src], str(tmp_path / "out"), cfg, workers=1, progress=False)
@@ -175,8 +177,8 @@ def test_identity_folders_round_trip_and_group_splits(demo_data_dir, tmp_path):
     os.makedirs(root / f"{i % 6:07d}", exist_ok=True)
     os.link(demo_data_dir / "images" / fn, root / f"{i % 6:07d}" / fn)
   labeled = paper_datasets.write_rafdb(tmp_path / "basic", demo_data_dir)[0]
-  srcs = [sources.parse(["folder", str(root), "labels=identity", "name=casia"]),
-          benchmarks.RafDbSource("rafdb", str(tmp_path / "basic"))]
+  srcs = [readers.parse(["folder", str(root), "labels=identity", "name=casia"]),
+          readers.RafDbSource("rafdb", str(tmp_path / "basic"))]
   build.build(srcs, str(tmp_path / "out"), NONE, workers=1, progress=False)
   recs = read_shards(tmp_path / "out")[1]
   identities = {r["id"]: r["identity"] for r in recs}
@@ -308,7 +310,7 @@ def test_user_aliases_apply_after_the_canonical_names(demo_data_dir, tmp_path):
     lines.append((f"{i}.jpg", label))
   with open(tmp_path / "l.csv", "w", newline="") as f:
     csv.writer(f).writerows([("image", "emotion")] + lines)
-  src = sources.CsvSource("s", str(tmp_path / "l.csv"), root=str(root))
+  src = readers.CsvSource("s", str(tmp_path / "l.csv"), root=str(root))
   plain = build.plan([src], NONE)
   assert plain.classes == ["happiness", "neutral", "sadness"]
   renamed = build.plan([src], dataclasses.replace(NONE, aliases=(("happiness", "joyful"),)))
@@ -349,7 +351,7 @@ def test_align_with_blazeface_puts_faces_on_the_template(demo_data_dir, tmp_path
     big = cv2.copyMakeBorder(face, 40, 20, 10, 50, cv2.BORDER_REFLECT)   # off-centre faces
     cv2.imwrite(str(root / f"p{i:02d}.jpg"), big)
   cfg = build.Config(size=112, crop="align", detector="blazeface", margin=1.5)
-  manifest = build.build([sources.parse(["folder", str(root), "labels=none"])],
+  manifest = build.build([readers.parse(["folder", str(root), "labels=none"])],
                          str(tmp_path / "out"), cfg, workers=1, progress=False)
   assert manifest["detector_params"]["model_sha256"]
   det = faces.BlazeFace()
