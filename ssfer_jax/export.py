@@ -38,7 +38,6 @@ from ssfer_jax import errors, pytorch_weights, results
 from ssfer_jax.input import records
 from ssfer_jax.models import param_table, vit
 from ssfer_jax.runtime import checkpointing, sharding, writers
-from ssfer_jax.trainers import pretrain
 
 CARD = "model_card.json"
 WEIGHTS = "model.safetensors"
@@ -131,7 +130,7 @@ def export_run(run_dir: str, out_dir: str, *, weights: str = "best",
                                                        for k in ("mean", "std"))
     crop_pct = result["preprocessing"].get("center_crop", 1.0)
     sd_kind = "vit"
-  elif result["stage"] == pretrain.STAGE:
+  elif result["stage"] == results.MAE_STAGE:
     mae_params, mae_kwargs = load_mae_run(run_dir)
     data = result["config"]["data"]
     image_size, mean, std, num_classes = data["image_size"], data["mean"], data["std"], 0
@@ -139,7 +138,7 @@ def export_run(run_dir: str, out_dir: str, *, weights: str = "best",
     card = {"kind": "mae" if fmt == "mae" else "encoder", "classes": [], "step": result["step"],
             "weights": "raw", "preprocessing": {"image_size": image_size, "mean": mean, "std": std,
                                                 "center_crop": crop_pct},
-            "training": {"stage": pretrain.STAGE, "data": _data_summary(
+            "training": {"stage": results.MAE_STAGE, "data": _data_summary(
                 {"dir": data["dir"], "split": data["split"]}), "config": result["config"]},
             "metrics": {}}
     if fmt == "mae":

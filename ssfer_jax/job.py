@@ -41,7 +41,8 @@ from ssfer_jax import errors, evaluate, job_report, results
 from ssfer_jax.analysis import classical
 from ssfer_jax.input import records
 from ssfer_jax.runtime import sharding, workdir as workdir_lib, writers
-from ssfer_jax.trainers import finetune, loop, pretrain, semisup
+from ssfer_jax.trainers import loop
+from ssfer_jax.trainers.stages import STAGES
 
 JOB_FILE = "job.json"
 EVALUATION_FILE = "evaluation.json"
@@ -51,11 +52,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLACEHOLDERS = {"demo": os.path.join(REPO, "data_prep", "demo_data")}
 # Job fields that may change after their section started: they change nothing computed.
 SAFE_FIELDS = ("data.raw", "evaluate.batch_size")
-
-
-# Each stage's factory by its config's `stage` (the command line runs any one of them alone).
-STAGES = {pretrain.STAGE: pretrain.make_stage, finetune.STAGE: finetune.make_stage,
-          semisup.STAGE: semisup.make_stage}
 
 
 class JobError(errors.UserError, RuntimeError):

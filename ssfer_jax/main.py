@@ -23,6 +23,7 @@ from ml_collections import config_flags
 from ssfer_jax import errors, job
 from ssfer_jax.runtime import distributed, logs, preemption, workdir
 from ssfer_jax.trainers import loop
+from ssfer_jax.trainers.stages import STAGES
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file, with :VARIANT.",
                                           lock_config=True)
@@ -82,11 +83,11 @@ def main(argv):
       raise app.UsageError("--mode figures runs one stage's hooks: give that stage's config.")
     exit_on_errors(lambda: job.run(config, _WORKDIR.value))
     return
-  if config.stage not in job.STAGES:
-    raise app.UsageError(f"config.stage={config.stage!r}; known stages: {sorted(job.STAGES)}")
+  if config.stage not in STAGES:
+    raise app.UsageError(f"config.stage={config.stage!r}; known stages: {sorted(STAGES)}")
   if config.data.dir is None:
     raise app.UsageError("set --config.data.dir to a dataset built by `python -m data_prep build`.")
-  make_stage = job.STAGES[config.stage]
+  make_stage = STAGES[config.stage]
   if _MODE.value == "train":
     exit_on_errors(lambda: loop.train(config, _WORKDIR.value, make_stage,
                                        allow_schedule_change=_ALLOW_SCHEDULE_CHANGE.value))

@@ -29,7 +29,9 @@ from ssfer_jax.runtime import checkpointing, sharding
 RESULT_FILE = "result.json"
 # Stage ids as checkpoints and results store them (stable: old runs must still load).
 MAE_STAGE = "pretrain_mae"
-CLASSIFIER_STAGES = ("finetune", "semisup")   # the stages whose result is a classifier
+FINETUNE_STAGE = "finetune"
+SEMISUP_STAGE = "semisup"
+CLASSIFIER_STAGES = (FINETUNE_STAGE, SEMISUP_STAGE)   # the stages whose result is a classifier
 
 
 def split_run_path(path: str) -> tuple[str, int | None]:

@@ -66,11 +66,11 @@ def _trained(stage: str, data_dir, workdir) -> str:
   """A finished 6-step run of a stage's `test` config on `data_dir` (shared per worker)."""
   import jax  # pylint: disable=g-import-not-at-top
   from configs import finetune, pretrain_mae  # pylint: disable=g-import-not-at-top
-  from ssfer_jax import job  # pylint: disable=g-import-not-at-top
   from ssfer_jax.trainers import loop  # pylint: disable=g-import-not-at-top
+  from ssfer_jax.trainers.stages import STAGES  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_threefry_partitionable", True)
   config = small_config({"pretrain_mae": pretrain_mae, "finetune": finetune}[stage], data_dir)
-  loop.train(config, str(workdir), job.STAGES[stage])
+  loop.train(config, str(workdir), STAGES[stage])
   return str(workdir)
 
 

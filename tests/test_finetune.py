@@ -17,7 +17,7 @@ from configs import pretrain_mae
 from ssfer_jax import errors, results
 from ssfer_jax.input import pipeline, records
 from ssfer_jax.runtime import checkpointing, sharding, writers
-from ssfer_jax.trainers import finetune, loop, optim, pretrain
+from ssfer_jax.trainers import classifier, finetune, loop, optim, pretrain
 from tests.conftest import small_config, train_losses
 
 
@@ -85,7 +85,7 @@ def test_sharded_and_single_device_finetune_steps_agree(small_dataset, mix):
   classes = records.load_manifest(small_dataset)["classes"]
   model = finetune.make_model(config, len(classes))
   tx = optax.sgd(0.5)
-  init = finetune.make_init(config, model, tx)
+  init = classifier.make_init(config, model, tx)
   loss_fn = finetune.make_loss(config, model, len(classes), None)
   stage = loop.Stage("t", "labeled", init, loss_fn, tx, optax.constant_schedule(0.0), 0.0)
 

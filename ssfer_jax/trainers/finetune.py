@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -20,14 +19,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from ssfer_jax import errors, evaluate, pytorch_weights, results
+from ssfer_jax import errors, pytorch_weights, results
 from ssfer_jax.input import device, leakage, pipeline, records
 from ssfer_jax.methods import facemix
 from ssfer_jax.models import flops, vit
 from ssfer_jax.runtime import sharding
-from ssfer_jax.trainers import loop, optim, pretrain
+from ssfer_jax.trainers import classifier, loop, optim
 
-STAGE = "finetune"
+STAGE = results.FINETUNE_STAGE
 CLASS_WEIGHTINGS = ("none", "balanced", "sqrt")
 
 
@@ -87,17 +86,8 @@ def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
   return dataclasses.replace(
       stage,
       warm_start=(lambda state: warm_start(config, plan.mesh, state)) if config.init_from else None,
-      result_info=result_info(config, manifest),
-      **val_evaluation(config, plan, make_model(config, len(classes)), classes))
-
-
-def val_evaluation(config: ml_collections.ConfigDict, plan: loop.RunPlan, model: vit.ViT,
-                   classes) -> dict:
-  """The `Stage` fields of a classifier stage's evaluation on val (none if switched off)."""
-  if config.eval.every_steps < 0 or not config.data.eval_lists:
-    return {"evaluate": None}
-  return {"evaluate": ValEvaluation(config, plan.mesh, model, classes),
-          "eval_every": config.eval.every_steps or config.eval.every_epochs * plan.steps_per_epoch}
+      result_info=classifier.result_info(config, manifest, model_kwargs(config)),
+      **classifier.val_evaluation(config, plan, make_model(config, len(classes)), classes))
 
 
 def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, num_classes: int,
@@ -109,7 +99,7 @@ def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, num_cl
                              f"model.patch_size={config.model.patch_size}.")
   check_mixing(config, plan.mesh)
   model = make_model(config, num_classes)
-  tx, schedule = make_tx(config, model, plan.total_steps, plan.steps_per_epoch)
+  tx, schedule = classifier.make_tx(config, model, plan.total_steps, plan.steps_per_epoch)
   ema_decay = config.ema_decay
 
   def update_extra(extra, params, _, step):
@@ -118,37 +108,11 @@ def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, num_cl
 
   passes = 2 if config.mix.kind == "facemix" else 1   # FaceMix also runs the real images
   return loop.Stage(
-      name=STAGE, batch_kind="labeled", init=make_init(config, model, tx),
+      name=STAGE, batch_kind="labeled", init=classifier.make_init(config, model, tx),
       loss_fn=make_loss(config, model, num_classes, weights), tx=tx, schedule=schedule,
       train_flops_per_example=passes * flops.vit_train_flops(
           dict(model_kwargs(config), num_classes=num_classes), size, 1),
       update_extra=update_extra if ema_decay > 0 else None)
-
-
-def make_tx(config, model: vit.ViT, total_steps: int, steps_per_epoch: int):
-  scales = None
-  if config.optim.layer_decay < 1.0:
-    size = config.data.image_size
-    shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(
-        jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)["params"]))
-    scales = optim.layer_decay_scales(shapes, model.depth, config.optim.layer_decay)
-  return optim.make_optimizer(config.optim, config.batch_size, total_steps, steps_per_epoch,
-                              lr_scales=scales)
-
-
-def make_init(config, model: vit.ViT, tx, make_extra=None):
-  """The classifier's init; `make_extra(params)` gives the stage state (default: stage 2's
-  weight EMA when `ema_decay` > 0)."""
-  size = config.data.image_size
-  if make_extra is None:
-    make_extra = lambda params: {"ema": params} if config.ema_decay > 0 else {}
-
-  def init(rng):
-    params = model.init(rng, jnp.zeros((1, size, size, 3)), train=False)["params"]
-    return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=tx.init(params), extra=make_extra(params))
-
-  return init
 
 
 def make_loss(config, model: vit.ViT, num_classes: int, weights: np.ndarray | None):
@@ -195,27 +159,6 @@ def make_loss(config, model: vit.ViT, num_classes: int, weights: np.ndarray | No
   return loss_fn
 
 
-def result_info(config: ml_collections.ConfigDict, manifest: dict,
-                model: Mapping[str, Any] | None = None) -> dict:
-  """What predict/export/stage 3 need to use the weights: classes, preprocessing and the
-  model's resolved kwargs (`model`, default this config's)."""
-  model = model_kwargs(config) if model is None else model
-  return {
-      "classes": list(manifest["classes"]),
-      "preprocessing": {
-          "image_size": config.data.image_size, "mean": list(config.data.mean),
-          "std": list(config.data.std), "stored_size": manifest["image_size"],
-          "center_crop": config.data.center_crop,
-          "crop": manifest.get("crop"), "margin": manifest.get("margin"),
-          "detector": manifest.get("detector"),
-          "detector_params": manifest.get("detector_params"),
-          "face_framing": records.face_framing(config.data.dir)},
-      "model": {k: (str(v) if k == "dtype" else v) for k, v in model.items()},
-      "data": {"dir": os.path.abspath(config.data.dir), "split": config.data.split,
-               "manifest_sha256": manifest["manifest_sha256"]},
-  }
-
-
 def frozen_features(config: ml_collections.ConfigDict, lists: Sequence[str],
                     mesh) -> tuple[np.ndarray, np.ndarray]:
   """The pooled features [N, D] (the head's input) of the encoder this config starts from (its
@@ -241,34 +184,6 @@ def frozen_features(config: ml_collections.ConfigDict, lists: Sequence[str],
   return np.concatenate(feats), np.concatenate(labels)
 
 
-class ValEvaluation:
-  """The in-training evaluator: raw and (when kept) EMA weights on val; the better one wins.
-  In stage 3 these are the student and the EMA teacher."""
-
-  def __init__(self, config, mesh, model: vit.ViT, classes):
-    self._select = config.eval.select
-    self._evaluator = evaluate.Evaluator(
-        data_dir=config.data.dir, split=config.data.split, lists=config.data.eval_lists,
-        model_classes=classes, image_size=config.data.image_size, mean=config.data.mean,
-        std=config.data.std, dtype=model.dtype, batch_size=config.eval.batch_size, mesh=mesh,
-        apply_fn=lambda p, x: model.apply({"params": p}, x, train=False),
-        num_threads=config.data.num_threads, center_crop=config.data.center_crop)
-
-  def __call__(self, state: loop.TrainState, step: int) -> loop.Evaluation:
-    weights = {"raw": state.params}
-    if state.extra and "ema" in state.extra:
-      weights["ema"] = state.extra["ema"]
-    reports = self._evaluator.reports(weights)
-    value = lambda w: reports[w][self._select] or 0.0
-    best = max(reports, key=value)
-    metrics = {}
-    for w, r in reports.items():
-      metrics.update(evaluate.scalars(r, f"{w}_"))
-    return loop.Evaluation(metrics=metrics, select=value(best),
-                           report={"weights": best, "weights_kept": sorted(reports),
-                                   "select_metric": self._select, "val": reports[best]})
-
-
 # ---- The warm start: a stage-1 MAE encoder or a timm / MAE weight file. ----
 
 def check_pretraining_data(config: ml_collections.ConfigDict) -> None:
@@ -282,7 +197,7 @@ def check_pretraining_data(config: ml_collections.ConfigDict) -> None:
     src = ckpt.read_config(step)
   finally:
     ckpt.close()
-  if src.get("stage") == pretrain.STAGE:
+  if src.get("stage") == results.MAE_STAGE:
     leakage.check(src["data"], config.data.dir, config.data.split,
                   f"init_from {config.init_from} (stage 1)")
 
@@ -311,9 +226,9 @@ def _encoder_from_run(config, mesh) -> dict:
   ckpt, step = results.resolve_checkpoint(config.init_from, "init_from")
   try:
     meta = ckpt.read_meta(step)
-    if meta.get("stage") != pretrain.STAGE:
+    if meta.get("stage") != results.MAE_STAGE:
       raise errors.InitError(f"init_from {config.init_from}: step {step} is a '{meta.get('stage')}' "
-                             f"checkpoint; stage 2 starts from a '{pretrain.STAGE}' (stage 1) run.")
+                             f"checkpoint; stage 2 starts from a '{results.MAE_STAGE}' (stage 1) run.")
     src = ml_collections.ConfigDict(ckpt.read_config(step))
     ours, theirs = model_kwargs(config), results.mae_kwargs(src)
     diff = {k: (theirs[k], ours[k]) for k in ("width", "depth", "num_heads", "mlp_dim",

@@ -57,9 +57,9 @@ from ssfer_jax.input import device, randaugment, records
 from ssfer_jax.methods import facemix, leaf, negative_learning, thresholds
 from ssfer_jax.models import flops, leaf_levels, vit
 from ssfer_jax.runtime import figures, sharding, writers
-from ssfer_jax.trainers import finetune, loop, optim
+from ssfer_jax.trainers import classifier, loop, optim
 
-STAGE = "semisup"
+STAGE = results.SEMISUP_STAGE
 TEACHERS = ("ema", "student")
 PSEUDO_LABELS = ("hard", "soft")
 FAIRNESS_WEIGHT = 0.01        # FreeMatch's (USB's ent_loss_ratio)
@@ -120,9 +120,9 @@ def start_result(config: ml_collections.ConfigDict) -> dict:
     raise InitError(f"init_from {config.init_from}: no such directory; pass the workdir of a "
                     "finished stage-2 (finetune) run.")
   result = results.read_result(config.init_from)
-  if result.get("stage") != finetune.STAGE:
+  if result.get("stage") != results.FINETUNE_STAGE:
     raise InitError(f"init_from {config.init_from}: its result is of stage "
-                    f"'{result.get('stage')}'; stage 3 starts from a stage-2 ('{finetune.STAGE}')"
+                    f"'{result.get('stage')}'; stage 3 starts from a stage-2 ('{results.FINETUNE_STAGE}')"
                     " run.")
   return result
 
@@ -175,13 +175,13 @@ def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
   kwargs = model_kwargs(config, result)
   stage = training_stage(config, plan, kwargs, len(classes))
   model = results.classifier_from_kwargs(kwargs, len(classes))
-  info = finetune.result_info(config, manifest, kwargs)
+  info = classifier.result_info(config, manifest, kwargs)
   info["init_from"] = os.path.abspath(config.init_from)
   hook = EpochHook(config, plan, model, classes, workdir)
   return dataclasses.replace(
       stage, warm_start=lambda state: warm_start(config, plan.mesh, state),
       hooks=(loop.Hook(plan.steps_per_epoch, hook, prefix="epoch"),), result_info=info,
-      **finetune.val_evaluation(config, plan, model, classes))
+      **classifier.val_evaluation(config, plan, model, classes))
 
 
 def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, kwargs: dict,
@@ -196,7 +196,7 @@ def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, kwargs
   rule = policy(config)
   names = count_names(config)
   model = results.classifier_from_kwargs(kwargs, num_classes)
-  tx, schedule = finetune.make_tx(config, model, plan.total_steps, plan.steps_per_epoch)
+  tx, schedule = classifier.make_tx(config, model, plan.total_steps, plan.steps_per_epoch)
   ema = config.teacher == "ema"
   decay = config.ema_decay
 
@@ -220,7 +220,7 @@ def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, kwargs
   train = flops.vit_train_flops(dict(kwargs, num_classes=num_classes), size, 1)
   per_unlabeled = train * (plan.strong_views + (1 / 3 if ema else 1))
   return loop.Stage(
-      name=STAGE, batch_kind="semisup", init=finetune.make_init(config, model, tx, make_extra),
+      name=STAGE, batch_kind="semisup", init=classifier.make_init(config, model, tx, make_extra),
       loss_fn=make_loss(config, model, num_classes, rule, sharding.num_batch_shards(plan.mesh),
                         plan.strong_views),
       tx=tx, schedule=schedule,
