@@ -31,8 +31,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import pretrain_mae  # noqa: E402
-from ssfer_jax.input import pipeline  # noqa: E402
+from configs import pretrain as pretrain_config  # noqa: E402
+from ssfer_jax.input import pipeline, plan as plan_lib  # noqa: E402
 from ssfer_jax.runtime import sharding
 from ssfer_jax.trainers import loop, pretrain  # noqa: E402
 
@@ -44,11 +44,11 @@ HEADROOM = 0.9   # of the device memory, for the runtime, cuDNN workspaces, frag
 
 def compiled_memory(size: str, mesh_shape: tuple[int, int], per_device: int,
                     remat: bool) -> dict:
-  c = pretrain_mae.get_config("vit_b16").unlock()
+  c = pretrain_config.get_config("vit_b16").unlock()
   c.model.size, c.model.remat, c.mesh.shape = size, remat, mesh_shape
   c.batch_size = per_device * DEVICES
   mesh = sharding.make_mesh(c.mesh.shape, c.mesh.axes)
-  plan = loop.RunPlan(mesh, c.batch_size * 100, 1000, 100)
+  plan = loop.RunPlan(mesh, plan_lib.TrainData(c.batch_size, c.batch_size * 100, 100, 10), 1000)
   stage = pretrain.make_stage(c, plan, None)
   abstract, shardings = loop.state_layout(c, stage, mesh)
   spec = pipeline.batch_spec(stage.batch_kind, c.batch_size, c.data.image_size,

@@ -47,19 +47,19 @@ def jax_worker(args) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
 
-  from configs import pretrain_mae  # pylint: disable=g-import-not-at-top
+  from configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
   from benchmarks import step_throughput  # pylint: disable=g-import-not-at-top
   from ssfer_jax import results  # pylint: disable=g-import-not-at-top
-  from ssfer_jax.input import device, pipeline  # pylint: disable=g-import-not-at-top
+  from ssfer_jax.input import device, pipeline, plan as plan_lib  # pylint: disable=g-import-not-at-top
   from ssfer_jax.models import mae  # pylint: disable=g-import-not-at-top
   from ssfer_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
   from ssfer_jax.trainers import loop, optim, pretrain  # pylint: disable=g-import-not-at-top
 
-  c = pretrain_mae.get_config(args.variant).unlock()
+  c = pretrain_config.get_config(args.variant).unlock()
   c.model.size, c.model.dtype, c.batch_size = args.model, "float32", args.batch
   c.data.image_size, c.mesh.shape = args.image, (1, 1)
   mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
-  plan = loop.RunPlan(mesh, args.batch * 100, 1000, 100)
+  plan = loop.RunPlan(mesh, plan_lib.TrainData(args.batch, args.batch * 100, 100, 10), 1000)
   rng = np.random.default_rng(0)
   parts = {}
   if args.worker == "jax_model":
@@ -125,9 +125,9 @@ def median_ms(fn, steps: int) -> float:
 
 def torch_row(args) -> dict:
   from ssfer_jax.models import vit  # pylint: disable=g-import-not-at-top
-  from configs import pretrain_mae  # pylint: disable=g-import-not-at-top
+  from configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
   width, depth, heads, _ = vit.VIT_SIZES[args.model]
-  dec = pretrain_mae.get_config(args.variant).model
+  dec = pretrain_config.get_config(args.variant).model
   cmd = [str(TORCH_PYTHON), str(REPO / "benchmarks" / "torch_mae.py"), "--width", str(width),
          "--depth", str(depth), "--heads", str(heads), "--decoder_width", str(dec.decoder_width),
          "--decoder_depth", str(dec.decoder_depth), "--decoder_heads", str(dec.decoder_heads),
@@ -161,7 +161,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--variant", default="vit_b16", choices=("vit_b16", "cpu"),
-                  help="the pretrain_mae.py variant whose decoder is used: vit_b16 (512 x 8) or "
+                  help="the pretrain.py variant whose decoder is used: vit_b16 (512 x 8) or "
                   "cpu (the science grid's CPU model: 64 x 1; with --model mu --image 96 "
                   "--batch 64)")
   ap.add_argument("--model", default="Ti")
@@ -205,8 +205,8 @@ def main():
     print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
   from benchmarks import machine  # pylint: disable=g-import-not-at-top
   torch_ms = statistics.median(rows["torch (official MAE, eager)"])
-  from configs import pretrain_mae  # pylint: disable=g-import-not-at-top
-  dec = pretrain_mae.get_config(args.variant).model
+  from configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
+  dec = pretrain_config.get_config(args.variant).model
   print(f"MAE training step, ViT-{args.model}/16 at {args.image} px, decoder "
         f"{dec.decoder_width} x {dec.decoder_depth}, batch "
         f"{args.batch}, fp32, {args.threads} threads; {machine.cpu_model()}, "

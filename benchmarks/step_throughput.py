@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import finetune as finetune_config
-from configs import pretrain_mae
+from configs import pretrain as pretrain_config
 from configs import semisup as semisup_config
-from ssfer_jax.input import pipeline
+from ssfer_jax.input import pipeline, plan as plan_lib
 from ssfer_jax.runtime import sharding
 from ssfer_jax.trainers import finetune, loop, pretrain, semisup
 
@@ -67,7 +67,7 @@ def make_config(stage: str, variant: str, mix: str | None):
   """`mix` is the stage-2 mixing, or for stage 3 the teacher ("ema", "student") with any
   config options after it ("ema,leaf")."""
   if stage == "mae":
-    return pretrain_mae.get_config(variant).unlock()
+    return pretrain_config.get_config(variant).unlock()
   if stage == "semisup":
     teacher, *options = mix.split(",")
     c = semisup_config.get_config(",".join([variant, *options])).unlock()
@@ -115,7 +115,8 @@ def bench(stage_name: str, variant: str, mix: str | None, batch: int, image_size
   sharding.check_batch_size(batch, mesh)
   ratio = mu if stage_name == "semisup" else 0
   views = config.data.strong_views if stage_name == "semisup" else 1
-  plan = loop.RunPlan(mesh, batch * 100, 1000, 100, batch * mu * 100, ratio, views)
+  plan = loop.RunPlan(mesh, plan_lib.TrainData(batch, batch * 100, 100, 10, batch * mu * 100, ratio,
+                                                views), 1000)
   arch = config.model
   if stage_name == "mae":
     stage = pretrain.make_stage(config, plan, None)
@@ -146,7 +147,7 @@ def bench(stage_name: str, variant: str, mix: str | None, batch: int, image_size
   dt = (time.perf_counter() - t) / steps
   flops_step = stage.train_flops_per_example * batch
   peak = peak_tflops * 1e12 * mesh.devices.size
-  images = plan.images_per_step(batch)
+  images = plan.data.images_per_step
   name = ("mae" if stage_name == "mae" else f"ft:{mix}" if stage_name == "finetune"
           else f"ss:{mix.replace(',', '+')}:mu{mu}")
   return dict(stage=name, variant=variant,

@@ -2,7 +2,7 @@
 
 import ml_collections
 
-# Face-specific normalisation used by SSFER's published code (REFERENCE.md section 1).
+# Face-specific normalisation used by SSFER's published code (docs/REFERENCE.md section 1).
 FACE_MEAN = (0.588, 0.459, 0.402)
 FACE_STD = (0.228, 0.202, 0.190)
 CROP_SCALE = (0.2, 1.0)
@@ -104,7 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Several builds in one train stream (stages 1 and 2): "DIR[@SPLIT]=WEIGHT,...", each batch
   # round(w x B) rows of each (every record of DIR, or SPLIT's train_lists); data.dir stays
   # the run's reference build (classes, evaluation, figures). "" = data.dir alone.
-  c.data.mix = ""
+  c.data.blend = ""
   c.data.image_size = 224
   # The weak view's random resized crop: share of the image's area kept and aspect range
   # (MAE's and timm's defaults; a tight face crop loses the mouth at 0.2, see RESULTS.md).

@@ -11,11 +11,11 @@ Variants:
   vit_b16_code  the published code's: lr 1.5e-4 (at batch 32), wd 0.05, label smoothing
                 0.1, weight EMA 0.999, mixup alpha 1 with one lambda per batch and the
                 "reverse the batch" pairing (its FaceMix bug, mixing in place, not copied).
-  small         the CPU science recipe (pairs with pretrain_mae.py:small, semisup.py:small):
+  small         the CPU science recipe (pairs with pretrain.py:small, semisup.py:small):
                 the tiny "mu" ViT on 64 px faces in 8 px patches, crops of 60-100% of the
                 face, a head over every token, 60 epochs of FaceMix; chosen on val
                 (benchmarks/RESULTS.md).
-  cpu           the same model on the demo's ~250 labels (pairs with pretrain_mae.py:cpu).
+  cpu           the same model on the demo's ~250 labels (pairs with pretrain.py:cpu).
   test          the tiniest model at 32 px, for unit tests.
 `init_from` (a stage-1 run directory or RUN/checkpoints/STEP) loads the MAE encoder, as does a
 weight file in timm or MAE naming (the official mae_pretrain_vit_base.pth, a timm ViT's

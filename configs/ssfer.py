@@ -21,16 +21,16 @@ Variants:
   e.g. `configs/ssfer.py:rafdb,p10`. The paper's accuracy for the variant, where it reports
   one, is `paper_accuracy` and stands beside ours in the report.
 
-Each stage's section is that stage's own config (configs/pretrain_mae.py, finetune.py,
+Each stage's section is that stage's own config (configs/pretrain.py, finetune.py,
 semisup.py) and takes the same overrides, e.g. --config.finetune.batch_size=64. The job fills
 in each stage's data.dir, data.split and init_from. Stage 1 pretrains on the split's train
-lists of the same build; add a face collection with --config.pretrain.data.mix (the paper
+lists of the same build; add a face collection with --config.pretrain.data.blend (the paper
 pretrains on ~1.2M faces, README "Several builds in one run").
 """
 
 import ml_collections
 
-from configs import finetune, pretrain_mae, semisup
+from configs import finetune, pretrain, semisup
 
 DATASETS = {
     # name: (data_prep build arguments, split arguments every budget shares)
@@ -65,7 +65,7 @@ DEMO_IDENTITY = r"^(.*)_\d+\.\w+$"
 
 
 def _stage_configs(c: ml_collections.ConfigDict, variant: str) -> None:
-  c.pretrain = pretrain_mae.get_config(variant).unlock()
+  c.pretrain = pretrain.get_config(variant).unlock()
   c.finetune = finetune.get_config(variant).unlock()
   c.semisup = semisup.get_config(variant).unlock()
 

@@ -4,7 +4,7 @@ FaceMix}, paired seeds, one shared MAE pretraining; test-list metrics as mean +-
 The dataset is a `data_prep` build with a split (the protocol: the shared
 facial_expressions set, 25% of each class labeled, identity-grouped). Every cell is one
 stage-2 run of the CPU science recipe (`configs/finetune.py:small`, from
-`pretrain_mae.py:small`) selected on val (never on test), then evaluated once on test; the
+`pretrain.py:small`) selected on val (never on test), then evaluated once on test; the
 classical floor (`ssfer_jax/analysis/classical.py`) and the majority class stand under the
 table. Cells are appended to OUT/cells.jsonl as they finish, so an interrupted grid resumes where it stopped.
 
@@ -38,7 +38,7 @@ import numpy as np
 
 from benchmarks import machine  # noqa: E402
 from configs import finetune as finetune_config
-from configs import pretrain_mae
+from configs import pretrain as pretrain_config
 from configs import semisup as semisup_config
 from ssfer_jax import evaluate, results
 from ssfer_jax.analysis import classical
@@ -71,7 +71,7 @@ TABLE_METRICS = ("accuracy", "macro_f1", "mean_class_accuracy_frequent", "mean_c
 
 def pretrain_once(args) -> str:
   run = os.path.join(args.out, "mae")
-  c = pretrain_mae.get_config("small").unlock()
+  c = pretrain_config.get_config("small").unlock()
   c.data.dir, c.data.split = args.data, args.split
   c.num_epochs = args.mae_epochs or c.num_epochs
   c.mesh.shape = (1, 1)
@@ -270,7 +270,7 @@ def main():
   ap.add_argument("--split", default="default")
   ap.add_argument("--out", required=True)
   ap.add_argument("--seeds", default="0,1,2")
-  ap.add_argument("--mae-epochs", type=int, help="default: pretrain_mae.py:small's")
+  ap.add_argument("--mae-epochs", type=int, help="default: pretrain.py:small's")
   ap.add_argument("--ft-epochs", type=int, help="default: finetune.py:small's")
   ap.add_argument("--probe", action="store_true",
                   help="also a frozen-feature k-NN probe of the random and MAE encoders")

@@ -1,7 +1,7 @@
 """Command line for the whole job and for every stage alone.
 
   python -m ssfer_jax.main --config configs/ssfer.py:cpu --workdir DIR   # the whole job
-  python -m ssfer_jax.main --config configs/pretrain_mae.py:cpu --workdir DIR \
+  python -m ssfer_jax.main --config configs/pretrain.py:cpu --workdir DIR \
       --config.data.dir=DATA_DIR [--config.batch_size=128 ...] [--mode figures]
 
 A job config (configs/ssfer.py) runs data preparation, stages 1-3, the evaluation and the

@@ -24,7 +24,7 @@ import ml_collections
 from ssfer_jax import errors
 from ssfer_jax.input import records
 from ssfer_jax.models import mae, vit
-from ssfer_jax.runtime import checkpointing, sharding
+from ssfer_jax.runtime import checkpointing, sharding, workdir
 
 RESULT_FILE = "result.json"
 # Stage ids as checkpoints and results store them (stable: old runs must still load).
@@ -89,7 +89,10 @@ def read_result(run_dir: str) -> dict:
                            "it at its last step); run the same training command again to "
                            "finish it.")
   with open(path) as f:
-    return json.load(f)
+    result = json.load(f)
+  if "config" in result:
+    result["config"] = workdir.upgrade(result["config"])
+  return result
 
 
 def classifier_from_kwargs(kwargs: Mapping[str, Any], num_classes: int) -> vit.ViT:

@@ -65,18 +65,18 @@ def build_demo_subset(out_dir, *, rows: int, size: int, seed: int = 0) -> str:
 def _trained(stage: str, data_dir, workdir) -> str:
   """A finished 6-step run of a stage's `test` config on `data_dir` (shared per worker)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from configs import finetune, pretrain_mae  # pylint: disable=g-import-not-at-top
+  from configs import finetune, pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
   from ssfer_jax.trainers import loop  # pylint: disable=g-import-not-at-top
   from ssfer_jax.trainers.stages import STAGES  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_threefry_partitionable", True)
-  config = small_config({"pretrain_mae": pretrain_mae, "finetune": finetune}[stage], data_dir)
+  config = small_config({"pretrain_mae": pretrain_config, "finetune": finetune}[stage], data_dir)
   loop.train(config, str(workdir), STAGES[stage])
   return str(workdir)
 
 
 @pytest.fixture(scope="session")
 def pretrained_run(small_dataset, tmp_path_factory):
-  """Stage 1 (configs/pretrain_mae.py:test) on `small_dataset`."""
+  """Stage 1 (configs/pretrain.py:test) on `small_dataset`."""
   return _trained("pretrain_mae", small_dataset, tmp_path_factory.mktemp("pretrained"))
 
 

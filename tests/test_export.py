@@ -11,7 +11,7 @@ import pytest
 from flax import traverse_util
 
 from configs import finetune as finetune_config
-from configs import pretrain_mae
+from configs import pretrain as pretrain_config
 from ssfer_jax import errors, export, pytorch_weights, results
 from ssfer_jax.models import param_table, vit
 from ssfer_jax.trainers import finetune, loop, pretrain
@@ -91,7 +91,7 @@ def test_mae_file_starts_stage1(runs, small_dataset, tmp_path):
   mae_dir, _ = runs
   export.export_run(mae_dir, str(tmp_path / "mae"), fmt="mae")
   path = str(tmp_path / "mae" / "model.safetensors")
-  config = small_config(pretrain_mae, small_dataset, init_from=path)
+  config = small_config(pretrain_config, small_dataset, init_from=path)
   state = started(config, pretrain.make_stage)
   source = flat(export.load_mae_run(mae_dir)[0])
   for k, v in flat(state.params).items():

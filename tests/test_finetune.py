@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from configs import finetune as finetune_config
-from configs import pretrain_mae
+from configs import pretrain as pretrain_config
 from ssfer_jax import errors, results
 from ssfer_jax.input import pipeline, records
 from ssfer_jax.runtime import checkpointing, sharding, writers
@@ -127,7 +127,7 @@ def test_warm_start_loads_the_mae_encoder(small_dataset, mae_run, tmp_path):
       jax.random.key(0))
   warm = stage.warm_start(fresh)
   ckpt = checkpointing.Checkpointer(mae_run)
-  mae_cfg = pretrain_mae.get_config("test").unlock()
+  mae_cfg = pretrain_config.get_config("test").unlock()
   mae_cfg.data.dir = small_dataset
   mae_cfg.mesh.shape = (4, 2)
   abstract, _ = loop.state_layout(mae_cfg, pretrain.make_stage(mae_cfg, plan, None), plan.mesh)
@@ -185,7 +185,7 @@ def test_resume_restores_the_ema_exactly_and_keeps_the_best(small_dataset, tmp_p
 
 def test_best_checkpoint_survives_and_resume_starts_from_the_latest(small_dataset, tmp_path):
   """An evaluator whose score falls over time: the first evaluated step stays the best."""
-  c = pretrain_mae.get_config("test").unlock()
+  c = pretrain_config.get_config("test").unlock()
   c.data.dir = small_dataset
   c.mesh.shape = (4, 2)
   c.keep_checkpoints = 1
@@ -212,7 +212,7 @@ def test_best_checkpoint_survives_and_resume_starts_from_the_latest(small_datase
 
 
 def test_hooks_update_stage_state_and_it_is_checkpointed(small_dataset, tmp_path):
-  c = pretrain_mae.get_config("test").unlock()
+  c = pretrain_config.get_config("test").unlock()
   c.data.dir = small_dataset
   c.mesh.shape = (4, 2)
 

@@ -96,13 +96,13 @@ def test_a_two_process_checkpoint_resumes_in_one_process_on_the_same_stream(tmp_
   """Another process count: each process continues the global stream from the saved batch
   number (the rows of a global batch depend on it, not on the process count)."""
   import jax
-  from configs import pretrain_mae
+  from configs import pretrain as pretrain_config
   from ssfer_jax.runtime import checkpointing
   from ssfer_jax.input import pipeline
   from ssfer_jax.trainers import loop, pretrain
   jax.config.update("jax_threefry_partitionable", True)
   _, workdir = run_two(tmp_path, data_dir, "pretrain")   # 6 steps, 2 processes x 4 devices
-  config = pretrain_mae.get_config("test").unlock()
+  config = pretrain_config.get_config("test").unlock()
   config.data.dir, config.mesh.shape, config.total_steps = data_dir, (-1, 2), 8
   kw = dict(kind="unlabeled", global_batch_size=config.batch_size, image_size=32,
             seed=config.seed, num_threads=1)
@@ -129,7 +129,7 @@ def test_a_process_that_cannot_reach_the_coordinator_fails_clearly_in_time(tmp_p
   env.pop("XLA_FLAGS", None)
   t = time.time()
   run = subprocess.run(
-      [sys.executable, "-m", "ssfer_jax.main", "--config", "configs/pretrain_mae.py:test",
+      [sys.executable, "-m", "ssfer_jax.main", "--config", "configs/pretrain.py:test",
        "--workdir", str(tmp_path / "run"), f"--config.data.dir={data_dir}",
        "--coordinator_address", f"localhost:{free_port()}", "--num_processes", "2",
        "--process_id", "1", "--distributed_timeout_s", "5"],
@@ -143,14 +143,14 @@ def test_a_checkpoint_restores_onto_fewer_devices(tmp_path, data_dir):
   """8 devices (mesh 4 x 2) to 4 (mesh 2 x 2) mid-run: the run ends as a straight one."""
   import jax
   from tests.conftest import small_config
-  from configs import pretrain_mae
+  from configs import pretrain as pretrain_config
   from ssfer_jax.trainers import loop, pretrain
   jax.config.update("jax_threefry_partitionable", True)
   run = str(tmp_path / "run")
-  loop.train(small_config(pretrain_mae, data_dir), run, pretrain.make_stage, stop_at=3)
+  loop.train(small_config(pretrain_config, data_dir), run, pretrain.make_stage, stop_at=3)
   script = ("import sys, jax; jax.config.update('jax_threefry_partitionable', True)\n"
-            "from configs import pretrain_mae\nfrom ssfer_jax.trainers import loop, pretrain\n"
-            "c = pretrain_mae.get_config('test').unlock()\n"
+            "from configs import pretrain_config\nfrom ssfer_jax.trainers import loop, pretrain\n"
+            "c = pretrain_config.get_config('test').unlock()\n"
             "c.data.dir, c.mesh.shape = sys.argv[1], (2, 2)\n"
             "assert jax.device_count() == 4\n"
             "print(int(loop.train(c, sys.argv[2], pretrain.make_stage).step))\n")
@@ -160,7 +160,7 @@ def test_a_checkpoint_restores_onto_fewer_devices(tmp_path, data_dir):
                        capture_output=True, text=True, timeout=300, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip().splitlines()[-1] == "6"
-  loop.train(small_config(pretrain_mae, data_dir), str(tmp_path / "straight"),
+  loop.train(small_config(pretrain_config, data_dir), str(tmp_path / "straight"),
              pretrain.make_stage)
   got, want = train_losses(run), train_losses(tmp_path / "straight")
   assert sorted(got) == list(range(1, 7))

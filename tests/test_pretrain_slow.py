@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import pretrain_mae
+from configs import pretrain as pretrain_config
 from ssfer_jax.runtime import writers
 from ssfer_jax.trainers import loop, pretrain
 from tests.conftest import build_demo_subset
@@ -14,7 +14,7 @@ from tests.conftest import build_demo_subset
 def test_short_pretraining_lowers_the_loss(tmp_path):
   jax.config.update("jax_threefry_partitionable", True)
   data_dir = build_demo_subset(tmp_path, rows=700, size=64)
-  config = pretrain_mae.get_config("cpu").unlock()
+  config = pretrain_config.get_config("cpu").unlock()
   config.data.dir = data_dir
   config.data.image_size = 64
   config.mesh.shape = (4, 2)

@@ -15,8 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import pretrain_mae
-from ssfer_jax import errors
+from configs import pretrain as pretrain_config
+from ssfer_jax import errors, results
 from ssfer_jax.runtime import checkpointing, workdir, writers
 from ssfer_jax.trainers import loop, pretrain
 from tests.conftest import small_config, train_losses
@@ -30,7 +30,7 @@ def partitionable_keys():
 
 
 def mae_config(data_dir, **overrides):
-  return small_config(pretrain_mae, data_dir, **overrides)
+  return small_config(pretrain_config, data_dir, **overrides)
 
 
 def train_rows(run):
@@ -77,6 +77,19 @@ def test_config_diff_treats_tuples_as_lists_and_names_absent_fields():
   with pytest.raises(workdir.WorkdirError, match="data.crop_scale: '<absent>'"):
     workdir.check_resume({"data": {"dir": "d"}}, {"data": {"dir": "d", "crop_scale": (0.6, 1.0)}},
                          "ckpt")
+
+
+def test_a_run_written_under_a_renamed_field_still_resumes_and_loads(tmp_path):
+  old = {"stage": "finetune", "data": {"dir": "d", "mix": ""}}
+  new = {"stage": "finetune", "data": {"dir": "d", "blend": ""}}
+  assert workdir.upgrade(old) == new and old["data"] == {"dir": "d", "mix": ""}
+  workdir.check_resume(old, new, "ckpt")            # data.mix is data.blend now: no change
+  with pytest.raises(workdir.WorkdirError, match="data.blend: 'x=1' in the checkpoint, '' now"):
+    workdir.check_resume({"data": {"dir": "d", "mix": "x=1"}}, {"data": {"dir": "d", "blend": ""}},
+                         "ckpt")
+  (tmp_path / "result.json").write_text(json.dumps({"stage": "finetune", "step": 1,
+                                                    "config": old}))
+  assert results.read_result(str(tmp_path))["config"] == new
 
 
 def test_a_second_job_on_a_workdir_is_refused_and_a_killed_holder_frees_it(small_dataset,
@@ -141,12 +154,12 @@ def test_bad_command_lines_end_in_one_clear_line(small_dataset, tmp_path):
     return subprocess.run([sys.executable, "-m", "ssfer_jax.main", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
-  out = main("--config", "configs/pretrain_mae.py:test", "--workdir", str(tmp_path / "a"),
+  out = main("--config", "configs/pretrain.py:test", "--workdir", str(tmp_path / "a"),
              "--config.foo=1")
   assert out.returncode == 2 and "Traceback" not in out.stderr
   assert "bad flag" in out.stderr and "foo" in out.stderr
   (tmp_path / "file").write_text("")
-  out = main("--config", "configs/pretrain_mae.py:test", "--workdir",
+  out = main("--config", "configs/pretrain.py:test", "--workdir",
              str(tmp_path / "file" / "run"), f"--config.data.dir={small_dataset}")
   assert out.returncode == 2 and "Traceback" not in out.stderr
   assert "a file is in the way" in out.stderr
@@ -158,7 +171,7 @@ def test_sigterm_saves_the_step_reached_and_the_run_resumes_exactly(small_datase
   run = tmp_path / "run"
   overrides = dict(total_steps=5000, log_every=1, checkpoint_every=100_000)
   proc = subprocess.Popen(
-      [sys.executable, "-m", "ssfer_jax.main", "--config", "configs/pretrain_mae.py:test",
+      [sys.executable, "-m", "ssfer_jax.main", "--config", "configs/pretrain.py:test",
        "--workdir", str(run), f"--config.data.dir={small_dataset}", "--config.mesh.shape=(4,2)"]
       + [f"--config.{k}={v}" for k, v in overrides.items()],
       cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

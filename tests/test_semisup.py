@@ -121,7 +121,7 @@ def _stage_and_batch(data_dir, stage2, variant="test", **overrides):
   stage = semisup.training_stage(config, plan, semisup.model_kwargs(config, result),
                                  len(result["classes"]))
   return config, plan, stage, next(semisup_iterator(data_dir, ratio=1,
-                                                    strong_views=plan.strong_views))
+                                                    strong_views=plan.data.strong_views))
 
 
 def _spread_head(state):

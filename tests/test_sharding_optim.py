@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import pretrain_mae
+from configs import pretrain as pretrain_config
 from ssfer_jax import errors, results
 from ssfer_jax.models import mae
 from ssfer_jax.runtime import sharding
@@ -34,15 +34,15 @@ def test_batch_must_divide_over_batch_axes():
 
 
 def test_unknown_config_key_is_rejected():
-  c = pretrain_mae.get_config("test")
+  c = pretrain_config.get_config("test")
   with pytest.raises(AttributeError):
     c.optim.base_lrr = 1.0
   with pytest.raises(ValueError, match="unknown variant"):
-    pretrain_mae.get_config("vit_z")
+    pretrain_config.get_config("vit_z")
 
 
 def test_uneven_fsdp_split_is_reported_with_the_parameter():
-  model = mae.MAE(**results.mae_kwargs(pretrain_mae.get_config("test")))
+  model = mae.MAE(**results.mae_kwargs(pretrain_config.get_config("test")))
   boxed = jax.eval_shape(lambda: model.init(
       {"params": jax.random.key(0), "mask": jax.random.key(1)}, jnp.zeros((1, 32, 32, 3)),
       train=False)["params"])
@@ -56,7 +56,7 @@ def test_uneven_fsdp_split_is_reported_with_the_parameter():
 
 
 def test_weight_decay_mask_skips_biases_norms_and_tokens():
-  model = mae.MAE(**results.mae_kwargs(pretrain_mae.get_config("test")))
+  model = mae.MAE(**results.mae_kwargs(pretrain_config.get_config("test")))
   params = jax.eval_shape(lambda: model.init(
       {"params": jax.random.key(0), "mask": jax.random.key(1)}, jnp.zeros((1, 32, 32, 3)),
       train=False)["params"])

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from configs import pretrain_mae
+from configs import pretrain as pretrain_config
 from ssfer_jax import results
 from ssfer_jax.input import device
 from ssfer_jax.models import mae
@@ -65,7 +65,7 @@ def run(config, mesh, images, tx, steps=2):
 
 def test_sharded_and_single_device_steps_agree(demo_data_dir):
   jax.config.update("jax_threefry_partitionable", True)
-  config = pretrain_mae.get_config("test")
+  config = pretrain_config.get_config("test")
   images = real_faces(demo_data_dir, 16, config.data.image_size)
   one = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
   eight = sharding.make_mesh((4, 2))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import pretrain_mae
+from configs import pretrain as pretrain_config
 from ssfer_jax import errors
 from ssfer_jax.runtime import checkpointing, writers
 from ssfer_jax.trainers import loop, pretrain
@@ -21,7 +21,7 @@ def data_dir(small_dataset):
 
 
 def make_config(data_dir, **overrides):
-  return small_config(pretrain_mae, data_dir, **overrides)
+  return small_config(pretrain_config, data_dir, **overrides)
 
 
 def test_resume_continues_with_the_same_losses(data_dir, tmp_path):

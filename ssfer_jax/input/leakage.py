@@ -1,11 +1,11 @@
 """Training must never see the val/test images of the split a model is evaluated on.
 
-Checked before compiling: a run with `data.mix` against its own split (stages 1 and 2), and
-a fine-tuning run against every image its stage-1 `init_from` drew from (its `data.mix`
+Checked before compiling: a run with `data.blend` against its own split (stages 1 and 2), and
+a fine-tuning run against every image its stage-1 `init_from` drew from (its `data.blend`
 sources, or its data.dir's train lists). Stage 3 keeps stage 2's split, checked when
 stage 2 started. An image is known by two keys, either of which matching is a leak: the
 sha256 of the input file its record was built from (the manifest's `inputs_sha256`: the
-same photo in two builds), and for the benchmark readers the dataset's own image name
+same photo in two builds), and for the paper datasets' readers the dataset's own image name
 (`rafdb:test_0001.jpg`: RAF-DB's aligned and original files of one face are different
 files). A record with neither is known by its build and id.
 """
@@ -17,16 +17,15 @@ import os
 from typing import Sequence
 
 from ssfer_jax import errors
-from ssfer_jax.input import records
-from ssfer_jax.input.pipeline import MixSource, parse_mix
+from ssfer_jax.input import blend, records
 
 EVAL_LISTS = ("val", "test")
 
 
-def pretraining_sources(data: dict) -> list[MixSource]:
+def pretraining_sources(data: dict) -> list[blend.BlendSource]:
   """What a run with config.json's `data` section drew its training images from."""
-  mix = parse_mix(data.get("mix") or "")
-  return mix or [MixSource(data["dir"], data["split"], 1.0)]
+  sources = blend.parse(data.get("blend") or "")
+  return sources or [blend.BlendSource(data["dir"], data["split"], 1.0)]
 
 
 def _ids(data_dir: str, split: str | None, lists: Sequence[str]) -> list[str]:
@@ -70,6 +69,6 @@ def check(train_data: dict, data_dir: str, split: str, run: str) -> None:
           f"{run} trains on {images} image(s) of the val/test lists of split {split!r} of "
           f"{data_dir} (e.g. {examples}; read from {source.data_dir}"
           f"{'@' + source.split if source.split else ' (every record)'}): its accuracy there "
-          "would be inflated. Train on a split's train lists (DIR@SPLIT in data.mix, or "
+          "would be inflated. Train on a split's train lists (DIR@SPLIT in data.blend, or "
           "data.split) that keeps them out, or evaluate on a split whose val/test it never "
           "saw.")

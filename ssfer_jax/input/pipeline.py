@@ -26,7 +26,7 @@ batches and to the same batch count on every process (collectives need that); pa
 have `valid` False, index -1 and zero pixels.
 
 Threads by default, not worker processes: cv2 releases the GIL while it decodes (most of
-the work), and on a few cores processes lose (REFERENCE.md section 4); `worker_count`
+the work), and on a few cores processes lose (docs/REFERENCE.md section 4); `worker_count`
 adds grain worker processes for hosts with many cores. Each thread builds whole batches, so
 the prefetch buffer counts batches.
 
@@ -66,7 +66,7 @@ from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ssfer_jax import errors
-from ssfer_jax.input import augment, randaugment, records
+from ssfer_jax.input import augment, blend as blend_lib, randaugment, records
 from ssfer_jax.runtime import sharding as sharding_lib
 
 FIELDS = {  # name -> (shape after the batch dim, given image size and strong views; dtype)
@@ -92,7 +92,7 @@ KINDS = {
 }
 SEMISUP = "semisup"
 _UNLABELED_STREAM = 1   # `augment.uniforms` key of the unlabeled stream of a semisup batch
-_MIX_STREAM = 1000      # + i: the key of the i-th source of a mixed stream (i > 0)
+_BLEND_STREAM = 1000    # + i: the key of the i-th source of a blended stream (i > 0)
 DEFAULT_THREADS = min(os.cpu_count() or 1, 16)
 
 
@@ -193,7 +193,7 @@ class _Batch:
   seed: int
   strong_views: int = 1
   label_noise: dict | None = None   # record index -> label, from a split's --label-noise
-  label_map: tuple[int, ...] | None = None   # this build's label -> the run's (a mixed stream)
+  label_map: tuple[int, ...] | None = None   # this build's label -> the run's (a blended stream)
 
   def __call__(self, number: int) -> dict:
     indices, positions = self.rows(number)
@@ -260,51 +260,9 @@ class _SemisupBatch:
 
 
 @dataclasses.dataclass(frozen=True)
-class MixSource:
-  """One build of a mixed train stream: every record of `data_dir` (split None) or the train
-  lists of its `split`, drawn at `weight` (weights are relative)."""
-  data_dir: str
-  split: str | None
-  weight: float
-
-
-def parse_mix(text: str) -> list[MixSource]:
-  """`DIR[@SPLIT]=WEIGHT,...` (config `data.mix`) -> its sources; "" -> none. A DIR may hold
-  "@" and "=" (the last of each splits), not ","."""
-  out = []
-  for part in (p.strip() for p in text.split(",") if p.strip()):
-    where, eq, weight = part.rpartition("=")
-    data_dir, at, split = where.rpartition("@") if "@" in where else (where, "", "")
-    try:
-      w = float(weight)
-    except ValueError:
-      w = -1.0
-    if not eq or not data_dir or w <= 0:
-      raise ValueError(f"data.mix entry {part!r}: want DIR=WEIGHT or DIR@SPLIT=WEIGHT with a "
-                       "weight > 0, entries separated by commas (e.g. "
-                       "'data/casia=0.7,data/affectnet@p10=0.3').")
-    out.append(MixSource(data_dir, split if at else None, w))
-  return out
-
-
-def mix_counts(weights: Sequence[float], batch: int) -> list[int]:
-  """Rows of each source in a batch of `batch`: round(w / sum(w) x batch), by largest
-  remainders so they sum to `batch` exactly; every source gets at least one row."""
-  total = sum(weights)
-  quota = [w / total * batch for w in weights]
-  counts = [math.floor(q) for q in quota]
-  for i in sorted(range(len(quota)), key=lambda i: (counts[i] - quota[i], i))[:batch - sum(counts)]:
-    counts[i] += 1
-  if min(counts) < 1:
-    raise ValueError(f"data.mix weights {list(weights)} give a source no row of a batch of "
-                     f"{batch} ({counts}); raise its weight or the batch size.")
-  return counts
-
-
-@dataclasses.dataclass(frozen=True)
-class _MixedBatch:
+class _BlendedBatch:
   """Batch number -> the rows of every source's batch, concatenated then shuffled (seeded
-  per batch) so each device's shard holds a mix. `index` is offset per source (the sum of
+  per batch) so each device's shard holds every source. `index` is offset per source (the sum of
   the record counts of the builds before it), so it names one record of one build."""
   parts: tuple[_Batch, ...]
   offsets: tuple[int, ...]
@@ -315,7 +273,7 @@ class _MixedBatch:
     for out, offset in zip(outs, self.offsets):
       out["index"] += offset
     batch = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-    order = np.random.default_rng((self.seed, _MIX_STREAM, number)).permutation(
+    order = np.random.default_rng((self.seed, _BLEND_STREAM, number)).permutation(
         len(batch["index"]))
     return {k: v[order] for k, v in batch.items()}
 
@@ -379,14 +337,14 @@ def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind
                         process_count: int | None = None, num_threads: int = DEFAULT_THREADS,
                         prefetch_batches: int | None = None,
                         worker_count: int = 0,
-                        mix: Sequence[MixSource] = (),
+                        blend: Sequence[blend_lib.BlendSource] = (),
                         crop_scale: Sequence[float] = augment.SCALE,
                         crop_ratio: Sequence[float] = augment.RATIO,
                         center_crop: float = 1.0) -> grain.DatasetIterator:
   """An endless iterator of this process's train batches.
 
-  `mix` (kinds "unlabeled" and "labeled") reads several builds instead of `data_dir`:
-  source i gives `mix_counts` rows of every batch from its own stream (its own epochs,
+  `blend` (kinds "unlabeled" and "labeled") reads several builds instead of `data_dir`:
+  source i gives `blend.row_counts` rows of every batch from its own stream (its own epochs,
   permutations and seed), its labels mapped by class name onto `data_dir`'s classes. The
   state is still one integer.
 
@@ -416,8 +374,8 @@ def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind
     return _Batch(**fields, rows=rows, transform=transform_fn, seed=seed,
                   strong_views=strong_views)
 
-  if mix:
-    make_batch = _mixed(data_dir, names, kind, image_size, seed, mix, global_batch_size,
+  if blend:
+    make_batch = _blended(data_dir, names, kind, image_size, seed, blend, global_batch_size,
                         process_index, process_count, transform_fn)
   elif kind == SEMISUP:
     _check_semisup(unlabeled_ratio, strong_views)
@@ -434,45 +392,45 @@ def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind
   return _iterate(ds, num_threads, prefetch_batches, worker_count)
 
 
-def _mixed(data_dir, names, kind, image_size, seed, mix, global_batch_size, process_index,
-           process_count, transform) -> _MixedBatch:
+def _blended(data_dir, names, kind, image_size, seed, blend, global_batch_size, process_index,
+           process_count, transform) -> _BlendedBatch:
   if kind not in ("unlabeled", "labeled"):
-    raise ValueError(f"data.mix reads several builds for kinds 'unlabeled' and 'labeled' (stages "
+    raise ValueError(f"data.blend reads several builds for kinds 'unlabeled' and 'labeled' (stages "
                      f"1 and 2), not {kind!r}: stage 3's per-record state indexes one build's "
                      "unlabeled list.")
-  counts = mix_counts([m.weight for m in mix], global_batch_size)
-  uneven = [(m.data_dir, c) for m, c in zip(mix, counts) if c % process_count]
+  counts = blend_lib.row_counts([b.weight for b in blend], global_batch_size)
+  uneven = [(b.data_dir, c) for b, c in zip(blend, counts) if c % process_count]
   if uneven:
-    raise ValueError(f"data.mix rows per batch {counts} must each split over the "
+    raise ValueError(f"data.blend rows per batch {counts} must each split over the "
                      f"{process_count} processes ({uneven} do not); adjust the weights or "
                      "batch size.")
   classes = records.load_manifest(data_dir)["classes"]
   parts, offsets, offset = [], [], 0
-  for i, (m, count) in enumerate(zip(mix, counts)):
+  for i, (m, count) in enumerate(zip(blend, counts)):
     indices, fields = _open(m.data_dir, m.split, names, kind, image_size)
     manifest = records.load_manifest(m.data_dir)
     theirs = manifest["classes"]
     if kind == "labeled" and m.split is None and manifest["counts"].get("unlabeled", 0):
       raise errors.DatasetError(
-          f"data.mix: {m.data_dir} (every record) holds {manifest['counts']['unlabeled']} "
+          f"data.blend: {m.data_dir} (every record) holds {manifest['counts']['unlabeled']} "
           "unlabeled records, which a labeled stream cannot train on; name a split whose "
           f"train lists are labeled ({m.data_dir}@SPLIT).")
     if kind == "labeled":
       missing = [c for c in theirs if c not in classes]
       if missing:
         raise errors.DatasetError(
-            f"data.mix: {m.data_dir} has class(es) {missing} that {data_dir} (the run's "
-            f"data.dir, classes {classes}) lacks; a labeled mix maps classes by name.")
+            f"data.blend: {m.data_dir} has class(es) {missing} that {data_dir} (the run's "
+            f"data.dir, classes {classes}) lacks; a labeled blend maps classes by name.")
       fields["label_map"] = tuple(classes.index(c) for c in theirs)
     fields["num_classes"] = len(classes)   # labels are checked after the mapping
-    stream_seed = seed if i == 0 else int(augment.uniforms(seed, [_MIX_STREAM + i], 1)[0, 0]
+    stream_seed = seed if i == 0 else int(augment.uniforms(seed, [_BLEND_STREAM + i], 1)[0, 0]
                                           * 2**53)
     rows = _TrainRows(_Epochs(indices, stream_seed), count // process_count, process_index,
                       process_count)
     parts.append(_Batch(**fields, rows=rows, transform=transform, seed=stream_seed))
     offsets.append(offset)
     offset += manifest["num_records"]
-  return _MixedBatch(tuple(parts), tuple(offsets), seed)
+  return _BlendedBatch(tuple(parts), tuple(offsets), seed)
 
 
 def make_eval_iterator(data_dir: str, split: str | None, names: Sequence[str], *,

@@ -1,4 +1,4 @@
-"""LEAF's category level and its two-view terms (REFERENCE.md section 3); the semantic and
+"""LEAF's category level and its two-view terms (docs/REFERENCE.md section 3); the semantic and
 instance levels are model layers (`models/leaf_levels.py`).
 
   positive_sets(probs, bound, max_k) -> bool [N, C]

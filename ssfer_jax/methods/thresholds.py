@@ -28,7 +28,7 @@ commits only renamed a class): semilearn/algorithms/flexmatch/utils.py
 (commented out in USB).
 
 DTM (Yu et al., arXiv 2303.08617) keeps one threshold per class, raised once per epoch by
-how confident the teacher is where it is right on the labeled set (REFERENCE.md section 3).
+how confident the teacher is where it is right on the labeled set (docs/REFERENCE.md section 3).
 A class without a single correct labeled prediction has no evidence for a raised threshold:
 it is reset to the base 0.8, as a class whose confidence falls below 0.8 is (an empty mean
 counts as 0). Keeping the old value instead would hold a threshold raised by evidence that
@@ -57,7 +57,7 @@ class Policy:
   FreeMatch paper's and USB's since 9a24e00 (2023-04-16; semilearn 0.3.1, 0.3.2, master):
   the threshold starts at 1/C, so at first nearly every prediction passes and tau rises
   towards the mean confidence. "ones" is USB's of early 2023 (7429eee, semilearn 0.3.0,
-  and again c9709aa until 9a24e00; REFERENCE.md's note describes it): tau starts at 1 and
+  and again c9709aa until 9a24e00; docs/REFERENCE.md's note describes it): tau starts at 1 and
   decays towards the mean confidence c as c + (1 - c) 0.999^t, so nothing passes at first
   and a face of confidence x > c passes only after log((x - c)/(1 - c)) / log(0.999)
   steps: ~690 for x = 0.9 when c = 0.8. On a short run this decides whether any unlabeled

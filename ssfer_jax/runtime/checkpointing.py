@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from ssfer_jax import errors
+from ssfer_jax.runtime import workdir
 
 FORMAT_VERSION = 2   # 2: TrainState.extra (stage state)
 CHECKPOINT_DIR = "checkpoints"
@@ -237,9 +238,9 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def read_config(self, step: int) -> dict:
-    """The resolved config the run that wrote `step` trained with."""
-    return self._manager.restore(
-        step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    """The resolved config the run that wrote `step` trained with (under current field names)."""
+    return workdir.upgrade(self._manager.restore(
+        step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
 
   def wait(self) -> None:
     """Waits for the last save. One that failed to commit is retried once, then

@@ -3,7 +3,7 @@
 Models annotate parameters with logical names ('embed', 'mlp', ...); the config maps
 those names to mesh axes. FSDP is then just a rule (`('embed', 'fsdp')`): on a mesh whose
 `fsdp` axis has size 1 the same rules mean plain data parallelism. No `jax.set_mesh`
-here or in model code: shardings are explicit arguments of `jax.jit` (REFERENCE.md §4).
+here or in model code: shardings are explicit arguments of `jax.jit` (docs/REFERENCE.md §4).
 """
 
 from __future__ import annotations

@@ -39,6 +39,9 @@ NEUTRAL_VALUES = ("", None, False, 0, [], {})
 # Fields added since with a value other than neutral: the value that runs before them used.
 FORMER_DEFAULTS = {"data.crop_scale": [0.2, 1.0], "data.crop_ratio": [3 / 4, 4 / 3],
                    "model.stem": "patch", "data.center_crop": 1.0}
+# Fields renamed since (old -> new): a checkpoint, result or job file written under the old
+# name is read under the new one (`upgrade`), so its run still resumes and loads.
+RENAMED_FIELDS = {"data.mix": "data.blend"}
 
 
 class WorkdirError(errors.UserError, RuntimeError):
@@ -114,9 +117,30 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: tree}
 
 
+def upgrade(config: Mapping[str, Any]) -> dict[str, Any]:
+  """A stored config (a stage's, or a section of the job's) with every renamed field under its
+  current name (`RENAMED_FIELDS`); the stored mapping itself is left as it was."""
+  out = json.loads(json.dumps(config))
+  for old, new in RENAMED_FIELDS.items():
+    *old_path, old_key = old.split(".")
+    *new_path, new_key = new.split(".")
+    parent = out
+    for k in old_path:
+      parent = parent.get(k) if isinstance(parent, dict) else None
+    if not isinstance(parent, dict) or old_key not in parent:
+      continue
+    target = out
+    for k in new_path:
+      target = target.setdefault(k, {})
+    value = parent.pop(old_key)
+    target.setdefault(new_key, value)
+  return out
+
+
 def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
   """(field, saved value, current value) for every field that differs or exists in one only
-  (as JSON: tuples and lists compare equal)."""
+  (as JSON: tuples and lists compare equal), the saved config read under current names."""
+  saved = upgrade(saved)
   a, b = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(current)))
   missing = object()
   return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))

@@ -30,7 +30,7 @@ import optax
 from clu import metrics as clu_metrics
 
 from ssfer_jax import errors, results
-from ssfer_jax.input import augment, leakage, pipeline, records
+from ssfer_jax.input import pipeline, plan as plan_lib
 from ssfer_jax.runtime import checkpointing, preemption, sharding, writers
 from ssfer_jax.runtime import workdir as workdir_lib
 
@@ -107,22 +107,14 @@ class NonFiniteError(errors.UserError, RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class RunPlan:
-  """What the loop derived from the config and the data, before anything compiles.
-
-  With unlabeled lists (`config.data.unlabeled_lists`, the semi-supervised batch) an epoch
-  is a pass over them: `unlabeled_ratio * batch_size` rows a step, each with
-  `strong_views` strong views.
-  """
+  """What the loop derived from the config and the data, before anything compiles."""
   mesh: jax.sharding.Mesh
-  train_indices_count: int
+  data: plan_lib.TrainData
   total_steps: int
-  steps_per_epoch: int
-  unlabeled_count: int = 0
-  unlabeled_ratio: int = 0
-  strong_views: int = 1
 
-  def images_per_step(self, batch_size: int) -> int:
-    return batch_size * (1 + self.unlabeled_ratio)
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.data.steps_per_epoch
 
 
 def metrics_collection(names: Sequence[str]) -> type[clu_metrics.Collection]:
@@ -187,54 +179,11 @@ def plan_run(config: ml_collections.ConfigDict, mesh_devices=None) -> RunPlan:
                              "(the global batch, across all devices).")
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, mesh_devices)
   sharding.check_batch_size(config.batch_size, mesh)
-  try:
-    augment.check_crop(config.data.crop_scale, config.data.crop_ratio)
-    augment.check_center(config.data.center_crop)
-  except ValueError as e:
-    raise errors.ConfigError(f"data.crop_scale / crop_ratio / center_crop: {e}") from None
-  mix = pipeline.parse_mix(config.data.get("mix", ""))
-  if mix:   # an epoch is a pass over every record the mix can draw
-    if config.data.get("unlabeled_lists"):
-      raise errors.ConfigError("data.mix is for stages 1 and 2; stage 3 reads one build (its "
-                               "per-record threshold state indexes that build's unlabeled "
-                               "list). Unset data.mix.")
-    pipeline.mix_counts([m.weight for m in mix], config.batch_size)
-    n = sum(mix_size(m, config.data.train_lists) for m in mix)
-    # The mix must keep out its own split's val and test (data.dir / data.split).
-    leakage.check(config.data.to_dict(), config.data.dir, config.data.split, "data.mix")
-  else:
-    n = len(records.load_split(config.data.dir, config.data.split, config.data.train_lists))
-  if n < config.batch_size:
-    raise errors.ConfigError(
-        f"{config.data.dir}: lists {tuple(config.data.train_lists)} of split "
-        f"'{config.data.split}' hold {n} records, fewer than batch_size={config.batch_size}.")
-  steps_per_epoch = n // config.batch_size
-  n_unlabeled, ratio, views = 0, 0, 1
-  if config.data.get("unlabeled_lists"):
-    ratio, views = config.data.unlabeled_ratio, config.data.get("strong_views", 1)
-    for name, value in (("unlabeled_ratio (mu)", ratio), ("strong_views", views)):
-      if not (isinstance(value, int) and value >= 1):
-        raise errors.ConfigError(f"data.{name} is {value!r}; use an integer >= 1.")
-    rows = ratio * config.batch_size
-    sharding.check_batch_size(rows, mesh, "the unlabeled batch (data.unlabeled_ratio x "
-                              "batch_size)")
-    lists = tuple(config.data.unlabeled_lists)
-    n_unlabeled = len(records.load_split(config.data.dir, config.data.split, lists))
-    if n_unlabeled < rows:
-      raise errors.ConfigError(
-          f"{config.data.dir}: unlabeled lists {lists} of split '{config.data.split}' hold "
-          f"{n_unlabeled} records, fewer than one unlabeled batch ({ratio} x {config.batch_size}"
-          f" = {rows}); split the build with unlabeled records (`data_prep split "
-          "--labeled-fraction` below 1) or lower batch_size / data.unlabeled_ratio.")
-    steps_per_epoch = n_unlabeled // rows
-  epochs = config.num_epochs
-  if config.get("few_labels", 0) and n < config.few_labels:   # SSFER: longer on few labels
-    epochs = config.few_labels_epochs
-    logging.info("%d training records < few_labels=%d: %d epochs", n, config.few_labels, epochs)
-  total = config.total_steps if config.total_steps > 0 else epochs * steps_per_epoch
+  data = plan_lib.train_data(config, mesh)
+  total = config.total_steps if config.total_steps > 0 else data.epochs * data.steps_per_epoch
   if total <= 0:
     raise errors.ConfigError("set total_steps > 0 or num_epochs > 0.")
-  return RunPlan(mesh, n, int(total), steps_per_epoch, n_unlabeled, ratio, views)
+  return RunPlan(mesh, data, int(total))
 
 
 def compile_train_step(stage: Stage, seed: int, abstract_state: Any, state_shardings: Any,
@@ -247,13 +196,6 @@ def compile_train_step(stage: Stage, seed: int, abstract_state: Any, state_shard
       step_fn, in_shardings=(state_shardings, batch_shardings),
       out_shardings=(state_shardings, sharding.replicated(mesh), sharding.replicated(mesh)),
       donate_argnums=0).lower(abstract_state, batch_spec).compile()
-
-
-def mix_size(source: pipeline.MixSource, train_lists) -> int:
-  """Records a mix source draws from: its split's train lists, or every record."""
-  if source.split is None:
-    return records.load_manifest(source.data_dir)["num_records"]
-  return len(records.load_split(source.data_dir, source.split, train_lists))
 
 
 def _peak_flops(config: ml_collections.ConfigDict, mesh) -> float | None:
@@ -291,18 +233,11 @@ def _train(config, workdir, make_stage, stop_at, allow_schedule_change) -> Train
   plan = plan_run(config)
   mesh = plan.mesh
   logging.info("%s; %d training records, %d steps/epoch, %d steps", sharding.describe(mesh),
-               plan.train_indices_count, plan.steps_per_epoch, plan.total_steps)
+               plan.data.records, plan.steps_per_epoch, plan.total_steps)
   stage = make_stage(config, plan, workdir)
   config_json = json.loads(config.to_json_best_effort())
 
-  train_iter = pipeline.make_train_iterator(
-      config.data.dir, config.data.split, config.data.train_lists, kind=stage.batch_kind,
-      global_batch_size=config.batch_size, image_size=config.data.image_size,
-      seed=config.seed, transform="weak", unlabeled_names=config.data.get("unlabeled_lists", ()),
-      unlabeled_ratio=plan.unlabeled_ratio, strong_views=plan.strong_views,
-      num_threads=config.data.num_threads, mix=pipeline.parse_mix(config.data.get("mix", "")),
-      crop_scale=config.data.crop_scale, crop_ratio=config.data.crop_ratio,
-      center_crop=config.data.center_crop)
+  train_iter = plan.data.iterator(stage.batch_kind, config.seed)
 
   # State: shapes first, then a jitted init into the shardings, or a restore into them.
   abstract_state, state_shardings = state_layout(config, stage, mesh)
@@ -326,9 +261,7 @@ def _train(config, workdir, make_stage, stop_at, allow_schedule_change) -> Train
   logging.info("stage %s: %.2fM parameters, starting at step %d", stage.name, n_params / 1e6, start)
 
   # The step, compiled ahead of time against the batch spec (no batch needs to be pulled).
-  batch_spec = pipeline.batch_spec(stage.batch_kind, config.batch_size, config.data.image_size,
-                                   unlabeled_ratio=plan.unlabeled_ratio,
-                                   strong_views=plan.strong_views)
+  batch_spec = plan.data.batch_spec(stage.batch_kind)
   t0 = time.perf_counter()
   compiled = compile_train_step(stage, config.seed, abstract_state, state_shardings,
                                 batch_spec, mesh)
@@ -381,7 +314,7 @@ def _train(config, workdir, make_stage, stop_at, allow_schedule_change) -> Train
         dt = (time.perf_counter() - last_log_t) / steps_since_log
         scalars.update(step_time_s=dt, data_wait_s=data_wait / steps_since_log,
                        compute_s=dt - data_wait / steps_since_log,
-                       images_per_s=plan.images_per_step(config.batch_size) / dt,
+                       images_per_s=plan.data.images_per_step / dt,
                        epoch=step / plan.steps_per_epoch)
         if peak:
           scalars["mfu"] = flops_per_step / dt / peak

@@ -201,7 +201,7 @@ def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, kwargs
   decay = config.ema_decay
 
   def make_extra(params):
-    extra = {"thresholds": thresholds.init_state(rule, num_classes, plan.unlabeled_count),
+    extra = {"thresholds": thresholds.init_state(rule, num_classes, plan.data.unlabeled_records),
              "counts": _zero_counts(names, num_classes)}
     if ema:
       extra["ema"] = params
@@ -218,13 +218,13 @@ def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, kwargs
   # Forward-equivalents per labeled row: labeled train (3) + mu x (each strong view trained
   # (3) and a teacher forward (1), or FixMatch's weak rows trained alongside (3)).
   train = flops.vit_train_flops(dict(kwargs, num_classes=num_classes), size, 1)
-  per_unlabeled = train * (plan.strong_views + (1 / 3 if ema else 1))
+  per_unlabeled = train * (plan.data.strong_views + (1 / 3 if ema else 1))
   return loop.Stage(
       name=STAGE, batch_kind="semisup", init=classifier.make_init(config, model, tx, make_extra),
       loss_fn=make_loss(config, model, num_classes, rule, sharding.num_batch_shards(plan.mesh),
-                        plan.strong_views),
+                        plan.data.strong_views),
       tx=tx, schedule=schedule,
-      train_flops_per_example=train + plan.unlabeled_ratio * per_unlabeled,
+      train_flops_per_example=train + plan.data.unlabeled_ratio * per_unlabeled,
       update_extra=update_extra)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from configs import finetune as finetune_config
-from configs import pretrain_mae
+from configs import pretrain as pretrain_config
 from configs import semisup as semisup_config
 from ssfer_jax import evaluate
 from ssfer_jax.input import records
@@ -35,7 +35,7 @@ def main():
   distributed.initialize(f"localhost:{port}", PROCESSES, int(pid), timeout_s=120,
                          heartbeat_timeout_s=heartbeat)
   jax.config.update("jax_threefry_partitionable", True)
-  module, make_stage = {"pretrain": (pretrain_mae, pretrain.make_stage),
+  module, make_stage = {"pretrain": (pretrain_config, pretrain.make_stage),
                         "finetune": (finetune_config, finetune.make_stage),
                         "semisup": (semisup_config, semisup.make_stage)}[stage]
   config = module.get_config("test").unlock()

@@ -1,6 +1,6 @@
 """Stage 1: MAE pretraining of a vanilla ViT on unlabeled faces.
 
-  python -m ssfer_jax.main --config configs/pretrain_mae.py:VARIANT --workdir DIR \
+  python -m ssfer_jax.main --config configs/pretrain.py:VARIANT --workdir DIR \
       --config.data.dir=DATA_DIR
 
 Variants:

@@ -1,0 +1,119 @@
+"""A stage's training data as the loop sees it: how many records, the shape of an epoch and of
+a step, and how to read it.
+
+The loop asks `train_data(config, mesh)` for one `TrainData` and knows nothing else of the
+data side: not stage 3's geometry (with `data.unlabeled_lists` an epoch is a pass over the
+unlabeled lists, `unlabeled_ratio * batch_size` rows a step, each with `strong_views` strong
+views, beside `batch_size` labeled rows), not a blend of several builds (`data.blend`: an
+epoch is a pass over every record the blend can draw), not the few-labels rule (fewer
+labeled records than `few_labels` train `few_labels_epochs`). Every check here runs before
+anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import ml_collections
+
+from ssfer_jax import errors
+from ssfer_jax.input import augment, blend, leakage, pipeline, records
+from ssfer_jax.runtime import sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainData:
+  """The numbers a stage and the loop plan with, and (when built from a config) the reader.
+
+  `records` are the train lists' records (of every blended build); `unlabeled_records`, the
+  unlabeled lists' (stage 3's per-record state is that long). `config` is None for data
+  described by numbers alone (benchmarks, shape-only stages), which cannot be read.
+  """
+  batch_size: int
+  records: int
+  steps_per_epoch: int
+  epochs: int
+  unlabeled_records: int = 0
+  unlabeled_ratio: int = 0
+  strong_views: int = 1
+  config: ml_collections.ConfigDict | None = dataclasses.field(default=None, repr=False)
+
+  @property
+  def images_per_step(self) -> int:
+    return self.batch_size * (1 + self.unlabeled_ratio)
+
+  def batch_spec(self, kind: str) -> Any:
+    """The abstract batch of `kind` (a `pipeline` batch kind) a step takes, for compiling."""
+    return pipeline.batch_spec(kind, self.batch_size, self._config.data.image_size,
+                               unlabeled_ratio=self.unlabeled_ratio,
+                               strong_views=self.strong_views)
+
+  def iterator(self, kind: str, seed: int):
+    """This process's endless, checkpointable iterator of weakly augmented train batches."""
+    d = self._config.data
+    return pipeline.make_train_iterator(
+        d.dir, d.split, d.train_lists, kind=kind, global_batch_size=self.batch_size,
+        image_size=d.image_size, seed=seed, transform="weak",
+        unlabeled_names=d.get("unlabeled_lists", ()), unlabeled_ratio=self.unlabeled_ratio,
+        strong_views=self.strong_views, num_threads=d.num_threads,
+        blend=blend.parse(d.get("blend", "")), crop_scale=d.crop_scale,
+        crop_ratio=d.crop_ratio, center_crop=d.center_crop)
+
+  @property
+  def _config(self) -> ml_collections.ConfigDict:
+    if self.config is None:
+      raise ValueError("this TrainData was described by numbers alone; it has nothing to read.")
+    return self.config
+
+
+def train_data(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> TrainData:
+  """The training data `config` describes, checked against the mesh and the builds."""
+  batch_size = config.batch_size
+  try:
+    augment.check_crop(config.data.crop_scale, config.data.crop_ratio)
+    augment.check_center(config.data.center_crop)
+  except ValueError as e:
+    raise errors.ConfigError(f"data.crop_scale / crop_ratio / center_crop: {e}") from None
+  sources = blend.parse(config.data.get("blend", ""))
+  if sources:
+    if config.data.get("unlabeled_lists"):
+      raise errors.ConfigError("data.blend is for stages 1 and 2; stage 3 reads one build (its "
+                               "per-record threshold state indexes that build's unlabeled "
+                               "list). Unset data.blend.")
+    blend.row_counts([s.weight for s in sources], batch_size)
+    n = sum(blend.source_size(s, config.data.train_lists) for s in sources)
+    # The blend must keep out its own split's val and test (data.dir / data.split).
+    leakage.check(config.data.to_dict(), config.data.dir, config.data.split, "data.blend")
+  else:
+    n = len(records.load_split(config.data.dir, config.data.split, config.data.train_lists))
+  if n < batch_size:
+    raise errors.ConfigError(
+        f"{config.data.dir}: lists {tuple(config.data.train_lists)} of split "
+        f"'{config.data.split}' hold {n} records, fewer than batch_size={batch_size}.")
+  steps_per_epoch = n // batch_size
+  n_unlabeled, ratio, views = 0, 0, 1
+  if config.data.get("unlabeled_lists"):
+    ratio, views = config.data.unlabeled_ratio, config.data.get("strong_views", 1)
+    for name, value in (("unlabeled_ratio (mu)", ratio), ("strong_views", views)):
+      if not (isinstance(value, int) and value >= 1):
+        raise errors.ConfigError(f"data.{name} is {value!r}; use an integer >= 1.")
+    rows = ratio * batch_size
+    sharding.check_batch_size(rows, mesh, "the unlabeled batch (data.unlabeled_ratio x "
+                              "batch_size)")
+    lists = tuple(config.data.unlabeled_lists)
+    n_unlabeled = len(records.load_split(config.data.dir, config.data.split, lists))
+    if n_unlabeled < rows:
+      raise errors.ConfigError(
+          f"{config.data.dir}: unlabeled lists {lists} of split '{config.data.split}' hold "
+          f"{n_unlabeled} records, fewer than one unlabeled batch ({ratio} x {batch_size}"
+          f" = {rows}); split the build with unlabeled records (`data_prep split "
+          "--labeled-fraction` below 1) or lower batch_size / data.unlabeled_ratio.")
+    steps_per_epoch = n_unlabeled // rows
+  epochs = config.num_epochs
+  if config.get("few_labels", 0) and n < config.few_labels:   # SSFER: longer on few labels
+    epochs = config.few_labels_epochs
+    logging.info("%d training records < few_labels=%d: %d epochs", n, config.few_labels, epochs)
+  return TrainData(batch_size, n, steps_per_epoch, epochs, n_unlabeled, ratio, views, config)
