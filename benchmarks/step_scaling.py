@@ -15,11 +15,9 @@ import argparse
 import datetime
 import os
 
+import jax
 
-import jax  # noqa: E402
-
-from benchmarks import machine  # noqa: E402
-from benchmarks import step_throughput  # noqa: E402
+from benchmarks import machine, step_throughput
 
 
 def main():

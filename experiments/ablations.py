@@ -36,7 +36,7 @@ import time
 import jax
 import numpy as np
 
-from benchmarks import machine  # noqa: E402
+from benchmarks import machine
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
 from configs import semisup as semisup_config

@@ -35,9 +35,8 @@ import os
 import grain
 import numpy as np
 
-
-from benchmarks import machine  # noqa: E402
-from ssfer_jax.input import pipeline, records  # noqa: E402
+from benchmarks import machine
+from ssfer_jax.input import pipeline, records
 from ssfer_jax.methods import facemix
 from ssfer_jax.runtime import figures
 

@@ -156,7 +156,7 @@ def test_a_blend_that_reads_its_own_splits_val_or_test_is_refused(small_dataset,
   with pytest.raises(errors.DatasetError, match="data.blend trains on 20 image"):
     loop.plan_run(ft)
   ft.data.blend = f"{ferplus}@default=1,{small_dataset}@default=1"
-  assert loop.plan_run(ft).train_indices_count > 0
+  assert loop.plan_run(ft).data.records > 0
 
 
 def test_a_labeled_blend_needs_labeled_records(small_dataset, ferplus, tmp_path):

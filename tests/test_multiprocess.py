@@ -149,7 +149,7 @@ def test_a_checkpoint_restores_onto_fewer_devices(tmp_path, data_dir):
   run = str(tmp_path / "run")
   loop.train(small_config(pretrain_config, data_dir), run, pretrain.make_stage, stop_at=3)
   script = ("import sys, jax; jax.config.update('jax_threefry_partitionable', True)\n"
-            "from configs import pretrain_config\nfrom ssfer_jax.trainers import loop, pretrain\n"
+            "from configs import pretrain as pretrain_config\nfrom ssfer_jax.trainers import loop, pretrain\n"
             "c = pretrain_config.get_config('test').unlock()\n"
             "c.data.dir, c.mesh.shape = sys.argv[1], (2, 2)\n"
             "assert jax.device_count() == 4\n"

@@ -97,7 +97,7 @@ def test_a_second_job_on_a_workdir_is_refused_and_a_killed_holder_frees_it(small
   run = tmp_path / "run"
   run.mkdir()
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from ssfer_jax import workdir; "
+      [sys.executable, "-c", "import sys, time; from ssfer_jax.runtime import workdir; "
        "lock = workdir.Lock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(120)",
        str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
       env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})

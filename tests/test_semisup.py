@@ -203,7 +203,8 @@ def test_sharded_and_single_device_semisup_steps_agree(small_dataset, stage2_run
   result = results.read_result(stage2_run)
 
   def run(mesh):
-    p = dataclasses.replace(plan, mesh=mesh, total_steps=10, steps_per_epoch=5)
+    p = dataclasses.replace(plan, mesh=mesh, total_steps=10,
+                            data=dataclasses.replace(plan.data, steps_per_epoch=5))
     stage = semisup.training_stage(config, p, semisup.model_kwargs(config, result), 6)
     sgd, adamw_init = optax.sgd(0.5), stage.init
     stage = dataclasses.replace(stage, tx=sgd, init=lambda r: (
