@@ -8,9 +8,11 @@ import re
 import shutil
 import signal
 
+import numpy as np
 import pytest
 
 from configs import ssfer
+from experiments import job_seeds
 from ssfer_jax import job, job_report, results
 from ssfer_jax.runtime import preemption, writers
 from ssfer_jax.trainers import loop
@@ -195,3 +197,19 @@ def test_report_says_when_stage3_admitted_no_pseudo_label(tmp_path, rates, said)
                                               None, ["test"]))
   assert ("No pseudo-label passed the threshold" in text) == said
   assert "| 20 | %.3f |" % rates[1] in text
+
+
+def test_job_seeds_averages_each_row_over_paired_jobs(tmp_path):
+  def row(name, acc, recalls):
+    per_class = {c: {"support": s, "recall": r} for c, (s, r) in recalls.items()}
+    return {"name": name, "accuracy": acc, "macro_f1": acc / 2, "per_class": per_class}
+
+  for seed, acc in enumerate((0.70, 0.80)):
+    (tmp_path / f"s{seed}").mkdir()
+    (tmp_path / f"s{seed}" / job.EVALUATION_FILE).write_text(json.dumps({
+        "lists": ["test"], "rows": [row("stage 2", acc, {"a": (20, acc), "b": (5, 0.0)})]}))
+  names, values = job_seeds.load([str(tmp_path / "s0"), str(tmp_path / "s1")])
+  assert names == ["stage 2"]
+  np.testing.assert_allclose(values["accuracy"], [[70.0, 80.0]])
+  np.testing.assert_allclose(values["mean-class (>= 15)"], [[70.0, 80.0]])   # "b" has < 15
+  assert "75.0 +-  7.1" in job_seeds.table(names, values)
