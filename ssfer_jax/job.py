@@ -47,7 +47,6 @@ from ssfer_jax.trainers.stages import STAGES
 JOB_FILE = "job.json"
 EVALUATION_FILE = "evaluation.json"
 DATA = "data"
-CLASSIFIER_STAGES = ("finetune", "semisup")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLACEHOLDERS = {"demo": os.path.join(REPO, "data_prep", "demo_data")}
 # Job fields that may change after their section started: they change nothing computed.
@@ -197,7 +196,7 @@ def _done(run_dir: str) -> dict | None:
 def _results_digest(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   """sha256 of each classifier stage's result.json: what the evaluation was computed from."""
   out = {}
-  for stage in (s for s in config.stages if s in CLASSIFIER_STAGES):
+  for stage in (s for s in config.stages if s in results.CLASSIFIER_STAGES):
     with open(os.path.join(workdir, stage, results.RESULT_FILE), "rb") as f:
       out[stage] = hashlib.sha256(f.read()).hexdigest()
   return out
@@ -229,7 +228,7 @@ def evaluate_stages(config: ml_collections.ConfigDict, workdir: str, ddir: str) 
   rows += [{**r, "stage": None} for r in classical.floor_reports(ddir, config.data.split, lists,
                                                                  log=logging.info)]
   names = {"finetune": "stage 2: FaceMix", "semisup": "stage 3: EMA teacher"}
-  for stage in (s for s in config.stages if s in CLASSIFIER_STAGES):
+  for stage in (s for s in config.stages if s in results.CLASSIFIER_STAGES):
     run_dir = os.path.join(workdir, stage)
     rows.append({"name": names[stage], "stage": stage,
                  **evaluate.evaluate_result(run_dir, data_dir=ddir, split=config.data.split,

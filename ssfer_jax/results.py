@@ -45,19 +45,11 @@ def split_run_path(path: str) -> tuple[str, int | None]:
   return path, None
 
 
-def has_result(run_dir: str) -> bool:
-  return os.path.exists(os.path.join(run_dir, RESULT_FILE))
-
-
 def resolve_checkpoint(path: str, what: str) -> tuple[checkpointing.Checkpointer, int]:
   """A run's workdir (its latest step) or one step directory inside its checkpoints/."""
   path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, checkpointing.CHECKPOINT_DIR)):
-    workdir, step = path, None
-  elif os.path.basename(os.path.dirname(path)) == checkpointing.CHECKPOINT_DIR and \
-      os.path.basename(path).isdigit():
-    workdir, step = os.path.dirname(os.path.dirname(path)), int(os.path.basename(path))
-  else:
+  workdir, step = split_run_path(path)
+  if step is None and not os.path.isdir(os.path.join(workdir, checkpointing.CHECKPOINT_DIR)):
     raise errors.InitError(f"{what} {path}: not a run directory (no {checkpointing.CHECKPOINT_DIR}/ "
                            "inside) nor a checkpoint step directory (RUN/checkpoints/STEP).")
   ckpt = checkpointing.Checkpointer(workdir)
