@@ -29,7 +29,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 from benchmarks import machine  # noqa: E402
-from ssfer_jax import predict
+from ssfer_jax import predict, results
 
 FACES = [REPO.parent / "shared" / "datasets" / "facial_expressions" / "images",
          REPO / "data_prep" / "demo_data" / "images"]
@@ -73,7 +73,7 @@ def main():
   ap.add_argument("--detector", choices=("haar", "yunet", "blazeface"),
                   help="default: the model's build's")
   args = ap.parse_args()
-  if not os.path.exists(os.path.join(args.model, "result.json")):
+  if not os.path.exists(os.path.join(args.model, results.RESULT_FILE)):
     sys.exit(f"{args.model} has no result.json: run `make demo` first, or pass --model RUN.")
   p = predict.Predictor(args.model, batch_size=args.batch_size, detector=args.detector)
   with tempfile.TemporaryDirectory() as tmp:
