@@ -1,25 +1,32 @@
-"""Command line for the whole job and for every stage alone.
+r"""Command line for the whole job and for every stage alone.
 
   python -m ssfer_jax.main --config configs/ssfer.py:cpu --workdir DIR   # the whole job
   python -m ssfer_jax.main --config configs/pretrain.py:cpu --workdir DIR \
       --config.data.dir=DATA_DIR [--config.batch_size=128 ...] [--mode figures]
 
 A job config (configs/ssfer.py) runs data preparation, stages 1-3, the evaluation and the
-report (ssfer_jax/job.py); a stage config runs that stage. Modes: `train` (resumes automatically from DIR's latest checkpoint) and `figures` (runs the
-stage's figure/evaluation hooks once on the latest checkpoint). Multi-host: on SLURM, Open
-MPI or a TPU pod the processes find each other on their own; elsewhere pass
+report (ssfer_jax/job.py); a stage config runs that stage. Modes: `train` (resumes
+automatically from DIR's latest checkpoint) and `figures` (runs the stage's
+figure/evaluation hooks once on the latest checkpoint). Multi-host: on SLURM, Open MPI or a
+TPU pod the processes find each other on their own; elsewhere pass
 --coordinator_address host:port --num_processes N --process_id I.
 """
 
 from __future__ import annotations
 
+import ast
+import glob
+import importlib.util
 import logging
+import os
 import sys
+import textwrap
 
 from absl import app, flags
 import jax
 from ml_collections import config_flags
 
+import configs
 from ssfer_jax import errors, job
 from ssfer_jax.runtime import distributed, logs, preemption, workdir
 from ssfer_jax.trainers import loop
@@ -41,11 +48,14 @@ _ALLOW_SCHEDULE_CHANGE = flags.DEFINE_bool(
     "allow_schedule_change", False,
     "Resume although total_steps / num_epochs changed (the learning-rate schedule reshapes).")
 flags.mark_flags_as_required(["config", "workdir"])
+HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with a one-line error for a bad --config.* override (an unknown field, a
   value of the wrong type) instead of a traceback through ml_collections."""
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    sys.exit(print_help(argv))
   try:
     return flags.FLAGS(argv)
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
@@ -56,12 +66,73 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def print_help(argv: list[str]) -> int:
+  """--help: the usage, each config file's variants (from its docstring) and how to see and
+  set fields; with --config FILE[:VARIANT] also that config's fields and values. Returns the
+  exit status: 0 (absl's own help exits 1, as if it had failed), 2 for a bad --config."""
+  spec = _given(argv).get(_CONFIG.name)
+  usage = sys.modules["__main__"].__doc__ or __doc__   # label_noise's own, when it runs
+  out = [usage.strip(), "", flags.FLAGS.get_help() if "--helpfull" in argv
+         else flags.FLAGS.main_module_help(), "",
+         "Config files (--config FILE:VARIANT) and their variants:"]
+  for path in sorted(glob.glob(os.path.join(os.path.dirname(configs.__file__), "*.py"))):
+    with open(path) as f:
+      module = ast.parse(f.read())
+    if not any(isinstance(n, ast.FunctionDef) and n.name == "get_config" for n in module.body):
+      continue
+    doc = (ast.get_docstring(module) or "").splitlines() or [""]
+    start = next((i for i, line in enumerate(doc) if line.lstrip().startswith("Variants")), None)
+    end = doc.index("", start) if start is not None and "" in doc[start:] else len(doc)
+    out += ["", f"configs/{os.path.basename(path)}: {doc[0]}",
+            *("  " + line for line in doc[start:end] if start is not None)]
+  out += ["", textwrap.fill(
+      "Fields: set any field of the chosen config with --config.FIELD=VALUE (e.g. "
+      "--config.batch_size=64; in a job config --config.finetune.batch_size=64); an unknown "
+      "field is an error. --config FILE:VARIANT --help lists that config's fields and their "
+      "values" + (":" if spec else "."), 92), ""]
+  print("\n".join(out), flush=True)
+  if not spec:
+    return 0
+  path, _, variant = spec.partition(":")
+  if not os.path.isfile(path):
+    return errors.report(errors.ConfigError(f"--config {spec}: no file {path}; use one of the "
+                                            "config files above."))
+  try:
+    config = _load(path).get_config(*([variant] if variant else []))
+  except ValueError as e:
+    return errors.report(errors.ConfigError(f"--config {spec}: {e}"))
+  fields = workdir.flatten(config.to_dict())
+  width = max(map(len, fields))
+  print("\n".join([f"{spec}:", *(f"  {k:<{width}} {v!r}" for k, v in fields.items())]))
+  return 0
+
+
+def _given(argv: list[str]) -> dict[str, str]:
+  """--name=value and --name value pairs of argv (enough to find --config before absl runs)."""
+  out = {}
+  for a, b in zip(argv[1:], argv[2:] + [""]):
+    if a.startswith("--"):
+      name, eq, value = a[2:].partition("=")
+      out[name] = value if eq else b
+  return out
+
+
+def _load(path: str):
+  """A config file as a module, as ml_collections loads it for --config."""
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0],
+                                                path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def setup(argv):
   """What every command built on these flags does first: join the other processes, make the
   workdir, route the logs; returns the config. (ssfer_jax.analysis.label_noise reuses it.)"""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
+  logs.quiet_console()   # before JAX's first use logs its backend probe
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            _INIT_TIMEOUT.value, _HEARTBEAT.value)

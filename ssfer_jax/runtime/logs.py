@@ -23,16 +23,24 @@ class _ConsoleFilter(logging.Filter):
     return record.name == "root" and any(f"{os.sep}{p}{os.sep}" in record.pathname for p in OURS)
 
 
+def quiet_console() -> None:
+  """Keeps library INFO off the console from now on. Called before anything touches JAX: its
+  backend probe logs "Unable to initialize backend 'tpu'" at INFO on every host without a TPU,
+  and the log file can only open once the workdir exists. Idempotent; log files unfiltered."""
+  for handler in logging.getLogger().handlers:
+    if not isinstance(handler, logging.FileHandler) and not any(
+        isinstance(f, _ConsoleFilter) for f in handler.filters):
+      handler.addFilter(_ConsoleFilter())
+
+
 def setup(workdir: str, filename: str = "log.txt") -> str:
   """Routes INFO and above to `workdir/filename`, and our lines plus warnings to the console."""
+  quiet_console()
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, filename)
-  root = logging.getLogger()
-  root.setLevel(logging.INFO)
+  logging.getLogger().setLevel(logging.INFO)
   file_handler = logging.FileHandler(path)
   file_handler.setFormatter(logging.Formatter(
       "%(asctime)s %(levelname).1s %(name)s %(filename)s:%(lineno)d] %(message)s"))
-  for handler in root.handlers:
-    handler.addFilter(_ConsoleFilter())
-  root.addHandler(file_handler)
+  logging.getLogger().addHandler(file_handler)
   return path
