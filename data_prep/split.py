@@ -264,6 +264,7 @@ def fold_names(data_dir: str, name: str) -> list[str]:
   checks that all K files exist and come from one `kfold` call."""
   first = _split_path(data_dir, fold_name(name, 0))
   if not os.path.exists(first):
+    records.load_manifest(data_dir)  # a missing build is said first: build, then split
     raise DatasetError(f"{first} not found; write the fold set with `python -m data_prep split "
                        f"--data {data_dir} --name {name} --folds K`.")
   with open(first) as f:

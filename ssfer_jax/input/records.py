@@ -126,8 +126,12 @@ def open_error(data_dir: str, paths: list[str], error: BaseException) -> errors.
 def load_manifest(data_dir: str) -> dict:
   path = os.path.join(data_dir, MANIFEST)
   if not os.path.exists(path):
-    raise errors.DatasetError(f"{path} not found: {data_dir} is not a complete dataset; "
-                              f"build it with `python -m data_prep build --out {data_dir} ...`.")
+    what = (f"{data_dir} does not exist: the build itself is missing (no manifest, no records)"
+            if not os.path.isdir(data_dir) else
+            f"{path} not found: {data_dir} is not a complete build (a failed or unfinished build "
+            "leaves no manifest)")
+    raise errors.DatasetError(f"{what}; build it with `python -m data_prep build --out "
+                              f"{data_dir} ...`.")
   with open(path) as f:
     manifest = json.load(f)
   if manifest.get("schema_version") not in READABLE_VERSIONS:
@@ -194,9 +198,12 @@ def split_file_name(data_dir: str, split_file: str) -> str:
 
 
 def split_path(data_dir: str, split_file: str) -> str:
-  """`split_file_name`, or errors.DatasetError (saying how to write it) when it does not exist."""
+  """`split_file_name`, or errors.DatasetError when it does not exist: saying how to build the
+  dataset when the build is missing too (a deleted data folder), else how to write the split."""
   path = split_file_name(data_dir, split_file)
   if not os.path.exists(path):
+    if not os.path.exists(os.path.join(data_dir, MANIFEST)):
+      load_manifest(data_dir)  # raises the error that says how to build it
     raise errors.DatasetError(f"split file {path} not found; write it with "
                               f"`python -m data_prep split --data {data_dir} ...`.")
   return path
