@@ -56,6 +56,9 @@ class Config:
   aliases: tuple[tuple[str, str], ...] = ()  # (from, to) label pairs
   num_shards: int = 1
   keep_corrupt: bool = False   # keep JPEGs libjpeg decodes only by guessing, flagged
+  # Images larger than this are skipped, judged by their header before any decoding (a small
+  # file can claim 40000x40000 px): 100 megapixels decode to 300 MB per worker.
+  max_pixels: int = 100_000_000
 
   def check(self):
     bad = [(self.size >= 8, f"--size {self.size}: want at least 8 px"),
@@ -66,6 +69,7 @@ class Config:
            (1 <= self.jpeg_quality <= 100, f"--jpeg-quality {self.jpeg_quality}: want 1..100"),
            (self.min_size >= 1, f"--min-size {self.min_size}: want >= 1"),
            (self.num_shards >= 1, f"--num-shards {self.num_shards}: want >= 1"),
+           (self.max_pixels >= 1, f"--max-pixels {self.max_pixels}: want >= 1"),
            (self.classes is None or len(self.classes) > 0, "--classes is empty")]
     for ok, msg in bad:
       if not ok:
@@ -299,7 +303,10 @@ def _read(item: items_lib.Item) -> tuple[bytes | np.ndarray, str]:
     return array, hashlib.sha256(item.pixels).hexdigest()
   if item.tfds_index is None:
     try:
-      if not stat.S_ISREG(os.stat(item.path).st_mode):   # a FIFO would block the read forever
+      mode = os.stat(item.path).st_mode
+      if stat.S_ISDIR(mode):
+        raise images.ImageError("is a directory, not an image file")
+      if not stat.S_ISREG(mode):   # a FIFO would block the read forever
         raise images.ImageError("not a regular file (a FIFO, device or socket named like an "
                                 "image); only regular files are read")
       with open(item.path, "rb") as f:
@@ -335,10 +342,11 @@ def _process(item: items_lib.Item) -> tuple[bytes | None, str | None, str | None
   try:
     raw, digest = _read(item)
     if isinstance(raw, bytes):
-      image, corrupt = images.decode_checked(raw, cfg.keep_corrupt)
+      image, corrupt = images.decode_checked(raw, cfg.keep_corrupt, cfg.max_pixels)
     else:
       image = images.from_array(raw)
     h, w = image.shape[:2]
+    images.check_pixels(w, h, cfg.max_pixels)   # formats whose header nothing here reads
     if min(h, w) < cfg.min_size:
       raise images.ImageError(f"too small: {w}x{h} px, shorter side below --min-size "
                               f"{cfg.min_size}")
@@ -362,6 +370,8 @@ def _process(item: items_lib.Item) -> tuple[bytes | None, str | None, str | None
     jpeg = images.encode_jpeg(stored, cfg.jpeg_quality)
   except images.ImageError as e:
     return None, str(e), digest, False, None
+  except cv2.error as e:   # OpenCV failing on one odd image must not end the build
+    return None, f"OpenCV failed on this image ({images.one_line(e)})", digest, False, None
   label = records.UNLABELED if item.label is None else _STATE["label"][item.label]
   rec = records.Record(image=jpeg, label=label, box=norm_box, id=item.id, source=item.source,
                        face_found=box is not None, identity=item.identity)

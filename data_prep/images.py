@@ -7,6 +7,7 @@ Grey images stay 1-channel (smaller JPEGs; readers decode with a colour flag).
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import sys
@@ -70,12 +71,23 @@ def decode(data: bytes) -> np.ndarray:
   return decode_checked(data)[0]
 
 
-def decode_checked(data: bytes, keep_corrupt: bool = False) -> tuple[np.ndarray, str | None]:
+def decode_checked(data: bytes, keep_corrupt: bool = False,
+                   max_pixels: int | None = None) -> tuple[np.ndarray, str | None]:
   """`decode`, and libjpeg's corruption warnings (None for clean data); with `keep_corrupt`
-  a corrupt image is returned with its warnings instead of raising."""
+  a corrupt image is returned with its warnings instead of raising. An image whose header
+  claims more than `max_pixels` is refused before decoding (a 631-byte JPEG can claim
+  40000x40000: gigabytes to decode); OpenCV's own failures become ImageError."""
   if not data:
     raise ImageError("empty file (0 bytes)")
-  (image, types, meta), warnings = _decode_capturing_stderr(data)
+  size = header_size(data)
+  if max_pixels is not None and size is not None:
+    check_pixels(*size, max_pixels, "its header says")
+  try:
+    (image, types, meta), warnings = _decode_capturing_stderr(data)
+  except cv2.error as e:
+    raise ImageError(f"not decodable: {one_line(e)}") from None
+  except MemoryError:
+    raise ImageError(f"not decodable: out of memory (header size {size or 'unknown'})") from None
   corrupt = "; ".join(dict.fromkeys(warnings)) or None
   if corrupt and not keep_corrupt:
     raise ImageError(f"corrupt JPEG data: libjpeg decoded it only by guessing ({corrupt}); "
@@ -87,6 +99,73 @@ def decode_checked(data: bytes, keep_corrupt: bool = False) -> tuple[np.ndarray,
     if kind == cv2.IMAGE_METADATA_EXIF:
       orientation = exif_orientation(np.asarray(blob).tobytes())
   return orient(to_uint8(image), orientation), corrupt
+
+
+def check_pixels(width: int, height: int, max_pixels: int, said: str = "it is") -> None:
+  """ImageError when width x height is over `max_pixels` (--max-pixels)."""
+  if width * height > max_pixels:
+    raise ImageError(f"too large: {said} {width}x{height} px ({width * height / 1e6:.0f} "
+                     f"megapixels), over --max-pixels {max_pixels}")
+
+
+def one_line(error: BaseException) -> str:
+  """An exception as one line: its type and its words (OpenCV's span several lines)."""
+  return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Start-of-frame markers (baseline, progressive, lossless, arithmetic); C4, C8, CC are not.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+  """(width, height) an image's header claims, read without decoding any pixel: a PNG's IHDR
+  or a JPEG's start-of-frame, other formats through PIL's lazy open when it is installed;
+  None when no header says (the decoder then judges the file)."""
+  if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) >= 24:
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+  if data.startswith(b"\xff\xd8"):
+    return _jpeg_size(data)
+  return _pil_size(data)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+  """The first start-of-frame's (width, height), walking the marker segments before it."""
+  i, n = 2, len(data)
+  while i + 4 <= n and data[i] == 0xFF:
+    marker = data[i + 1]
+    if marker == 0xFF:                                 # fill byte
+      i += 1
+    elif marker == 0x01 or 0xD0 <= marker <= 0xD7:     # standalone: TEM, RSTn
+      i += 2
+    elif marker in (0xD9, 0xDA):                       # end of image, start of scan: no frame
+      return None
+    elif marker in _JPEG_SOF:
+      if i + 9 > n:
+        return None
+      height, width = struct.unpack(">HH", data[i + 5:i + 9])
+      return width, height
+    else:
+      i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
+  return None
+
+
+def _pil_size(data: bytes) -> tuple[int, int] | None:
+  """PIL's header-only reading of the formats it knows (BMP, TIFF, WebP, GIF, ...)."""
+  try:
+    from PIL import Image  # pylint: disable=g-import-not-at-top   (optional; matplotlib's)
+  except ImportError:
+    return None
+  # PIL refuses some big headers itself; lift that so --max-pixels decides, with the size.
+  limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      return im.size
+  except Exception:  # pylint: disable=broad-except   (PIL cannot read it: OpenCV may)
+    return None
+  finally:
+    Image.MAX_IMAGE_PIXELS = limit
 
 
 def from_array(array: np.ndarray) -> np.ndarray:
