@@ -6,7 +6,7 @@ import argparse
 import sys
 import warnings
 
-from data_prep import build, faces, images, readers, split, verify
+from data_prep import build, faces, images, items, readers, split, verify
 from ssfer_jax import errors
 
 BUILD_EPILOG = """\
@@ -18,6 +18,7 @@ sources (repeat --source; record ids are "NAME/relative/path"):
       --detector dataset.
   --source folder DIR labels=subdirs|none [name=NAME]
       subdirs: DIR/CLASS/**/image files; none: any tree of images, all unlabeled.
+      Symbolic links are followed, each real folder once (loops are listed as skipped).
   --source folder DIR labels=identity [name=NAME]
       a face-recognition collection, DIR/PERSON/**/image files: unlabeled, the person kept
       in the record (split --group-by identity).
@@ -103,6 +104,9 @@ def _build_parser(sub):
                  "under 'flagged' in the manifest; by default they are skipped with the reason")
   p.add_argument("--min-size", type=int, default=d.min_size,
                  help="skip images whose shorter side is below this many px (default %(default)s)")
+  p.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                 help="skip images of more pixels (width x height), judged by the file's header "
+                 "before decoding: a small file can claim 40000x40000 px (default %(default)s)")
   p.add_argument("--classes", help="ordered, comma-separated class list; labels outside it are "
                  "skipped (default: the sorted set of labels seen)")
   p.add_argument("--alias", action="append", default=[], metavar="FROM=TO",
@@ -185,7 +189,7 @@ def _run_build(args) -> str:
   cfg = build.Config(
       size=args.size, crop=args.crop, margin=args.margin, detector=args.detector,
       yunet_model=args.yunet_model, jpeg_quality=args.jpeg_quality, min_size=args.min_size,
-      keep_corrupt=args.keep_corrupt,
+      keep_corrupt=args.keep_corrupt, max_pixels=args.max_pixels,
       classes=tuple(c for c in args.classes.split(",") if c.strip()) if args.classes else None,
       aliases=tuple(_alias(a) for a in args.alias), num_shards=args.num_shards)
   srcs = [readers.parse(tokens) for tokens in args.source]
@@ -251,6 +255,11 @@ def _run_folds(args) -> str:
           + "\n".join(f"{r['name']}:\n{split.table(r)}" for r in results))
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+  del category, filename, lineno, file, line
+  print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(
       prog="python -m data_prep",
@@ -273,7 +282,13 @@ def main(argv=None) -> int:
         return 2
       print(f"{args.data}: every shard and ids.txt match the manifest")
       return 0
-    report = _run_build(args) if args.command == "build" else _run_split(args)
+    if args.command == "build":
+      with warnings.catch_warnings():   # a reader's notes, one line each, as they come
+        warnings.simplefilter("always", items.ListingWarning)
+        warnings.showwarning = _print_warning
+        report = _run_build(args)
+    else:
+      report = _run_split(args)
   except (errors.UserError, ValueError, FileExistsError, FileNotFoundError) as e:
     return errors.report(e)   # also a bad argument value, an output folder that exists
   print(report, file=sys.stderr if args.command == "build" else sys.stdout)

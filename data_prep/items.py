@@ -19,6 +19,11 @@ Point = tuple[float, float]
 PARTITIONS = ("train", "val", "test")   # a dataset's own partition of its records
 
 
+class ListingWarning(UserWarning):
+  """Something a reader changed while listing that the user should know (`python -m data_prep
+  build` prints each as one "warning: ..." line)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Item:
   id: str                  # "{source}/{relative/path}", stable across rebuilds

@@ -14,7 +14,6 @@ the reason, so the manifest's counts reconcile with the dataset's files.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from data_prep import vocabulary
 from data_prep.items import Item, Point, make_item, sha256_file
+from data_prep.readers import csvfile
 from ssfer_jax.errors import DatasetError
 
 
@@ -80,22 +80,21 @@ class AffectNetSource:
   def _rows(self, path: str):
     """(line, row dict) of one CSV. Releases differ: some ship validation.csv without the
     header row, so a first row that is not the header is data in the standard column order."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-      rows = list(csv.reader(f))
+    rows = csvfile.read_rows(path)
     if not rows:
       raise DatasetError(f"{path}: empty; is this AffectNet's training/validation CSV?")
-    header, first = rows[0], 2
+    header = rows[0][1]
     if header and header[0].strip() != self.COLUMNS[0]:
       if len(header) < len(self.COLUMNS):
         raise DatasetError(f"{path}: no header row and {len(header)} columns in the first row; "
                            f"AffectNet's CSVs hold {', '.join(self.ALL_COLUMNS)}.")
-      header, first = list(self.ALL_COLUMNS), 1
-      rows = [header] + rows
+      header = list(self.ALL_COLUMNS)
+      rows = [(0, header)] + rows
     missing = [c for c in self.COLUMNS if c not in header]
     if missing:
       raise DatasetError(f"{path}: column(s) {missing} not found (it has {header}); is this "
                          "AffectNet's training/validation CSV?")
-    return [(n, dict(zip(header, row))) for n, row in enumerate(rows[1:], first)]
+    return [(n, dict(zip(header, row))) for n, row in rows[1:]]
 
   def _one(self, row: dict, where: str, partition: str) -> Item:
     rel = (row.get("subDirectory_filePath") or "").strip().lstrip("/")

@@ -13,7 +13,6 @@ the reason, so the manifest's counts reconcile with the dataset's files.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from data_prep import vocabulary
 from data_prep.items import Item, make_item, sha256_file
+from data_prep.readers import csvfile
 from ssfer_jax.errors import DatasetError
 
 
@@ -60,10 +60,8 @@ class FerPlusSource:
         raise DatasetError(f"--source ferplus {self.path}: {p} not found; give the folder "
                            "holding fer2013.csv and FERPlus's fer2013new.csv (or name them with "
                            "fer2013=... labels=...).")
-    with open(pixels_path, newline="", encoding="utf-8") as f:
-      pixel_rows = list(csv.reader(f))
-    with open(votes_path, newline="", encoding="utf-8") as f:
-      vote_rows = list(csv.reader(f))
+    pixel_rows = [row for _, row in csvfile.read_rows(pixels_path, encoding="utf-8")]
+    vote_rows = [row for _, row in csvfile.read_rows(votes_path, encoding="utf-8")]
     if len(pixel_rows) != len(vote_rows):
       raise DatasetError(f"{votes_path} has {len(vote_rows) - 1} data rows but {pixels_path} has "
                          f"{len(pixel_rows) - 1}; FERPlus labels fer2013.csv row by row: use the "

@@ -4,12 +4,14 @@ TensorFlow Datasets dataset (`tfds`)."""
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
 import os
 import posixpath
+import warnings
 
-from data_prep.items import Box, Item, make_item, normalise_label, sha256_file
+from data_prep.items import (Box, Item, ListingWarning, make_item, normalise_label,
+                             sha256_file)
+from data_prep.readers import csvfile
 from ssfer_jax.errors import DatasetError
 
 
@@ -45,13 +47,21 @@ class CsvSource:
     if not rows:
       raise DatasetError(f"{self.path}: no data rows under the header; a CSV source needs at "
                          "least one image.")
+    backslashed = 0
     for line, row in rows:
-      cell = (row[self.image_col] or "").strip().replace("\\", "/")
+      cell = (row.get(self.image_col) or "").strip()
+      if "\\" in cell:   # a Windows path: its folders are the tree's folders
+        backslashed += 1
+        cell = cell.replace("\\", "/")
       # An absolute path stays absolute (its id drops the leading "/"); an empty cell stays
       # empty and is skipped with its line below.
       rel = posixpath.normpath(cell).lstrip("/") if cell else ""
-      label = normalise_label(row[self.label_col] or "", aliases)
+      label = normalise_label(row.get(self.label_col) or "", aliases)
       by_image[(rel, posixpath.isabs(cell))].append((line, label, self._box(row)))
+    if backslashed:
+      warnings.warn(f"{self.path}: {backslashed} row(s) name their image with '\\'; read as "
+                    "'/' (a Windows path), so a file name that holds '\\' is not found",
+                    ListingWarning, stacklevel=2)
     out = [self._one(rel, entries, absolute)
            for (rel, absolute), entries in by_image.items()]
     if out and all(it.skip and it.skip.startswith("missing file") for it in out):
@@ -61,24 +71,25 @@ class CsvSource:
     return out
 
   def _rows(self) -> list[tuple[int, dict]]:
-    with open(self.path, newline="", encoding="utf-8-sig") as f:
-      reader = csv.DictReader(f)
-      columns = reader.fieldnames or []
-      wanted = [("image_col", self.image_col), ("label_col", self.label_col)] + [
-          ("box_cols", c) for c in self.box_cols or ()]
-      for option, col in wanted:
-        if col not in columns:
-          raise DatasetError(
-              f"{self.path}: column {col!r} not found (the CSV has columns {columns}); name the "
-              f"right column with {option}=... in --source csv {self.path} ...")
-      return [(reader.line_num, row) for row in reader]
+    """(line, column -> value) of every data row; blank lines skipped, a short row's missing
+    columns absent (as the csv module's DictReader, whose fields are None there)."""
+    rows = [(line, row) for line, row in csvfile.read_rows(self.path) if row]
+    columns = rows[0][1] if rows else []
+    wanted = [("image_col", self.image_col), ("label_col", self.label_col)] + [
+        ("box_cols", c) for c in self.box_cols or ()]
+    for option, col in wanted:
+      if col not in columns:
+        raise DatasetError(
+            f"{self.path}: column {col!r} not found (the CSV has columns {columns}); name the "
+            f"right column with {option}=... in --source csv {self.path} ...")
+    return [(line, dict(zip(columns, row))) for line, row in rows[1:]]
 
   def _box(self, row: dict) -> Box | str | None:
     """The row's box, None without box columns, or a string saying what is wrong."""
     if not self.box_cols:
       return None
     try:
-      box = tuple(float(row[c]) for c in self.box_cols)
+      box = tuple(float(row.get(c)) for c in self.box_cols)
     except (TypeError, ValueError):
       return f"bad box: non-numeric value in columns {list(self.box_cols)}"
     if not (box[2] > box[0] and box[3] > box[1]):
@@ -98,11 +109,13 @@ class CsvSource:
       lines_of = {label: ", ".join(str(n) for n, lab, _ in entries if lab == label)
                   for label in labels}
       detail = "; ".join(f"{label!r} (CSV line {lines_of[label]})" for label in labels)
-      kw["skip"] = f"conflicting labels: {detail}"
+      # Rows that conflict are no duplicates (the manifest's duplicate_rows): one skipped
+      # input, whose reason lists every line.
+      kw.update(skip=f"conflicting labels: {detail}", rows=1)
     elif not labels[0]:
       kw["skip"] = f"empty label in column {self.label_col!r} (CSV line {lines})"
     elif len(boxes) > 1:
-      kw["skip"] = f"conflicting boxes for one image (CSV lines {lines})"
+      kw.update(skip=f"conflicting boxes for one image (CSV lines {lines})", rows=1)
     elif isinstance(kw["box"], str):
       kw["skip"] = f"{kw['box']} (CSV line {lines})"
     elif not os.path.lexists(kw["path"]):
@@ -135,24 +148,67 @@ class FolderSource:
     if not os.path.isdir(self.path):
       raise DatasetError(f"--source folder {self.path}: not a directory; give the images folder.")
     out = []
-    for dirpath, dirnames, filenames in os.walk(self.path):
-      dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-      for fn in sorted(f for f in filenames if not f.startswith(".")):
-        full = os.path.join(dirpath, fn)
-        rel = os.path.relpath(full, self.path).replace(os.sep, "/")
-        parts = rel.split("/")
-        if self.labels == "none":
-          out.append(make_item(self.name, rel, path=full, label=None))
-        elif len(parts) == 1:
-          what = "a class" if self.labels == "subdirs" else "an identity"
-          out.append(make_item(self.name, rel, path=full, label=None,
-                           skip=f"not in {what} sub-folder (labels={self.labels} reads it from "
-                           "the first folder level)"))
-        elif self.labels == "identity":
-          out.append(make_item(self.name, rel, path=full, label=None, identity=parts[0]))
-        else:
-          out.append(make_item(self.name, rel, path=full, label=normalise_label(parts[0], aliases)))
+    for rel, full, skip in self._files():
+      parts = rel.split("/")
+      if skip or self.labels == "none":
+        out.append(make_item(self.name, rel, path=full, label=None, skip=skip))
+      elif len(parts) == 1:
+        what = "a class" if self.labels == "subdirs" else "an identity"
+        out.append(make_item(self.name, rel, path=full, label=None,
+                             skip=f"not in {what} sub-folder (labels={self.labels} reads it "
+                             "from the first folder level)"))
+      elif self.labels == "identity":
+        out.append(make_item(self.name, rel, path=full, label=None, identity=parts[0]))
+      else:
+        out.append(make_item(self.name, rel, path=full, label=normalise_label(parts[0], aliases)))
     return out
+
+  def _files(self):
+    """(relative path, path, skip reason or None) of every file under the source, hidden ones
+    excluded. Symbolic links are followed, to files and to folders (a linked class folder is
+    a class), each real folder once: the real tree is listed first, then each linked folder
+    as a tree of its own. A link back into a folder being listed (a loop) or to one already
+    listed is not followed but listed as skipped with its reason, as are broken links and
+    folders that cannot be read."""
+    root = os.path.realpath(self.path)
+    seen = {}                          # real path of every folder listed -> its relative path
+    trees = collections.deque(["."])   # relative paths of the trees to walk: ".", then links
+    while trees:
+      top, links, unreadable = trees.popleft(), [], []
+      for dirpath, dirnames, filenames in os.walk(os.path.join(self.path, top),
+                                                  onerror=unreadable.append):
+        here = os.path.relpath(dirpath, self.path).replace(os.sep, "/")
+        seen.setdefault(os.path.realpath(dirpath), here)
+        prefix = "" if here == "." else here + "/"
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        links += [(prefix + d, dirpath) for d in dirnames
+                  if os.path.islink(os.path.join(dirpath, d))]
+        dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))
+                       and os.path.realpath(os.path.join(dirpath, d)) not in seen]
+        for fn in sorted(f for f in filenames if not f.startswith(".")):
+          full = os.path.join(dirpath, fn)
+          skip = None
+          if os.path.islink(full) and not os.path.exists(full):
+            skip = f"broken link: points to {os.readlink(full)!r}, which does not exist"
+          yield prefix + fn, full, skip
+      for error in unreadable:
+        rel = os.path.relpath(error.filename, self.path).replace(os.sep, "/")
+        if rel == ".":
+          raise DatasetError(f"--source folder {self.path}: cannot list it ({error.strerror}).")
+        yield rel, error.filename, (f"unreadable folder: {error.strerror}; its images are not "
+                                    "listed")
+      # Decided after the tree is walked, so every real folder of it is listed as itself.
+      for rel, parent in links:
+        path, real = os.path.join(self.path, rel), os.path.realpath(os.path.join(self.path, rel))
+        if any((os.path.realpath(p) + os.sep).startswith(real + os.sep) for p in (root, parent)):
+          yield rel, path, (f"link loop: points to {real}, which holds this link; not "
+                            "followed")
+        elif real in seen:
+          yield rel, path, (f"link to a folder already listed (as {seen[real]!r}); not followed, "
+                            "so its images are not listed twice")
+        else:
+          seen[real] = rel   # claimed now: a second link to it is not followed
+          trees.append(rel)
 
 
 @dataclasses.dataclass(frozen=True)
