@@ -110,7 +110,9 @@ def check_pixels(width: int, height: int, max_pixels: int, said: str = "it is") 
 
 def one_line(error: BaseException) -> str:
   """An exception as one line: its type and its words (OpenCV's span several lines)."""
-  return f"{type(error).__name__}: {' '.join(str(error).split())}"
+  kind = type(error)
+  name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+  return f"{name}: {' '.join(str(error).split())}"
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

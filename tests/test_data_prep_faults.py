@@ -182,7 +182,7 @@ def test_an_image_library_error_is_a_skip_reason_not_a_crash(demo_data_dir, tmp_
   manifest = records.load_manifest(str(out))
   [sk] = manifest["skipped"]
   assert sk["id"] == "t/bomb.jpg"
-  assert sk["reason"].startswith("not decodable: error: OpenCV(")
+  assert sk["reason"].startswith("not decodable: cv2.error: OpenCV(")
   assert "CV_IO_MAX_IMAGE_PIXELS" in sk["reason"] and "\n" not in sk["reason"]
   assert manifest["num_records"] == 2 and "--max-pixels 2000000000" in manifest["command"]
 
