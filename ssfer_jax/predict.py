@@ -2,14 +2,21 @@
 training images were, classified in jitted batches.
 
   python -m ssfer_jax.predict --model runs/ss INPUT... --out DIR [--annotate]
-      [--detector haar|blazeface|yunet] [--every N] [--weights best|raw|ema]
+      [--detector haar|blazeface|yunet] [--every N] [--weights best|raw|ema] [--max-pixels N]
 
-INPUT: image files, folders (searched recursively for images and videos), `.txt` files listing
-paths (one per line), video files (every Nth frame, `--every`). `--model` is a classifier run
-(stage 2 or 3: its result.json), or one checkpoint RUN/checkpoints/STEP. Writes
-DIR/predictions.csv (one row per face: input, frame, face, box in pixels, class,
-confidence, each class's probability), DIR/predictions.json (the same, plus every input with
-no face and every unreadable one with its reason) and, with --annotate, DIR/annotated/.
+INPUT: image files, folders (searched recursively for images and videos, following symbolic
+links; a folder reached twice, as by a link loop, is searched once and listed as skipped),
+`.txt` files listing paths (one per line), video files (every Nth frame, `--every`). A file
+named twice (by a folder and a list, say) is predicted once: inputs are told apart by their
+real paths. `--model` is a classifier run (stage 2 or 3: its result.json), one checkpoint
+RUN/checkpoints/STEP, or the one-command job's WORKDIR (its last finished classifier stage:
+semisup, else finetune). Writes DIR/predictions.csv (one row per face: input, frame, face,
+box in pixels, class, confidence, each class's probability; written as faces are classified),
+DIR/predictions.json (the same, plus every input with no face and every unreadable one with
+its reason; written even when the run stops early) and, with --annotate, DIR/annotated/.
+An image whose header claims over --max-pixels pixels is skipped before it is decoded (a
+631-byte JPEG can claim 40000x40000); a video that ends before the frame count its container
+declares is listed with the frame where it ended.
 
 How a face is framed follows the model's build (its result's preprocessing):
   crop face   a square of `margin` x the box's longer side around the detected box, as
@@ -34,6 +41,8 @@ import dataclasses
 import json
 import logging
 import os
+import stat
+import struct
 import sys
 import time
 from typing import Any, Iterator, Sequence
@@ -47,10 +56,16 @@ from data_prep import faces, images
 from ssfer_jax import errors, results
 from ssfer_jax.input import augment, device
 from ssfer_jax.runtime import logs, sharding
+from ssfer_jax.trainers import loop
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+# An image is skipped above this many pixels by its header: decoding 100 MP takes 300 MB.
+DEFAULT_MAX_PIXELS = 100_000_000
+PROGRESS_EVERY_S = 10.0
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they hold the size.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 class PredictError(errors.UserError, ValueError):
@@ -70,8 +85,10 @@ class Predictor:
 
   def __init__(self, model: str, *, weights: str = "best", detector: str | None = None,
                yunet_model: str | None = None, batch_size: int = 32):
+    check_positive(batch_size=batch_size)
+    self.run = resolve_model(model)
     try:
-      self.classifier = results.load_classifier(model, weights=weights,
+      self.classifier = results.load_classifier(self.run, weights=weights,
                                                 mesh=sharding.single_device_mesh())
     except errors.InitError as e:
       raise PredictError(f"--model {model}: {e}") from None
@@ -103,7 +120,8 @@ class Predictor:
     how = {"face": f"square crop, margin {self.margin}",
            "align": f"aligned on 5 landmarks, margin {self.margin}",
            "none": f"square crop of {self.framing:.2f} x the face box (the build's framing)"}
-    return (f"{len(self.classes)} classes {self.classes}; faces by {self.detector_name}, "
+    return (f"{self.run}: {len(self.classes)} classes {self.classes}; "
+            f"faces by {self.detector_name}, "
             f"{how.get(self.crop, self.crop)}, {self.stored_size} px"
             + (f" (its centre {self.center_crop:g})" if self.center_crop < 1 else "")
             + f" -> {self.image_size} px; "
@@ -148,7 +166,14 @@ class Predictor:
     found = self.detect(image)
     return self._faces([b for b, _ in found], self.classify([c for _, c in found]))
 
-  def predict_many(self, frames: Iterator[tuple[dict, np.ndarray | str]]) -> Iterator[tuple[dict, Any]]:
+  def _detect_or_why(self, image: np.ndarray) -> list[tuple[tuple, np.ndarray]] | str:
+    try:
+      return self.detect(image)
+    except cv2.error as e:   # one odd image must not end a run over thousands
+      return f"face detection failed ({_one_line(e)})"
+
+  def predict_many(self, frames: Iterator[tuple[dict, np.ndarray | str]]
+                   ) -> Iterator[tuple[dict, Any]]:
     """(where, image or error text) -> (where, [Face] or the error), faces of many images
     classified together in full batches."""
     pending, crops = [], []
@@ -166,7 +191,7 @@ class Predictor:
       crops.clear()
 
     for where, image in frames:
-      found = image if isinstance(image, str) else self.detect(image)
+      found = image if isinstance(image, str) else self._detect_or_why(image)
       pending.append((where, found))
       if not isinstance(found, str):
         crops.extend(c for _, c in found)
@@ -175,15 +200,110 @@ class Predictor:
     yield from flush()
 
 
-def _decode_file(path: str) -> np.ndarray | str:
-  """The image at `path` (BGR or grey uint8), or why it cannot be read."""
+def check_positive(**options: int) -> None:
+  """PredictError naming the first option (as --batch-size etc.) that is below 1."""
+  for name, value in options.items():
+    if value < 1:
+      raise PredictError(f"--{name.replace('_', '-')} {value}: must be 1 or more.")
+
+
+def resolve_model(model: str) -> str:
+  """`model` as `results.load_classifier` reads it. The one-command job's WORKDIR (no result of
+  its own, classifier stages in sub-folders named by stage) becomes its last finished classifier
+  stage, said in a log line; a job none of whose classifier stages finished is refused."""
+  run_dir, step = results.split_run_path(model)
+  if step is not None or os.path.exists(os.path.join(run_dir, results.RESULT_FILE)):
+    return model
+  stages = [s for s in results.CLASSIFIER_STAGES if os.path.isdir(os.path.join(run_dir, s))]
+  if not stages:
+    return model   # load_classifier names what is missing
+  finished = [s for s in stages if os.path.exists(os.path.join(run_dir, s, results.RESULT_FILE))]
+  unfinished = [f"{s}/" for s in stages if s not in finished]
+  if not finished:
+    raise PredictError(
+        f"--model {model} is a job directory, but none of its classifier stages has finished "
+        f"({', '.join(unfinished)} hold no {results.RESULT_FILE}): rerun the job's command to "
+        f"finish {stages[0]}, then pass {model} or {os.path.join(model, stages[0])}.")
+  chosen = os.path.join(run_dir, finished[-1])
+  logging.info("--model %s is a job directory: using its last finished classifier stage, %s%s",
+               model, chosen, f" ({', '.join(unfinished)} not finished)" if unfinished else "")
+  return chosen
+
+
+def _one_line(e: Exception) -> str:
+  """The exception's type and its words on one line (OpenCV's span several)."""
+  return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _not_regular(path: str) -> str | None:
+  """Why `path` cannot be read as a file, or None. A FIFO named like an image would block the
+  read forever, so only regular files are opened."""
   try:
+    mode = os.stat(path).st_mode
+  except OSError as e:
+    return ("a symbolic link to a missing file" if os.path.islink(path) else
+            f"cannot read ({e.strerror})")
+  if not stat.S_ISREG(mode):
+    return ("not a regular file (a FIFO, device or socket named like an image or video); only "
+            "regular files are read")
+  return None
+
+
+def header_size(path: str) -> tuple[int, int] | None:
+  """(width, height) as a JPEG's start-of-frame or a PNG's IHDR claims it, read without
+  decoding; None for other formats (OpenCV's own limit, 2^30 pixels, bounds their decode)
+  and for headers that end early (the decode then says what is wrong)."""
+  with open(path, "rb") as f:
+    head = f.read(24)
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+      return struct.unpack(">II", head[16:24])
+    if not head.startswith(b"\xff\xd8"):
+      return None
+    f.seek(2)
+    while True:   # segment by segment up to the first start-of-frame
+      byte = f.read(1)
+      if byte != b"\xff":
+        if not byte:
+          return None
+        continue
+      marker = f.read(1)
+      while marker == b"\xff":   # fill bytes
+        marker = f.read(1)
+      if not marker or marker[0] in (0xD9, 0xDA):   # end of file or image, or the scan
+        return None
+      if marker[0] == 0x01 or 0xD0 <= marker[0] <= 0xD8:   # markers without a length
+        continue
+      segment = f.read(7)
+      if len(segment) < 7:
+        return None
+      length, _, height, width = struct.unpack(">HBHH", segment)
+      if marker[0] in _SOF_MARKERS:
+        return width, height
+      if length < 2:
+        return None
+      f.seek(length - 7, os.SEEK_CUR)
+
+
+def _decode_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | str:
+  """The image at `path` (BGR or grey uint8), or why it cannot be read: a file that is not a
+  regular one, a header over `max_pixels`, or any error of the decoder."""
+  why = _not_regular(path)
+  if why:
+    return why
+  try:
+    size = header_size(path)
+    if size and size[0] * size[1] > max_pixels:
+      w, h = size
+      return (f"skipped: its header claims {w}x{h} pixels ({w * h / 1e6:.0f} megapixels, "
+              f"{w * h * 3 / 2**30:.1f} GiB decoded), over --max-pixels {max_pixels}")
     with open(path, "rb") as f:
       return images.decode(f.read())
   except OSError as e:
     return f"cannot read ({e.strerror})"
   except images.ImageError as e:
     return str(e)
+  except (cv2.error, ValueError, MemoryError) as e:   # the decoder's own limits and failures
+    return f"cannot decode ({_one_line(e)})"
 
 
 def _read_image(path: str) -> np.ndarray:
@@ -194,20 +314,12 @@ def _read_image(path: str) -> np.ndarray:
 
 
 def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[dict]]:
-  """The image and video files named by `inputs` (folders searched, .txt lists read), and
-  the inputs that are none of these, each with its reason."""
+  """The image and video files named by `inputs` (folders searched, following links; .txt
+  lists read), and the inputs that are none of these, each with its reason."""
   files, problems = [], []
   for item in inputs:
     if os.path.isdir(item):
-      for root, dirs, names in os.walk(item):
-        dirs.sort()
-        for n in sorted(names):
-          if n.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS):
-            files.append(os.path.join(root, n))
-          else:
-            problems.append({"input": os.path.join(root, n), "frame": None, "problem":
-                             "skipped: not an image or video file by its extension ("
-                             + ", ".join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS) + ")"})
+      _search(item, files, problems)
     elif item.lower().endswith(".txt") and os.path.isfile(item):
       with open(item) as f:
         listed = [line.strip() for line in f if line.strip() and not line.startswith("#")]
@@ -215,36 +327,88 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[dict]]:
       sub, bad = expand_inputs([p if os.path.isabs(p) else os.path.join(base, p) for p in listed])
       files += sub
       problems += bad
-    elif os.path.isfile(item):
+    elif os.path.lexists(item):   # a FIFO or a broken link: frames() says why it is not read
       files.append(item)
     else:
       problems.append({"input": item, "frame": None, "problem": "no such file or folder"})
   return files, problems
 
 
-def frames(files: Sequence[str], every: int) -> Iterator[tuple[dict, np.ndarray | str]]:
+def _search(folder: str, files: list[str], problems: list[dict]) -> None:
+  """Adds the images and videos under `folder`, following symbolic links; each folder is
+  searched once by its real path, so a link loop ends (listed as skipped)."""
+  first_seen = {os.path.realpath(folder): folder}
+  skip = lambda path, why: problems.append({"input": path, "frame": None, "problem": why})
+  unlisted = lambda e: skip(e.filename, f"cannot list ({e.strerror})")
+  for root, dirs, names in os.walk(folder, followlinks=True, onerror=unlisted):
+    for d in sorted(dirs):
+      path = os.path.join(root, d)
+      real = os.path.realpath(path)
+      if real in first_seen:
+        dirs.remove(d)
+        skip(path, f"skipped: the same folder as {first_seen[real]}, searched there (a symbolic "
+                   "link loop or a second link to it)")
+      else:
+        first_seen[real] = path
+    dirs.sort()
+    for n in sorted(names):
+      if n.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS):
+        files.append(os.path.join(root, n))
+      else:
+        skip(os.path.join(root, n), "skipped: not an image or video file by its extension ("
+             + ", ".join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS) + ")")
+
+
+def unique_files(files: Sequence[str]) -> tuple[list[str], int]:
+  """`files` without those whose real path came earlier, and how many were dropped."""
+  seen, out = set(), []
+  for path in files:
+    real = os.path.realpath(path)
+    if real not in seen:
+      seen.add(real)
+      out.append(path)
+  return out, len(files) - len(out)
+
+
+def frames(files: Sequence[str], every: int,
+           max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tuple[dict, np.ndarray | str]]:
   """(where, BGR image) per image and per `every`-th video frame; (where, reason) when a file
-  cannot be read."""
+  cannot be read, and (where its frames ended, reason) when a video ends before the frame
+  count its container declares."""
   for path in files:
     if path.lower().endswith(VIDEO_EXTENSIONS):
-      video = cv2.VideoCapture(path)
-      if not video.isOpened():
-        yield {"input": path, "frame": None}, "cannot open as a video (codec or file damaged)"
-        continue
-      index, read = 0, 0
-      while True:
-        ok, image = video.read()
-        if not ok:
-          break
-        if index % every == 0:
-          read += 1
-          yield {"input": path, "frame": index}, image
-        index += 1
-      video.release()
-      if read == 0:
-        yield {"input": path, "frame": None}, "no frame could be decoded"
-      continue
-    yield {"input": path, "frame": None}, _decode_file(path)
+      yield from _video_frames(path, every)
+    else:
+      yield {"input": path, "frame": None}, _decode_file(path, max_pixels)
+
+
+def _video_frames(path: str, every: int) -> Iterator[tuple[dict, np.ndarray | str]]:
+  why = _not_regular(path)
+  if why:
+    yield {"input": path, "frame": None}, why
+    return
+  video = cv2.VideoCapture(path)
+  if not video.isOpened():
+    yield {"input": path, "frame": None}, "cannot open as a video (codec or file damaged)"
+    return
+  declared = int(video.get(cv2.CAP_PROP_FRAME_COUNT))   # 0 or less when the container has none
+  index, read = 0, 0
+  while True:
+    ok, image = video.read()
+    if not ok:
+      break
+    if index % every == 0:
+      read += 1
+      yield {"input": path, "frame": index}, image
+    index += 1
+  video.release()
+  if read == 0:
+    yield {"input": path, "frame": None}, "no frame could be decoded"
+  elif index < declared:
+    why = (f"the video ended after {index} of the {declared} frames its container declares "
+           f"(truncated or damaged): frames {index}-{declared - 1} were not predicted")
+    logging.warning("%s: %s", path, why)
+    yield {"input": path, "frame": index}, why
 
 
 def annotate(image: np.ndarray, found: Sequence[Face]) -> np.ndarray:
@@ -258,52 +422,101 @@ def annotate(image: np.ndarray, found: Sequence[Face]) -> np.ndarray:
   return out
 
 
+class _Progress:
+  """A log line every `every_s` seconds: the file reached of all, images (and video frames)
+  per second, and the time left at the files' rate so far (the training loop's style)."""
+
+  def __init__(self, total: int, every_s: float):
+    self.total, self.every_s = total, every_s
+    self.t0 = self.last = time.perf_counter()
+
+  def update(self, files: int, images: int) -> None:
+    now = time.perf_counter()
+    if now - self.last < self.every_s or not files:
+      return
+    self.last, elapsed = now, now - self.t0
+    logging.info("predict: file %d/%d (%.0f%%), %.1f images/s, ETA %s", files, self.total,
+                 100 * files / self.total, images / elapsed,
+                 loop.duration(elapsed / files * (self.total - files)))
+
+
+def _write_annotated(path: str, image: np.ndarray, found: Sequence[Face]) -> str | None:
+  """Why the annotated image could not be written to `path`, or None."""
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if cv2.imwrite(path, annotate(image, found)):
+      return None
+    return f"OpenCV could not write {path}"
+  except (OSError, cv2.error) as e:
+    return _one_line(e)
+
+
 def run(predictor: Predictor, inputs: Sequence[str], out_dir: str, *, every: int = 1,
-        annotate_images: bool = False) -> dict:
-  """Predicts over `inputs`, writes predictions.csv / .json (and annotated images); returns
-  the summary."""
+        annotate_images: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+        progress_every_s: float = PROGRESS_EVERY_S) -> dict:
+  """Predicts over `inputs`: predictions.csv gets each image's faces as they are classified
+  (before its annotated image is drawn, whose failure is listed), predictions.json the summary
+  at the end, also when the run stops early ("complete": false). Returns the summary."""
+  check_positive(every=every, max_pixels=max_pixels)
   os.makedirs(out_dir, exist_ok=True)
   files, problems = expand_inputs(inputs)
-  rows, no_face, images_seen, t0 = [], [], 0, time.perf_counter()
+  files, duplicates = unique_files(files)
+  if duplicates:
+    logging.info("inputs naming a file listed before (the same real path) dropped: %d; each "
+                 "file is predicted once", duplicates)
+  rows, no_face, not_annotated, images_seen, t0 = [], [], [], 0, time.perf_counter()
   annotated_dir = os.path.join(out_dir, "annotated")
   kept = {}
+  progress = _Progress(len(files), progress_every_s)
+  files_reached, last_input, complete = 0, None, False
 
   def remembered():   # the images themselves, only while annotating
-    for where, image in frames(files, every):
+    for where, image in frames(files, every, max_pixels):
       if annotate_images and not isinstance(image, str):
         kept[(where["input"], where["frame"])] = image
       yield where, image
 
-  for where, found in predictor.predict_many(remembered()):
-    if isinstance(found, str):
-      problems.append({"input": where["input"], "frame": where["frame"], "problem": found})
-      continue
-    images_seen += 1
-    if not found:
-      no_face.append(where)
-    for k, f in enumerate(found):
-      rows.append({**where, "face": k, "box": [round(v, 1) for v in f.box], "label": f.label,
-                   "confidence": f.confidence, "probabilities": f.probabilities})
-    if annotate_images:   # numbered in input order: names never collide
-      image = kept.pop((where["input"], where["frame"]))
-      stem = f"{images_seen:06d}_{os.path.splitext(os.path.basename(where['input']))[0]}"
-      name = f"{stem}_f{where['frame']:06d}.jpg" if where["frame"] is not None else f"{stem}.jpg"
-      os.makedirs(annotated_dir, exist_ok=True)
-      cv2.imwrite(os.path.join(annotated_dir, name), annotate(image, found))
-  seconds = time.perf_counter() - t0
-  summary = {"model": predictor.describe(), "classes": predictor.classes, "images": images_seen, "faces": len(rows),
-             "no_face": no_face, "unreadable": problems, "seconds": seconds,
-             "faces_per_s": len(rows) / seconds if seconds else None}
-  with open(os.path.join(out_dir, "predictions.json"), "w") as f:
-    json.dump({**summary, "predictions": rows}, f, indent=2)
   with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["input", "frame", "face", "x0", "y0", "x1", "y1", "label", "confidence",
                 *predictor.classes])
-    for r in rows:
-      w.writerow([r["input"], "" if r["frame"] is None else r["frame"], r["face"], *r["box"],
-                  r["label"], f"{r['confidence']:.4f}",
-                  *(f"{r['probabilities'][c]:.4f}" for c in predictor.classes)])
+    try:
+      for where, found in predictor.predict_many(remembered()):
+        if where["input"] != last_input:
+          files_reached, last_input = files_reached + 1, where["input"]
+        if isinstance(found, str):
+          problems.append({"input": where["input"], "frame": where["frame"], "problem": found})
+        else:
+          images_seen += 1
+          if not found:
+            no_face.append(where)
+          for k, face in enumerate(found):
+            r = {**where, "face": k, "box": [round(v, 1) for v in face.box],
+                 "label": face.label, "confidence": face.confidence,
+                 "probabilities": face.probabilities}
+            rows.append(r)
+            w.writerow([r["input"], "" if r["frame"] is None else r["frame"], r["face"],
+                        *r["box"], r["label"], f"{r['confidence']:.4f}",
+                        *(f"{r['probabilities'][c]:.4f}" for c in predictor.classes)])
+          f.flush()
+          if annotate_images:   # numbered in input order: names never collide
+            image = kept.pop((where["input"], where["frame"]))
+            stem = f"{images_seen:06d}_{os.path.splitext(os.path.basename(where['input']))[0]}"
+            name = f"{stem}.jpg" if where["frame"] is None else f"{stem}_f{where['frame']:06d}.jpg"
+            why = _write_annotated(os.path.join(annotated_dir, name), image, found)
+            if why:
+              not_annotated.append({**where, "problem": why})
+        progress.update(files_reached, images_seen)
+      complete = True
+    finally:
+      seconds = time.perf_counter() - t0
+      summary = {"model": predictor.describe(), "classes": predictor.classes,
+                 "images": images_seen, "faces": len(rows), "no_face": no_face,
+                 "unreadable": problems, "duplicates": duplicates, "not_annotated": not_annotated,
+                 "complete": complete, "seconds": seconds,
+                 "faces_per_s": len(rows) / seconds if seconds else None}
+      with open(os.path.join(out_dir, "predictions.json"), "w") as j:
+        json.dump({**summary, "predictions": rows}, j, indent=2)
   return summary
 
 
@@ -311,7 +524,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("inputs", nargs="+", help="images, folders, .txt lists, videos")
-  ap.add_argument("--model", required=True, help="a stage-2/3 run, or RUN/checkpoints/STEP")
+  ap.add_argument("--model", required=True,
+                  help="a stage-2/3 run, RUN/checkpoints/STEP, or a job's WORKDIR")
   ap.add_argument("--out", required=True, help="where predictions go")
   ap.add_argument("--weights", choices=("best", "raw", "ema"), default="best")
   ap.add_argument("--detector", choices=("haar", "yunet", "blazeface"),
@@ -319,22 +533,29 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--yunet-model", help="YuNet's ONNX file, for --detector yunet")
   ap.add_argument("--every", type=int, default=1, help="every Nth video frame (default 1)")
   ap.add_argument("--batch-size", type=int, default=32)
+  ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                  help="skip images whose header claims more pixels (default %(default)s)")
   ap.add_argument("--annotate", action="store_true", help="also write annotated images")
   args = ap.parse_args(argv)
   logs.setup(args.out, "predict_log.txt")
   try:
+    check_positive(batch_size=args.batch_size, every=args.every, max_pixels=args.max_pixels)
     predictor = Predictor(args.model, weights=args.weights, detector=args.detector,
                           yunet_model=args.yunet_model, batch_size=args.batch_size)
     print(predictor.describe(), file=sys.stderr)
-    summary = run(predictor, args.inputs, args.out, every=max(1, args.every),
-                  annotate_images=args.annotate)
+    summary = run(predictor, args.inputs, args.out, every=args.every,
+                  annotate_images=args.annotate, max_pixels=args.max_pixels)
   except errors.UserError as e:
     return errors.report(e)
   print(f"{summary['faces']} faces in {summary['images']} images/frames "
         f"({summary['faces_per_s'] or 0:.1f} faces/s); {len(summary['no_face'])} without a face; "
-        f"{len(summary['unreadable'])} unreadable")
+        f"{len(summary['unreadable'])} unreadable"
+        + (f"; {summary['duplicates']} named again (the same real path), predicted once"
+           if summary["duplicates"] else ""))
   for p in summary["unreadable"]:
     print(f"  unreadable: {p['input']}: {p['problem']}", file=sys.stderr)
+  for p in summary["not_annotated"]:
+    print(f"  not annotated: {p['input']}: {p['problem']}", file=sys.stderr)
   print(f"written: {os.path.join(args.out, 'predictions.csv')}, predictions.json"
         + (", annotated/" if args.annotate else ""))
   return 0 if summary["images"] or not summary["unreadable"] else 2
