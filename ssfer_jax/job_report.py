@@ -67,9 +67,29 @@ def _rows(run_dir: str, split: str) -> list[dict]:
   return [r for r in writers.read_metrics(run_dir) if r.get("split") == split]
 
 
-def _series(rows: list[dict], *keys: str) -> dict[str, tuple[list, list]]:
-  return {k: ([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r])
-          for k in keys if any(k in r for r in rows)}
+def _series(rows: list[dict], names: Mapping[str, str]) -> dict[str, tuple[list, list]]:
+  """{legend label: (steps, values)} of each metric key in `names` the rows hold."""
+  return {label: ([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r])
+          for k, label in names.items() if any(k in r for r in rows)}
+
+
+def train_panels(stage: str, rows: list[dict]) -> list[figures.Panel]:
+  """A classifier stage's training curves: the losses, and stage 3's mask rate on its own
+  axes (a share in [0, 1], not a loss)."""
+  if stage != "semisup":
+    return [figures.Panel(_series(rows, {"loss": "training loss"}),
+                          "loss (cross-entropy)")]
+  losses = {"loss": "total", "loss_x": "labeled (loss_x)",
+            "loss_u": "pseudo-labeled (loss_u)"}
+  return [figures.Panel(_series(rows, losses), "loss", "losses"),
+          figures.Panel(_series(rows, {"mask_rate": "pseudo-labels passing the threshold"}),
+                        "mask rate (share of unlabeled rows)", "mask rate", (-0.02, 1.02))]
+
+
+def val_panels(rows: list[dict]) -> list[figures.Panel]:
+  """A classifier stage's val accuracy, of the trained weights and of their EMA."""
+  return [figures.Panel(_series(rows, {"raw_accuracy": "trained weights",
+                                       "ema_accuracy": "EMA of the weights"}), "val accuracy")]
 
 
 def _copy(src: str, out_dir: str, name: str) -> str | None:
@@ -91,8 +111,9 @@ def _pretrain_section(run_dir: str, out_dir: str) -> list[str]:
     lines.append(f"Loss (masked patches) {train[0]['loss']:.3f} at step {train[0]['step']} -> "
                  f"{train[-1]['loss']:.3f} at step {train[-1]['step']}.")
     lines.append("")
-    figures.plot_curves(os.path.join(out_dir, "pretrain_loss.png"), _series(train, "loss"),
-                        "stage 1: MAE loss", "loss")
+    figures.plot_curves(os.path.join(out_dir, "pretrain_loss.png"),
+                        _series(train, {"loss": "MAE loss"}), "stage 1: MAE loss",
+                        "loss (masked patches)")
     _image(lines, f"{FIGURES}/pretrain_loss.png", "MAE loss")
   fig_dir = os.path.join(run_dir, "figures")
   recon = sorted(f for f in os.listdir(fig_dir) if f.startswith("reconstruction_")) \
@@ -104,6 +125,7 @@ def _pretrain_section(run_dir: str, out_dir: str) -> list[str]:
     lines.append("")
     _image(lines, _copy(os.path.join(fig_dir, recon[-1]), out_dir, "reconstructions.png"),
            "reconstructions")
+    lines += [figures.TINT_NOTE, ""]
   return lines
 
 
@@ -112,15 +134,13 @@ def _classifier_section(stage: str, title: str, run_dir: str, out_dir: str,
   lines = [f"## {title}", ""]
   val = _rows(run_dir, "val")
   if val:
-    figures.plot_curves(os.path.join(out_dir, f"{stage}_val.png"),
-                        _series(val, "raw_accuracy", "ema_accuracy"), f"{title}: val accuracy",
-                        "accuracy")
+    figures.save(figures.curves_figure(val_panels(val), f"{title}: val accuracy"),
+                 os.path.join(out_dir, f"{stage}_val.png"))
     _image(lines, f"{FIGURES}/{stage}_val.png", "val accuracy")
   train = _rows(run_dir, "train")
-  keys = ("loss", "loss_x", "loss_u", "mask_rate") if stage == "semisup" else ("loss",)
   if train:
-    figures.plot_curves(os.path.join(out_dir, f"{stage}_train.png"), _series(train, *keys),
-                        f"{title}: training", "value")
+    figures.save(figures.curves_figure(train_panels(stage, train), f"{title}: training"),
+                 os.path.join(out_dir, f"{stage}_train.png"))
     _image(lines, f"{FIGURES}/{stage}_train.png", "training curves")
   if stage == "semisup":
     epochs = _rows(run_dir, "epoch")

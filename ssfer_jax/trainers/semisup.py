@@ -490,23 +490,21 @@ def plot_thresholds(workdir: str, step: int, current: Mapping[str, float],
   """Per-class thresholds and mask rates over training (every epoch logged so far)."""
   rows = [r for r in writers.read_metrics(workdir) if r.get("split") == "epoch"
           and r["step"] < step] + [{"step": step, **current}]
-  plt = figures.pyplot()
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
-  for ax, what, title in ((axes[0], "threshold", "per-class threshold"),
-                          (axes[1], "mask_rate", "mask rate (by pseudo-label)")):
-    for name in classes:
-      key = f"{what}/{name}"
-      pts = [(r["step"], r[key]) for r in rows if key in r]
+  return figures.save(thresholds_figure(rows, classes), os.path.join(workdir, FIGURE), dpi=110)
+
+
+def thresholds_figure(rows: Sequence[Mapping[str, float]], classes: Sequence[str]):
+  """The epochs' per-class thresholds and mask rates, a line (and legend entry) per class; a
+  fixed policy's classes share one line, named by all of them."""
+  def panel(what: str, ylabel: str, title: str) -> figures.Panel:
+    series = {}
+    for name in classes:   # a class no row was pseudo-labelled as has no mask rate
+      pts = [(r["step"], r[f"{what}/{name}"]) for r in rows if f"{what}/{name}" in r]
       if pts:
-        ax.plot(*zip(*pts), marker="o", label=name)
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-  axes[1].legend(fontsize=8, loc="best")
-  path = os.path.join(workdir, FIGURE)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+        series[name] = tuple(zip(*pts))
+    return figures.Panel(series, ylabel, title, (-0.02, 1.02))
+
+  return figures.curves_figure(
+      [panel("threshold", "threshold (teacher confidence)", "per-class threshold"),
+       panel("mask_rate", "mask rate (share passing)", "mask rate (by pseudo-label)")],
+      "stage 3: pseudo-label thresholds by class")
