@@ -13,6 +13,7 @@ anything compiles.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from typing import Any
 
@@ -61,6 +62,22 @@ class TrainData:
         strong_views=self.strong_views, num_threads=d.num_threads,
         blend=blend.parse(d.get("blend", "")), crop_scale=d.crop_scale,
         crop_ratio=d.crop_ratio, center_crop=d.center_crop)
+
+  def identity(self) -> dict[str, dict[str, str | None]]:
+    """What the records are, beyond their path: per build read, its manifest checksum and the
+    sha256 of the split file that picks its lists (None: every record). A checkpoint keeps it,
+    so a resume on a rebuilt or re-split folder at the same path is refused."""
+    d = self._config.data
+    sources = [(s.data_dir, s.split) for s in blend.parse(d.get("blend", ""))]
+    out = {}
+    for data_dir, split in sources or [(d.dir, d.split)]:
+      split_sha = None
+      if split is not None:
+        with open(records.split_path(data_dir, split), "rb") as f:
+          split_sha = hashlib.sha256(f.read()).hexdigest()
+      out[data_dir] = {"build": records.load_manifest(data_dir)["manifest_sha256"],
+                       "split": split_sha}
+    return out
 
   @property
   def _config(self) -> ml_collections.ConfigDict:

@@ -4,11 +4,15 @@ Async and atomic (orbax commits a step directory only when every item is written
 latest N plus, for stages that evaluate, the best on val (orbax preservation policies: a
 save that carries metrics competes for "best"; resume always takes the latest step),
 restored straight into the concrete shardings of the running mesh. A format version
-guards against loading checkpoints from an incompatible layout.
+guards against loading checkpoints from an incompatible layout; each step's metadata carries
+a digest of every array it holds (`fingerprint`), checked on every restore, so flipped bytes
+are found as damage instead of training on, and the data the state was trained on (each
+build's manifest checksum and its split's), which a resume must match.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -17,6 +21,7 @@ from typing import Any, Callable
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -30,6 +35,10 @@ CHECKPOINT_DIR = "checkpoints"
 
 class CheckpointError(errors.UserError, RuntimeError):
   pass
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A step's arrays restore, but not as they were saved (their digest differs)."""
 
 
 class Checkpointer:
@@ -67,14 +76,17 @@ class Checkpointer:
     return self._manager.metrics(step)
 
   def save(self, step: int, state: Any, data_iterator: Any | None, config_json: dict,
-           stage: str, metrics: dict | None = None) -> None:
+           stage: str, metrics: dict | None = None, data: dict | None = None) -> None:
     """Starts writing `step` in the background. A previous save that failed to commit (disk
     full, an I/O error: orbax only logs those) is retried by this one, synchronously; if the
-    retry fails too, CheckpointError names both steps and the last good checkpoint."""
+    retry fails too, CheckpointError names both steps and the last good checkpoint. `data`:
+    what the state was trained on (`TrainData.identity`), for a resume to check."""
+    meta = {"format_version": FORMAT_VERSION, "stage": stage, "step": step,
+            "digest": fingerprint(state), "data": data}
     items = dict(
         state=ocp.args.StandardSave(state),
         config=ocp.args.JsonSave(config_json),
-        meta=ocp.args.JsonSave({"format_version": FORMAT_VERSION, "stage": stage, "step": step}))
+        meta=ocp.args.JsonSave(meta))
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     self._wait()
@@ -112,11 +124,10 @@ class Checkpointer:
   def _raise_if_failed(self, what: str) -> None:
     if self._failed_pending() is None:
       return
-    good = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
-    last = f"step {good[-1]}" if good else "none"
     raise CheckpointError(
-        f"{what} in {self.directory} ({self._error}). Last good checkpoint: {last}. Free disk "
-        "space or fix the error, then rerun the same command to resume from it.")
+        f"{what} in {self.directory} ({self._error}). Last good checkpoint: "
+        f"{last_committed(self.directory)}. Free disk space or fix the error, then rerun the "
+        "same command to resume from it.")
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any | None,
               stage: str) -> Any:
@@ -134,10 +145,23 @@ class Checkpointer:
       if foreign is None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    self._verify(step, restored["state"])
     if foreign is not None:
       data_iterator.set_state(foreign)
     logging.info("restored step %d from %s", step, self.directory)
     return restored["state"]
+
+  def _verify(self, step: int, restored: Any) -> None:
+    """DamagedCheckpointError unless every restored array has the digest saved with it (steps
+    written before digests were saved are taken as they are)."""
+    saved = self.read_meta(step).get("digest")
+    if not saved:
+      return
+    differ = [k for k, v in fingerprint(restored).items() if saved.get(k, v) != v]
+    if differ:
+      raise DamagedCheckpointError(
+          f"{self.directory}/{step}: {len(differ)} array(s) differ from what was saved (digest "
+          f"mismatch: {', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''})")
 
   def _foreign_data_state(self, step: int) -> dict | None:
     """The data position saved by a different process count (None when this run's own
@@ -163,15 +187,15 @@ class Checkpointer:
     return states[names[0]]
 
   def restore_latest(self, abstract_state: Any, data_iterator: Any | None, stage: str,
-                     check_config: Callable[[dict, str], None]) -> tuple[int, Any] | None:
+                     check: Callable[[dict, dict, str], None]) -> tuple[int, Any] | None:
     """(step, state) of the newest checkpoint that restores, or None when there is none.
 
-    A damaged step (a file missing or truncated after its commit) is skipped with a warning
-    naming it, and the previous one tried; once one restores, the damaged newer steps move
-    to `checkpoints_damaged/` beside the checkpoints (kept for inspection, out of the way of
-    the steps the run saves again). `check_config(saved_config, where)` runs on each step's
-    config before its state is read: a config that does not fit is the caller's error, never
-    mistaken for damage."""
+    A damaged step (a file missing or truncated after its commit, arrays that differ from
+    their saved digest) is skipped with a warning naming it, and the previous one tried; once
+    one restores, the damaged newer steps move to `checkpoints_damaged/` beside the
+    checkpoints (kept for inspection, out of the way of the steps the run saves again).
+    `check(saved_config, saved_meta, where)` runs on each step before its state is read: a
+    config or data that does not fit is the caller's error, never mistaken for damage."""
     damaged = []
 
     def skip(step: int, where: str, e: Exception) -> None:
@@ -182,13 +206,13 @@ class Checkpointer:
       where = os.path.join(self.directory, str(step))
       try:
         saved = self.read_config(step)
-        self._check_meta(step, stage)
+        meta = self._check_meta(step, stage)
       except CheckpointError:
         raise
       except Exception as e:  # pylint: disable=broad-except   (orbax/tensorstore read errors)
         skip(step, where, e)
         continue
-      check_config(saved, where)
+      check(saved, meta, where)
       try:
         state = self.restore(step, abstract_state, data_iterator, stage)
       except Exception as e:  # pylint: disable=broad-except
@@ -220,12 +244,24 @@ class Checkpointer:
     {"extra": {"ema": ...}}: loading weights to use needs neither the optimiser state nor the
     stage state, nor the config that shaped them."""
     self._check_meta(step, stage)
-    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        abstract_subtree, restore_args=ocp.checkpoint_utils.construct_restore_args(
-            abstract_subtree), partial_restore=True)))
-    return restored["state"]
+    where = os.path.join(self.directory, str(step))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+              abstract_subtree, restore_args=ocp.checkpoint_utils.construct_restore_args(
+                  abstract_subtree), partial_restore=True)))["state"]
+      self._verify(step, restored)
+    except DamagedCheckpointError as e:
+      raise DamagedCheckpointError(f"{e}; restore the run from a copy, or pass an earlier step "
+                                   f"(RUN/checkpoints/STEP; saved: {self.all_steps()}).") from None
+    except (KeyError, ValueError, OSError, RuntimeError) as e:   # orbax / tensorstore reads
+      raise DamagedCheckpointError(
+          f"{where} cannot be read ({type(e).__name__}: {_first_line(e)}): the checkpoint is "
+          f"damaged or incomplete; restore the run from a copy, or pass an earlier step "
+          f"(RUN/checkpoints/STEP; saved: {self.all_steps()}).") from None
+    return restored
 
-  def _check_meta(self, step: int, stage: str) -> None:
+  def _check_meta(self, step: int, stage: str) -> dict:
     meta = self.read_meta(step)
     if meta.get("format_version") != FORMAT_VERSION:
       raise CheckpointError(f"{self.directory}/{step}: format version {meta.get('format_version')} "
@@ -233,6 +269,7 @@ class Checkpointer:
     if meta.get("stage") != stage:
       raise CheckpointError(f"{self.directory}/{step} holds a '{meta.get('stage')}' checkpoint, "
                             f"not '{stage}': use a fresh --workdir for this stage.")
+    return meta
 
   def read_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -264,6 +301,47 @@ class Checkpointer:
     if failed is not None:
       logging.error("checkpoint step %d did not commit (%s)", failed, self._error)
     self._manager.close()
+
+
+def last_committed(directory: str) -> str:
+  """'step N' of the newest committed step in a checkpoint directory, or 'none' (read from
+  the directory listing alone: it needs no manager and works while the disk is full)."""
+  steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(
+      directory) else []
+  return f"step {steps[-1]} in {directory}" if steps else "none"
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                  for k in path)
+
+
+@jax.jit
+def _leaf_sums(leaves: list[jax.Array]) -> jax.Array:
+  """Two wrapping uint32 sums per leaf over its bits: plain and position-weighted. Integer
+  sums are exact in any order, so the digest is the same on any mesh and after any restore."""
+
+  def sums(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+      x = x.astype(jnp.uint8)
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}"))
+    bits = bits.astype(jnp.uint32).ravel()
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + 1
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights,
+                                                               dtype=jnp.uint32)])
+
+  return jnp.stack([sums(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
+
+
+def fingerprint(tree: Any) -> dict[str, str]:
+  """Path ("params/encoder/...") -> a digest of that array's bits, for every array leaf."""
+  flat = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if isinstance(x, (jax.Array, np.ndarray))]
+  sums = np.asarray(jax.device_get(_leaf_sums([x for _, x in flat])))
+  return {_path_name(p): hashlib.sha256(s.tobytes() + str(x.shape).encode()).hexdigest()[:16]
+          for (p, x), s in zip(flat, sums)}
 
 
 def _first_line(e: BaseException) -> str:

@@ -108,11 +108,12 @@ class Lock:
       self._file = None
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """{"a": {"b": 1}} -> {"a.b": 1}: a nested config as dotted field names."""
   if isinstance(tree, Mapping):
     out = {}
     for k, v in tree.items():
-      out.update(_flatten(v, f"{prefix}{k}."))
+      out.update(flatten(v, f"{prefix}{k}."))
     return out
   return {prefix[:-1]: tree}
 
@@ -141,7 +142,7 @@ def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tu
   """(field, saved value, current value) for every field that differs or exists in one only
   (as JSON: tuples and lists compare equal), the saved config read under current names."""
   saved = upgrade(saved)
-  a, b = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(current)))
+  a, b = flatten(json.loads(json.dumps(saved))), flatten(json.loads(json.dumps(current)))
   missing = object()
   return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
           if a.get(k, missing) != b.get(k, missing)]
@@ -169,3 +170,22 @@ def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], where: st
         "or set it back.")
   if schedule:
     logging.warning("resuming %s with a changed schedule (allowed):\n%s", where, show(schedule))
+
+
+def check_data(saved: Mapping[str, Any] | None, current: Mapping[str, Any], where: str) -> None:
+  """Refuses to resume the checkpoints in `where` on other records at the same path: a build
+  or split whose checksum (`TrainData.identity`) differs from the one they were trained on.
+  Checkpoints written before the checksums were kept (`saved` None) are not checked."""
+  if not saved:
+    return
+  short = lambda v: v[:12] if isinstance(v, str) else repr(v)
+  changed = [f"  {d} {what}: {short((saved.get(d) or {}).get(what))} in the checkpoint, "
+             f"{short(ids.get(what))} now"
+             for d, ids in current.items() for what in ("build", "split")
+             if (saved.get(d) or {}).get(what) != ids.get(what)]
+  changed += [f"  {d}: in the checkpoint, not read now" for d in saved if d not in current]
+  if changed:
+    raise WorkdirError(
+        f"{where} was trained on other data at the same path (the build was redone or "
+        f"re-split since; sha256 prefixes):\n" + "\n".join(changed) + "\nRestore the build and "
+        "split it trained on, or start a fresh --workdir.")

@@ -14,6 +14,7 @@ file (`result.json`) at the end.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from ssfer_jax import errors, results
 from ssfer_jax.input import pipeline, plan as plan_lib
 from ssfer_jax.runtime import checkpointing, preemption, sharding, writers
 from ssfer_jax.runtime import workdir as workdir_lib
+from ssfer_jax.trainers import optim
 
 # (params, extra, batch, rng) -> (loss, aux). aux's scalars are logged as metrics, its
 # arrays as histograms; aux["extra"], if present, is the input of `Stage.update_extra`
@@ -105,6 +107,13 @@ class NonFiniteError(errors.UserError, RuntimeError):
   pass
 
 
+class DiskFullError(errors.UserError, OSError):
+  """The disk (or quota) filled while the run wrote to its workdir."""
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunPlan:
   """What the loop derived from the config and the data, before anything compiles."""
@@ -161,7 +170,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     extra = state.extra
     if update_extra is not None:
       extra = update_extra(state.extra, params, extra_input, state.step)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(extra)
+    # The new params too: a finite gradient times a NaN or infinite learning rate is not.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
+              & all_finite(extra))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
                               opt_state=keep(opt_state, state.opt_state),
@@ -177,6 +188,8 @@ def plan_run(config: ml_collections.ConfigDict, mesh_devices=None) -> RunPlan:
   if not (isinstance(config.batch_size, int) and config.batch_size >= 1):
     raise errors.ConfigError(f"batch_size={config.batch_size!r}; use a whole number >= 1 "
                              "(the global batch, across all devices).")
+  check_finite_numbers(config)
+  optim.check_config(config.optim)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, mesh_devices)
   sharding.check_batch_size(config.batch_size, mesh)
   data = plan_lib.train_data(config, mesh)
@@ -184,6 +197,15 @@ def plan_run(config: ml_collections.ConfigDict, mesh_devices=None) -> RunPlan:
   if total <= 0:
     raise errors.ConfigError("set total_steps > 0 or num_epochs > 0.")
   return RunPlan(mesh, data, int(total))
+
+
+def check_finite_numbers(config: ml_collections.ConfigDict) -> None:
+  """ConfigError for a NaN or infinite number anywhere in the config: no field means anything
+  by one, and a NaN learning rate would turn every weight into NaN at the first step."""
+  bad = [f"{k}={v}" for k, v in workdir_lib.flatten(config.to_dict()).items()
+         if isinstance(v, float) and not math.isfinite(v)]
+  if bad:
+    raise errors.ConfigError(f"{', '.join(bad)}: use finite numbers.")
 
 
 def compile_train_step(stage: Stage, seed: int, abstract_state: Any, state_shardings: Any,
@@ -225,8 +247,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
   point) the run saves the step every process agreed on and raises `preemption.Preempted`.
   """
   workdir_lib.prepare(workdir)
-  with workdir_lib.Lock(workdir):
-    return _train(config, workdir, make_stage, stop_at, allow_schedule_change)
+  try:
+    with workdir_lib.Lock(workdir):
+      return _train(config, workdir, make_stage, stop_at, allow_schedule_change)
+  except OSError as e:
+    if e.errno not in DISK_FULL:
+      raise
+    raise DiskFullError(
+        f"{os.strerror(e.errno)} writing {e.filename or 'to ' + workdir}: the run stopped. Last "
+        f"good checkpoint: {checkpointing.last_committed(checkpoint_dir(workdir))}. Free space, "
+        "then rerun the same command to resume from it.") from None
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.abspath(os.path.join(workdir, checkpointing.CHECKPOINT_DIR))
 
 
 def _train(config, workdir, make_stage, stop_at, allow_schedule_change) -> TrainState:
@@ -243,9 +277,14 @@ def _train(config, workdir, make_stage, stop_at, allow_schedule_change) -> Train
   abstract_state, state_shardings = state_layout(config, stage, mesh)
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
                                     keep_best=stage.evaluate is not None)
-  restored = ckpt.restore_latest(
-      abstract_state, train_iter, stage.name, lambda saved, where: workdir_lib.check_resume(
-          saved, config_json, where, allow_schedule_change=allow_schedule_change))
+  data_identity = plan.data.identity()
+
+  def check_resume(saved_config: dict, saved_meta: dict, where: str) -> None:
+    workdir_lib.check_resume(saved_config, config_json, where,
+                             allow_schedule_change=allow_schedule_change)
+    workdir_lib.check_data(saved_meta.get("data"), data_identity, where)
+
+  restored = ckpt.restore_latest(abstract_state, train_iter, stage.name, check_resume)
   if restored is not None:
     start, state = restored
   else:
@@ -253,6 +292,10 @@ def _train(config, workdir, make_stage, stop_at, allow_schedule_change) -> Train
     state = init(jax.random.key(config.seed))
     if stage.warm_start is not None:
       state = stage.warm_start(state)
+    if not bool(_all_finite_jit(state)):
+      source = f" warm-started from {config.init_from}" if config.get("init_from") else ""
+      raise NonFiniteError(f"stage {stage.name}: the initial state{source} holds NaN or "
+                           "infinite values; check the weights it starts from.")
     start = 0
   if jax.process_index() == 0:   # the config this run trains with, once it may
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -269,7 +312,7 @@ def _train(config, workdir, make_stage, stop_at, allow_schedule_change) -> Train
                _memory_summary(compiled))
 
   writer = writers.MetricWriter(workdir, tensorboard=config.get("tensorboard", True),
-                                resume_step=start if restored is not None else None)
+                                resume_step=start)
   flops_per_step = stage.train_flops_per_example * config.batch_size
   peak = _peak_flops(config, mesh)
   end = min(plan.total_steps, stop_at) if stop_at else plan.total_steps
@@ -285,7 +328,7 @@ def _train(config, workdir, make_stage, stop_at, allow_schedule_change) -> Train
     # The guarded step left the state finite: keep it, so a loadable checkpoint always exists.
     ckpt.wait()
     if ckpt.latest_step() is None:
-      ckpt.save(int(state.step), state, train_iter, config_json, stage.name)
+      ckpt.save(int(state.step), state, train_iter, config_json, stage.name, data=data_identity)
       ckpt.wait()
     raise NonFiniteError(
         f"non-finite loss, gradient or stage state at step {step_done}; its update was "
@@ -341,7 +384,7 @@ def _train(config, workdir, make_stage, stop_at, allow_schedule_change) -> Train
       if new_best or step % config.checkpoint_every == 0 or step == end or preempted:
         if preempted:
           finish_checks(pending)   # never save a step the guard would reject
-        ckpt.save(step, state, train_iter, config_json, stage.name,
+        ckpt.save(step, state, train_iter, config_json, stage.name, data=data_identity,
                   metrics=None if evaluation is None else
                   {"select": evaluation.select, "report": dict(evaluation.report)})
         if new_best:

@@ -11,10 +11,35 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from ssfer_jax import errors
+
 # MAE and timm decay only weight matrices: no biases ('bias', 'qkv_bias'), no norm scales,
 # no cls/mask tokens or position embeddings.
 _NO_DECAY_SUFFIXES = ("bias", "scale")
 _NO_DECAY_PREFIXES = ("cls", "mask_token", "pos_embed")
+
+
+# (field, lowest allowed, whether the lowest is allowed): values outside make no optimiser.
+_RANGES = (("base_lr", 0.0, False), ("weight_decay", 0.0, True), ("min_lr", 0.0, True),
+           ("warmup_init_lr", 0.0, True), ("warmup_epochs", 0.0, True),
+           ("clip_grad_norm", 0.0, True), ("eps", 0.0, False), ("reference_batch", 0, False),
+           ("layer_decay", 0.0, False))
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """ConfigError for an `optim` block no optimiser can run with (a learning rate that is not
+  a positive number, a negative decay, betas outside [0, 1)), before anything compiles."""
+  for name, low, inclusive in _RANGES:
+    v = cfg.get(name)
+    if v is None:
+      continue
+    if not (isinstance(v, (int, float)) and (v >= low if inclusive else v > low)):
+      raise errors.ConfigError(f"optim.{name}={v!r}; use a number "
+                               f"{'>=' if inclusive else '>'} {low}.")
+  for name in ("b1", "b2"):
+    v = cfg.get(name)
+    if v is not None and not (isinstance(v, (int, float)) and 0 <= v < 1):
+      raise errors.ConfigError(f"optim.{name}={v!r}; use a number in [0, 1).")
 
 
 def peak_learning_rate(cfg: ml_collections.ConfigDict, global_batch_size: int) -> float:
