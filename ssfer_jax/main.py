@@ -72,8 +72,12 @@ def print_help(argv: list[str]) -> int:
   exit status: 0 (absl's own help exits 1, as if it had failed), 2 for a bad --config."""
   spec = _given(argv).get(_CONFIG.name)
   usage = sys.modules["__main__"].__doc__ or __doc__   # label_noise's own, when it runs
-  out = [usage.strip(), "", flags.FLAGS.get_help() if "--helpfull" in argv
-         else flags.FLAGS.main_module_help(), "",
+  if "--helpfull" in argv:
+    flag_help = flags.FLAGS.get_help()
+  else:   # a command that reuses these flags lists its own, then these
+    flag_help = flags.FLAGS.main_module_help() + (
+        "" if __name__ == "__main__" else "\n" + flags.FLAGS.module_help(__name__))
+  out = [usage.strip(), "", flag_help, "",
          "Config files (--config FILE:VARIANT) and their variants:"]
   for path in sorted(glob.glob(os.path.join(os.path.dirname(configs.__file__), "*.py"))):
     with open(path) as f:
