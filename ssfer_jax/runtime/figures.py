@@ -85,8 +85,8 @@ def draw_boxes(images: np.ndarray, boxes: np.ndarray, color=(0, 255, 0)) -> np.n
   out = images.copy()
   n, h, w, _ = images.shape
   for img, (x0, y0, x1, y1) in zip(out, boxes):
-    cv2.rectangle(img, (int(x0 * (w - 1)), int(y0 * (h - 1))), (int(x1 * (w - 1)), int(y1 * (h - 1))),
-                  color, 1)
+    cv2.rectangle(img, (int(x0 * (w - 1)), int(y0 * (h - 1))),
+                  (int(x1 * (w - 1)), int(y1 * (h - 1))), color, 1)
   return out
 
 
