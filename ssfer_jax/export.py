@@ -10,12 +10,15 @@ naming. DIR/model.safetensors, DIR/model_card.json (architecture, timm's call, c
 order, normalisation, image size, crop mode and margin, training data and metrics),
 DIR/orbax/ (the params tree; `load(DIR)` gives the model and its params back).
 
-In PyTorch (the card's `timm_call`, filled in):
-  model = timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=7,
-      global_pool="token", img_size=224, pretrained_cfg_overlay=dict(
-          file="DIR/model.safetensors", num_classes=7, mean=MEAN, std=STD))
+In PyTorch (the card's `timm_call`, filled in; the README's block is tested to be it):
+  model = timm.create_model('vit_base_patch16_224', pretrained=True, num_classes=7,
+      img_size=224, global_pool='token', pretrained_cfg_overlay=dict(
+          file='DIR/model.safetensors', num_classes=7, mean=MEAN, std=STD,
+          input_size=(3, 224, 224), crop_pct=1.0, interpolation='bilinear'))
 `num_classes` in the overlay keeps the head (timm drops it otherwise); `img_size` keeps the
-position table at its grid (timm resamples it otherwise).
+position table at its grid (timm resamples it otherwise); `input_size`, `crop_pct` and
+`interpolation` make timm's standard transforms feed the model as ours was fed. The files
+are plain files (the umask's mode), shareable as written.
 """
 
 from __future__ import annotations
