@@ -21,7 +21,7 @@ from flax import traverse_util
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
 from ssfer_jax import errors, export, pytorch_weights, results
-from ssfer_jax.models import param_table, vit
+from ssfer_jax.models import mae, param_table, vit
 from ssfer_jax.trainers import finetune, loop, pretrain
 from tests.conftest import REPO, small_config
 
@@ -295,6 +295,25 @@ def test_a_file_of_another_model_size_says_which_size_fits(tmp_path):
           r"those dimensions \(vit.VIT_SIZES: mu, xs, Ti, S, B, L\)")
 
 
+def test_an_mae_file_of_another_decoder_says_which_setting_fits(tmp_path):
+  """Stage 1's init_from (a whole MAE): the decoder's dimensions get their settings too."""
+  def mae_params(**kw):
+    model = mae.MAE(**vit.vit_kwargs("mu", patch_size=16, decoder_heads=4, **kw))
+    return jax.eval_shape(lambda: nn.meta.unbox(model.init(
+        {"params": jax.random.key(0), "mask": jax.random.key(1)}, jnp.zeros((1, 32, 32, 3)),
+        train=False)["params"]))
+  theirs = jax.tree.map(lambda s: np.zeros(s.shape, np.float32),
+                        mae_params(decoder_width=128, decoder_depth=2))
+  pytorch_weights.write_safetensors(str(tmp_path / "mae.safetensors"),
+                                    param_table.to_state_dict(theirs, "mae", image_size=32), {})
+  with pytest.raises(pytorch_weights.WeightsError,
+                     match=r"holds a model of decoder_width 128, decoder_depth 2, this one has "
+                     r"decoder_width 64, decoder_depth 1: .*; set --config.model.decoder_width=128 "
+                     r"--config.model.decoder_depth=2 to load it\.$"):
+    pytorch_weights.load_mae(str(tmp_path / "mae.safetensors"),
+                             mae_params(decoder_width=64, decoder_depth=1))
+
+
 def test_timm_resampling_of_the_position_table(tmp_path, caplog):
   """resample="timm": timm's loader's antialiased bicubic (jax.image.resize's "cubic" with
   antialias, PIL's kernel), where MAE's default differs; the log names the one used. The
@@ -307,8 +326,8 @@ def test_timm_resampling_of_the_position_table(tmp_path, caplog):
                             antialias=True)
     assert got.shape == (1, 1 + new * new, 8) and np.array_equal(got[0, 0], table[0, 0])
     np.testing.assert_allclose(got[0, 1:].reshape(new, new, 8), want, atol=1e-5)
-    mae = vit.resample_pos_embed(table, (new, new))
-    assert np.abs(mae - got).max() > 1e-2, (old, new)   # the choice matters
+    mae_way = vit.resample_pos_embed(table, (new, new))
+    assert np.abs(mae_way - got).max() > 1e-2, (old, new)   # the choice matters
   sd = vit_state_dict("mu", image_size=64)               # a 4x4 grid into a 2x2 one
   pytorch_weights.write_safetensors(str(tmp_path / "w.safetensors"), sd, {})
   for method, resample in (("timm", param_table.resample_pos_embed_timm),
