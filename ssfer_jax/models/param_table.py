@@ -218,7 +218,7 @@ def from_state_dict(sd: dict, params_template: dict, kind: str = "vit", *,
   missing = sorted(expected - set(sd))
   unexpected = sorted(set(sd) - expected - set(pos))
   if missing or unexpected:
-    raise KeyError(f"state dict does not match the {kind} model: {len(missing)} keys missing "
+    raise KeyError(f"state dict does not match the {kind} model: {len(missing)} missing "
                    f"({_first(missing, 4)}), {len(unexpected)} unexpected "
                    f"({_first(unexpected, 4)})")
   if ("pos_embed",) in flat_u:
@@ -230,7 +230,7 @@ def from_state_dict(sd: dict, params_template: dict, kind: str = "vit", *,
     theirs = np.asarray(sd[e.theirs])
     want = _theirs_shape(e, shape)
     if theirs.shape != want:
-      bad.append(f"{e.theirs} {theirs.shape} in the file, {want} here")
+      bad.append(f"{e.theirs}: {theirs.shape} in the file, {want} here")
       continue
     out[e.ours] = np.ascontiguousarray(e.to_ours(theirs, shape)).astype(flat_u[e.ours].dtype)
   if bad:
