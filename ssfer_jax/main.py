@@ -56,6 +56,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   value of the wrong type) instead of a traceback through ml_collections."""
   if any(a in HELP_FLAGS for a in argv[1:]):
     sys.exit(print_help(argv))
+  spec = _given(argv).get(_CONFIG.name)
+  if spec:   # a missing file or an unknown variant: one line, not ml_collections' traceback
+    try:
+      load_config(spec)
+    except errors.ConfigError as e:
+      sys.exit(errors.report(e))
   try:
     return flags.FLAGS(argv)
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
@@ -97,14 +103,10 @@ def print_help(argv: list[str]) -> int:
   print("\n".join(out), flush=True)
   if not spec:
     return 0
-  path, _, variant = spec.partition(":")
-  if not os.path.isfile(path):
-    return errors.report(errors.ConfigError(f"--config {spec}: no file {path}; use one of the "
-                                            "config files above."))
   try:
-    config = _load(path).get_config(*([variant] if variant else []))
-  except ValueError as e:
-    return errors.report(errors.ConfigError(f"--config {spec}: {e}"))
+    config = load_config(spec)
+  except errors.ConfigError as e:
+    return errors.report(e)
   fields = workdir.flatten(config.to_dict())
   width = max(map(len, fields))
   print("\n".join([f"{spec}:", *(f"  {k:<{width}} {v!r}" for k, v in fields.items())]))
@@ -119,6 +121,19 @@ def _given(argv: list[str]) -> dict[str, str]:
       name, eq, value = a[2:].partition("=")
       out[name] = value if eq else b
   return out
+
+
+def load_config(spec: str):
+  """The config `--config FILE[:VARIANT]` names; ConfigError for a missing file or an unknown
+  variant (the message lists the variants: `python -m ssfer_jax.main --help`)."""
+  path, _, variant = spec.partition(":")
+  if not os.path.isfile(path):
+    raise errors.ConfigError(f"--config {spec}: no file {path}; `python -m ssfer_jax.main "
+                             "--help` lists the config files and their variants.")
+  try:
+    return _load(path).get_config(*([variant] if variant else []))
+  except ValueError as e:
+    raise errors.ConfigError(f"--config {spec}: {e}") from None
 
 
 def _load(path: str):
@@ -141,6 +156,7 @@ def setup(argv):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            _INIT_TIMEOUT.value, _HEARTBEAT.value)
     workdir.prepare(_WORKDIR.value)
+    workdir.check_free(_WORKDIR.value)   # a refused job must not write to the holder's log
   except errors.UserError as e:   # before the log file exists: to stderr alone
     sys.exit(errors.report(e))
   index = jax.process_index()
@@ -152,11 +168,15 @@ def setup(argv):
 
 
 def main(argv):
+  exit_on_errors(lambda: _main(argv))
+
+
+def _main(argv):
   config = setup(argv)
   if job.is_job_config(config):
     if _MODE.value != "train":
       raise app.UsageError("--mode figures runs one stage's hooks: give that stage's config.")
-    exit_on_errors(lambda: job.run(config, _WORKDIR.value))
+    job.run(config, _WORKDIR.value)
     return
   if config.stage not in STAGES:
     raise app.UsageError(f"config.stage={config.stage!r}; known stages: {sorted(STAGES)}")
@@ -164,10 +184,10 @@ def main(argv):
     raise app.UsageError("set --config.data.dir to a dataset built by `python -m data_prep build`.")
   make_stage = STAGES[config.stage]
   if _MODE.value == "train":
-    exit_on_errors(lambda: loop.train(config, _WORKDIR.value, make_stage,
-                                       allow_schedule_change=_ALLOW_SCHEDULE_CHANGE.value))
+    loop.train(config, _WORKDIR.value, make_stage,
+               allow_schedule_change=_ALLOW_SCHEDULE_CHANGE.value)
   else:
-    step = exit_on_errors(lambda: loop.run_hooks(config, _WORKDIR.value, make_stage))
+    step = loop.run_hooks(config, _WORKDIR.value, make_stage)
     logging.info("figures for step %d written under %s", step, _WORKDIR.value)
 
 
@@ -180,6 +200,12 @@ def exit_on_errors(fn):
     sys.exit(e.exit_code)
   except errors.UserError as e:
     sys.exit(errors.report(e, log=True))
+  except OSError as e:   # a full disk outside a stage's run (the log file, the job's files)
+    if e.errno not in loop.DISK_FULL:
+      raise
+    sys.exit(errors.report(loop.DiskFullError(
+        f"{e.strerror} writing {e.filename}: the command stopped; checkpoints already written "
+        "are kept. Free space, then rerun the same command to resume."), log=True))
 
 
 if __name__ == "__main__":

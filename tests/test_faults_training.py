@@ -4,6 +4,8 @@ first checkpoint, and bytes flipped inside a committed checkpoint."""
 
 import dataclasses
 import json
+import logging
+import os
 import pathlib
 import shutil
 import signal
@@ -149,6 +151,7 @@ def _flip_bytes(step_dir: pathlib.Path) -> None:
 
 def test_flipped_bytes_in_a_checkpoint_are_found_on_restore(small_dataset, finetuned_run,
                                                             tmp_path, caplog):
+  caplog.set_level(logging.INFO)
   # A resume: the flipped step restores without an error from orbax, but not as saved.
   run = tmp_path / "run"
   config = mae_config(small_dataset)   # saves at steps 3 and 6
@@ -157,6 +160,7 @@ def test_flipped_bytes_in_a_checkpoint_are_found_on_restore(small_dataset, finet
   loop.train(config, str(run), pretrain.make_stage)   # restores 3, trains 4..6 again
   assert "checkpoints/6: 1 array(s) differ from what was saved (digest mismatch" in caplog.text
   assert logged_steps(run) == list(range(1, 7))
+  assert "result: step 6 -> " in caplog.text   # stage 1 names no weights: no empty "()"
   # A finished run's best checkpoint cut short: what predict, evaluate and export load it with
   # says so in one line (a UserError), instead of tensorstore's traceback.
   copy = tmp_path / "finetuned"
@@ -169,3 +173,37 @@ def test_flipped_bytes_in_a_checkpoint_are_found_on_restore(small_dataset, finet
                      match=rf"checkpoints/{best} cannot be read .* damaged or incomplete; "
                            "restore the run from a copy"):
     results.load_classifier(str(copy))
+
+
+def _main(*args, cwd=ROOT):
+  return subprocess.run([sys.executable, "-m", "ssfer_jax.main", *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+
+
+def test_command_line_faults_end_in_one_line_and_touch_no_log(small_dataset, tmp_path):
+  # The log file on a full disk: one line for it, one for the stop, no logging tracebacks.
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "log.txt").symlink_to("/dev/full")
+  out = _main("--config", "configs/pretrain.py:test", "--workdir", str(run),
+              f"--config.data.dir={small_dataset}", "--config.mesh.shape=(4,2)")
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr and "Logging error" not in out.stderr, out.stderr
+  assert f"{run}/log.txt: No space left on device; no more lines are written" in out.stderr
+  assert "DiskFullError: No space left on device writing" in out.stderr
+  # A job refused on a busy workdir leaves the holder's log file alone.
+  busy = tmp_path / "busy"
+  busy.mkdir()
+  (busy / "log.txt").write_text("the holder's log\n")
+  with workdir.Lock(str(busy)):
+    out = _main("--config", "configs/pretrain.py:test", "--workdir", str(busy),
+                f"--config.data.dir={small_dataset}")
+  assert out.returncode == 2 and "in use by another job" in out.stderr
+  assert (busy / "log.txt").read_text() == "the holder's log\n"
+  # An unknown variant or config file: one line each.
+  for spec, said in (("configs/pretrain.py:bogus", "unknown variant 'bogus'"),
+                     ("configs/nope.py", "no file configs/nope.py")):
+    out = _main("--config", spec, "--workdir", str(tmp_path / "x"))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith(f"ConfigError: --config {spec}: ") and said in out.stderr

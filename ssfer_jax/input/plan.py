@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import logging
 from typing import Any
 
 import jax
@@ -41,6 +40,14 @@ class TrainData:
   unlabeled_ratio: int = 0
   strong_views: int = 1
   config: ml_collections.ConfigDict | None = dataclasses.field(default=None, repr=False)
+  few_labels: bool = False   # fewer records than `few_labels`: `few_labels_epochs` epochs
+
+  def describe(self) -> str:
+    """'N training records' and, where the few-labels rule set the length, why."""
+    text = f"{self.records} training records"
+    if self.few_labels:
+      text += f" (< few_labels={self.config.few_labels}: {self.epochs} epochs)"
+    return text
 
   @property
   def images_per_step(self) -> int:
@@ -130,7 +137,8 @@ def train_data(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Tr
           "--labeled-fraction` below 1) or lower batch_size / data.unlabeled_ratio.")
     steps_per_epoch = n_unlabeled // rows
   epochs = config.num_epochs
-  if config.get("few_labels", 0) and n < config.few_labels:   # SSFER: longer on few labels
+  few = bool(config.get("few_labels", 0) and n < config.few_labels)   # SSFER: longer on few
+  if few:
     epochs = config.few_labels_epochs
-    logging.info("%d training records < few_labels=%d: %d epochs", n, config.few_labels, epochs)
-  return TrainData(batch_size, n, steps_per_epoch, epochs, n_unlabeled, ratio, views, config)
+  return TrainData(batch_size, n, steps_per_epoch, epochs, n_unlabeled, ratio, views, config,
+                   few_labels=few)

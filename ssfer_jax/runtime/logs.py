@@ -3,8 +3,11 @@ warnings; library INFO chatter (orbax, absl, grain) goes to a log file in the wo
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import sys
+import threading
 
 OURS = ("ssfer_jax", "data_prep", "configs")
 # Orbax warns on every save without metrics once best-checkpoint tracking is on; such saves
@@ -33,14 +36,41 @@ def quiet_console() -> None:
       handler.addFilter(_ConsoleFilter())
 
 
+class _LogFile(logging.FileHandler):
+  """The workdir's log file. On a full disk it stops at the first failed line instead of
+  printing logging's traceback for every later one: it leaves the root logger, says so in one
+  console line and, on the main thread, raises the error where the line was logged, so the
+  run stops there (with the last good checkpoint named) like any other write to a full disk."""
+
+  def handleError(self, record: logging.LogRecord) -> None:
+    error = sys.exc_info()[1]
+    if not (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)):
+      super().handleError(record)
+      return
+    logging.getLogger().removeHandler(self)
+    try:
+      self.close()
+    except OSError:
+      pass
+    sys.stderr.write(f"{self.baseFilename}: {os.strerror(error.errno)}; no more lines are "
+                     "written to it.\n")
+    if threading.current_thread() is threading.main_thread():
+      raise OSError(error.errno, error.strerror, self.baseFilename) from error
+
+
 def setup(workdir: str, filename: str = "log.txt") -> str:
-  """Routes INFO and above to `workdir/filename`, and our lines plus warnings to the console."""
+  """Routes INFO and above to `workdir/filename`, and our lines plus warnings to the console.
+  A later call (another command in the same process) replaces the file, never adds a second."""
   quiet_console()
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, filename)
-  logging.getLogger().setLevel(logging.INFO)
-  file_handler = logging.FileHandler(path)
+  root = logging.getLogger()
+  root.setLevel(logging.INFO)
+  for old in [h for h in root.handlers if isinstance(h, _LogFile)]:
+    root.removeHandler(old)
+    old.close()
+  file_handler = _LogFile(path)
   file_handler.setFormatter(logging.Formatter(
       "%(asctime)s %(levelname).1s %(name)s %(filename)s:%(lineno)d] %(message)s"))
-  logging.getLogger().addHandler(file_handler)
+  root.addHandler(file_handler)
   return path

@@ -38,7 +38,7 @@ SCHEDULE_FIELDS = ("total_steps", "num_epochs", "few_labels_epochs")
 NEUTRAL_VALUES = ("", None, False, 0, [], {})
 # Fields added since with a value other than neutral: the value that runs before them used.
 FORMER_DEFAULTS = {"data.crop_scale": [0.2, 1.0], "data.crop_ratio": [3 / 4, 4 / 3],
-                   "model.stem": "patch", "data.center_crop": 1.0}
+                   "model.stem": "patch", "data.center_crop": 1.0, "init_resample": "mae"}
 # Fields renamed since (old -> new): a checkpoint, result or job file written under the old
 # name is read under the new one (`upgrade`), so its run still resumes and loads.
 RENAMED_FIELDS = {"data.mix": "data.blend"}
@@ -58,6 +58,13 @@ def prepare(workdir: str) -> None:
   except PermissionError:
     raise WorkdirError(f"--workdir {workdir}: permission denied; pass a directory you can "
                        "write.") from None
+
+
+def check_free(workdir: str) -> None:
+  """WorkdirError now if another job holds `workdir`, before this one writes anything there
+  (its log file included); the job still takes the lock itself when it starts."""
+  with Lock(workdir):
+    pass
 
 
 class Lock:
@@ -148,14 +155,20 @@ def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tu
           if a.get(k, missing) != b.get(k, missing)]
 
 
+def added_as_before(field: str, saved: Any, current: Any) -> bool:
+  """True for a field added to the configs since a run was written (`saved` "<absent>") whose
+  value means "as before" (neutral, or the value runs before it used): no change to refuse."""
+  return saved == "<absent>" and (current in NEUTRAL_VALUES
+                                  or current == FORMER_DEFAULTS.get(field, saved))
+
+
 def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], where: str, *,
                  allow_schedule_change: bool = False) -> None:
   """Refuses to resume the checkpoints in `where` under a config that changes what they mean;
   cadence and threads may change, the schedule's length only when allowed (with a warning),
   and a field newer than the checkpoint may hold its neutral value."""
   diffs = [d for d in config_diff(saved, current) if d[0] not in SAFE_FIELDS
-           and not (d[1] == "<absent>" and (d[2] in NEUTRAL_VALUES
-                                            or d[2] == FORMER_DEFAULTS.get(d[0], d[1])))]
+           and not added_as_before(*d)]
   schedule = [d for d in diffs if d[0] in SCHEDULE_FIELDS]
   other = [d for d in diffs if d[0] not in SCHEDULE_FIELDS]
   show = lambda ds: "\n".join(f"  {k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in ds)

@@ -266,8 +266,8 @@ def checkpoint_dir(workdir: str) -> str:
 def _train(config, workdir, make_stage, stop_at, allow_schedule_change) -> TrainState:
   plan = plan_run(config)
   mesh = plan.mesh
-  logging.info("%s; %d training records, %d steps/epoch, %d steps", sharding.describe(mesh),
-               plan.data.records, plan.steps_per_epoch, plan.total_steps)
+  logging.info("%s; %s, %d steps/epoch, %d steps", sharding.describe(mesh),
+               plan.data.describe(), plan.steps_per_epoch, plan.total_steps)
   stage = make_stage(config, plan, workdir)
   config_json = json.loads(config.to_json_best_effort())
 
@@ -433,7 +433,8 @@ def write_result(workdir: str, stage: Stage, ckpt: checkpointing.Checkpointer,
             **best.get("report", {}), **(stage.result_info or {}), "config": config_json}
   if jax.process_index() == 0:
     path = writers.write_json(os.path.join(workdir, results.RESULT_FILE), result)
-    logging.info("result: step %d (%s) -> %s", step, best.get("report", {}).get("weights", ""),
+    weights = best.get("report", {}).get("weights")
+    logging.info("result: step %d%s -> %s", step, f" ({weights} weights)" if weights else "",
                  path)
   return result
 
