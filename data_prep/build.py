@@ -56,9 +56,7 @@ class Config:
   aliases: tuple[tuple[str, str], ...] = ()  # (from, to) label pairs
   num_shards: int = 1
   keep_corrupt: bool = False   # keep JPEGs libjpeg decodes only by guessing, flagged
-  # Images larger than this are skipped, judged by their header before any decoding (a small
-  # file can claim 40000x40000 px): 100 megapixels decode to 300 MB per worker.
-  max_pixels: int = 100_000_000
+  max_pixels: int = images.DEFAULT_MAX_PIXELS   # skipped above, by the header
 
   def check(self):
     bad = [(self.size >= 8, f"--size {self.size}: want at least 8 px"),

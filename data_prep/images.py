@@ -115,6 +115,10 @@ def one_line(error: BaseException) -> str:
   return f"{name}: {' '.join(str(error).split())}"
 
 
+# Images larger than this are skipped by default (data_prep build and predict), judged by
+# their header before any decoding (a small file can claim 40000x40000 px): 100 megapixels
+# decode to 300 MB.
+DEFAULT_MAX_PIXELS = 100_000_000
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Start-of-frame markers (baseline, progressive, lossless, arithmetic); C4, C8, CC are not.
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}

@@ -305,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   logs.setup(out_dir)
   try:
     mesh = sharding.make_mesh((-1, 1))
-    clf = results.load_classifier(args.run, step=args.step, weights=args.weights, mesh=mesh)
+    clf = results.load_classifier(results.classifier_run(args.run), step=args.step,
+                                  weights=args.weights, mesh=mesh)
     evaluator = Evaluator.for_classifier(
         clf, data_dir=args.data, split=None if args.all_records else args.split,
         lists=args.lists.split(","), mesh=mesh, batch_size=args.batch_size)

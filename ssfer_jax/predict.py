@@ -42,7 +42,6 @@ import json
 import logging
 import os
 import stat
-import struct
 import sys
 import time
 from typing import Any, Iterator, Sequence
@@ -61,11 +60,8 @@ from ssfer_jax.trainers import loop
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
-# An image is skipped above this many pixels by its header: decoding 100 MP takes 300 MB.
-DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_PIXELS = images.DEFAULT_MAX_PIXELS
 PROGRESS_EVERY_S = 10.0
-# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they hold the size.
-_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 class PredictError(errors.UserError, ValueError):
@@ -86,8 +82,8 @@ class Predictor:
   def __init__(self, model: str, *, weights: str = "best", detector: str | None = None,
                yunet_model: str | None = None, batch_size: int = 32):
     check_positive(batch_size=batch_size)
-    self.run = resolve_model(model)
     try:
+      self.run = results.classifier_run(model)
       self.classifier = results.load_classifier(self.run, weights=weights,
                                                 mesh=sharding.single_device_mesh())
     except errors.InitError as e:
@@ -170,7 +166,7 @@ class Predictor:
     try:
       return self.detect(image)
     except cv2.error as e:   # one odd image must not end a run over thousands
-      return f"face detection failed ({_one_line(e)})"
+      return f"face detection failed ({images.one_line(e)})"
 
   def predict_many(self, frames: Iterator[tuple[dict, np.ndarray | str]]
                    ) -> Iterator[tuple[dict, Any]]:
@@ -207,34 +203,6 @@ def check_positive(**options: int) -> None:
       raise PredictError(f"--{name.replace('_', '-')} {value}: must be 1 or more.")
 
 
-def resolve_model(model: str) -> str:
-  """`model` as `results.load_classifier` reads it. The one-command job's WORKDIR (no result of
-  its own, classifier stages in sub-folders named by stage) becomes its last finished classifier
-  stage, said in a log line; a job none of whose classifier stages finished is refused."""
-  run_dir, step = results.split_run_path(model)
-  if step is not None or os.path.exists(os.path.join(run_dir, results.RESULT_FILE)):
-    return model
-  stages = [s for s in results.CLASSIFIER_STAGES if os.path.isdir(os.path.join(run_dir, s))]
-  if not stages:
-    return model   # load_classifier names what is missing
-  finished = [s for s in stages if os.path.exists(os.path.join(run_dir, s, results.RESULT_FILE))]
-  unfinished = [f"{s}/" for s in stages if s not in finished]
-  if not finished:
-    raise PredictError(
-        f"--model {model} is a job directory, but none of its classifier stages has finished "
-        f"({', '.join(unfinished)} hold no {results.RESULT_FILE}): rerun the job's command to "
-        f"finish {stages[0]}, then pass {model} or {os.path.join(model, stages[0])}.")
-  chosen = os.path.join(run_dir, finished[-1])
-  logging.info("--model %s is a job directory: using its last finished classifier stage, %s%s",
-               model, chosen, f" ({', '.join(unfinished)} not finished)" if unfinished else "")
-  return chosen
-
-
-def _one_line(e: Exception) -> str:
-  """The exception's type and its words on one line (OpenCV's span several)."""
-  return f"{type(e).__name__}: {' '.join(str(e).split())}"
-
-
 def _not_regular(path: str) -> str | None:
   """Why `path` cannot be read as a file, or None. A FIFO named like an image would block the
   read forever, so only regular files are opened."""
@@ -249,41 +217,6 @@ def _not_regular(path: str) -> str | None:
   return None
 
 
-def header_size(path: str) -> tuple[int, int] | None:
-  """(width, height) as a JPEG's start-of-frame or a PNG's IHDR claims it, read without
-  decoding; None for other formats (OpenCV's own limit, 2^30 pixels, bounds their decode)
-  and for headers that end early (the decode then says what is wrong)."""
-  with open(path, "rb") as f:
-    head = f.read(24)
-    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
-      return struct.unpack(">II", head[16:24])
-    if not head.startswith(b"\xff\xd8"):
-      return None
-    f.seek(2)
-    while True:   # segment by segment up to the first start-of-frame
-      byte = f.read(1)
-      if byte != b"\xff":
-        if not byte:
-          return None
-        continue
-      marker = f.read(1)
-      while marker == b"\xff":   # fill bytes
-        marker = f.read(1)
-      if not marker or marker[0] in (0xD9, 0xDA):   # end of file or image, or the scan
-        return None
-      if marker[0] == 0x01 or 0xD0 <= marker[0] <= 0xD8:   # markers without a length
-        continue
-      segment = f.read(7)
-      if len(segment) < 7:
-        return None
-      length, _, height, width = struct.unpack(">HBHH", segment)
-      if marker[0] in _SOF_MARKERS:
-        return width, height
-      if length < 2:
-        return None
-      f.seek(length - 7, os.SEEK_CUR)
-
-
 def _decode_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | str:
   """The image at `path` (BGR or grey uint8), or why it cannot be read: a file that is not a
   regular one, a header over `max_pixels`, or any error of the decoder."""
@@ -291,19 +224,12 @@ def _decode_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray 
   if why:
     return why
   try:
-    size = header_size(path)
-    if size and size[0] * size[1] > max_pixels:
-      w, h = size
-      return (f"skipped: its header claims {w}x{h} pixels ({w * h / 1e6:.0f} megapixels, "
-              f"{w * h * 3 / 2**30:.1f} GiB decoded), over --max-pixels {max_pixels}")
     with open(path, "rb") as f:
-      return images.decode(f.read())
+      return images.decode_checked(f.read(), max_pixels=max_pixels)[0]
   except OSError as e:
     return f"cannot read ({e.strerror})"
-  except images.ImageError as e:
+  except images.ImageError as e:   # the header over max_pixels, the decoder's own failures
     return str(e)
-  except (cv2.error, ValueError, MemoryError) as e:   # the decoder's own limits and failures
-    return f"cannot decode ({_one_line(e)})"
 
 
 def _read_image(path: str) -> np.ndarray:
@@ -448,7 +374,7 @@ def _write_annotated(path: str, image: np.ndarray, found: Sequence[Face]) -> str
       return None
     return f"OpenCV could not write {path}"
   except (OSError, cv2.error) as e:
-    return _one_line(e)
+    return images.one_line(e)
 
 
 def run(predictor: Predictor, inputs: Sequence[str], out_dir: str, *, every: int = 1,

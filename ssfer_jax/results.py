@@ -62,6 +62,29 @@ def resolve_checkpoint(path: str, what: str) -> tuple[checkpointing.Checkpointer
   return ckpt, step
 
 
+def classifier_run(path: str) -> str:
+  """`path` as `load_classifier` reads it. The one-command job's WORKDIR (no result of its own,
+  classifier stages in sub-folders named by stage) becomes its last finished classifier stage,
+  said in a log line; a job none of whose classifier stages finished is refused."""
+  run_dir, step = split_run_path(path)
+  if step is not None or os.path.exists(os.path.join(run_dir, RESULT_FILE)):
+    return path
+  stages = [s for s in CLASSIFIER_STAGES if os.path.isdir(os.path.join(run_dir, s))]
+  if not stages:
+    return path   # load_classifier names what is missing
+  finished = [s for s in stages if os.path.exists(os.path.join(run_dir, s, RESULT_FILE))]
+  unfinished = [f"{s}/" for s in stages if s not in finished]
+  if not finished:
+    raise errors.InitError(
+        f"{path} is a job directory, but none of its classifier stages has finished "
+        f"({', '.join(unfinished)} hold no {RESULT_FILE}): rerun the job's command to finish "
+        f"{stages[0]}, then pass {path} or {os.path.join(path, stages[0])}.")
+  chosen = os.path.join(run_dir, finished[-1])
+  logging.info("%s is a job directory: using its last finished classifier stage, %s%s", path,
+               chosen, f" ({', '.join(unfinished)} not finished)" if unfinished else "")
+  return chosen
+
+
 @dataclasses.dataclass(frozen=True)
 class Classifier:
   """Fine-tuned weights ready to apply, with what the result says about them."""

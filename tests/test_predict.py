@@ -322,7 +322,7 @@ def test_a_job_directory_as_model_uses_its_last_finished_classifier_stage(
   (job / "semisup" / "config.json").write_text("{}")
   with caplog.at_level(logging.INFO):
     assert predict.Predictor(str(job)).run == str(job / "finetune")
-  assert (f"--model {job} is a job directory: using its last finished classifier stage, "
+  assert (f"{job} is a job directory: using its last finished classifier stage, "
           f"{job / 'finetune'} (semisup/ not finished)") in caplog.messages
   photo = tmp_path / "two.jpg"
   cv2.imwrite(str(photo), scene("Andre_Agassi_0001.jpg", "Ariel_Sharon_0001.jpg"))
@@ -335,6 +335,6 @@ def test_a_job_directory_as_model_uses_its_last_finished_classifier_stage(
   with pytest.raises(predict.PredictError) as e:
     predict.Predictor(str(job))
   assert str(e.value) == (
-      f"--model {job} is a job directory, but none of its classifier stages has finished "
+      f"--model {job}: {job} is a job directory, but none of its classifier stages has finished "
       f"(finetune/, semisup/ hold no result.json): rerun the job's command to finish finetune, "
       f"then pass {job} or {job / 'finetune'}.")
