@@ -32,6 +32,8 @@ def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
   c.stage = "finetune"
   c.init_from = ""                 # a stage-1 run dir, RUN/checkpoints/STEP, or a timm / MAE
                                    # weight file (.safetensors, .pth); "" = scratch
+  c.init_resample = "mae"          # a weight file's position table at another grid: "mae"
+                                   # (MAE's bicubic) or "timm" (timm's loader, antialiased)
   c.data.train_lists = ("train_labeled",)
   c.data.eval_lists = ("val",)
   c.batch_size = 32

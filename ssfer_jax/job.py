@@ -117,7 +117,8 @@ def check_unchanged(saved: Mapping[str, Any], current: Mapping[str, Any], workdi
     if section not in saved or not _started(workdir, section, ddir):
       continue
     for field, old, new in workdir_lib.config_diff(saved[section], current[section]):
-      if field not in workdir_lib.SAFE_FIELDS and f"{section}.{field}" not in SAFE_FIELDS:
+      if (field not in workdir_lib.SAFE_FIELDS and f"{section}.{field}" not in SAFE_FIELDS
+          and not workdir_lib.added_as_before(field, old, new)):
         changed.append(f"  {section}.{field}: {old!r} when it ran, {new!r} now")
   if changed:
     raise JobError(

@@ -207,7 +207,8 @@ def warm_start(config, mesh, state: loop.TrainState) -> loop.TrainState:
   MAE, or a timm / MAE weight file (`pytorch_weights.load_encoder`)."""
   if pytorch_weights.is_weight_file(config.init_from):
     try:
-      encoder, report = pytorch_weights.load_encoder(config.init_from, state.params)
+      encoder, report = pytorch_weights.load_encoder(
+          config.init_from, state.params, resample=config.get("init_resample", "mae"))
     except pytorch_weights.WeightsError as e:
       raise errors.InitError(f"init_from: {e}") from None
     pytorch_weights.log_report(config.init_from, report)
