@@ -1,6 +1,7 @@
 """The strong view: `rand_augment` keeps shape and range, is the identity when no slot applies,
 does each op as PIL does what timm asks of it, maps magnitudes as timm's level functions, draws
-ops uniformly, and is the same sharded as on one device."""
+ops uniformly, and is the same sharded as on one device; the host's `rand_augment_host` draws
+the same ops and magnitudes and agrees with it pixel for pixel within a grey level or two."""
 
 import math
 
@@ -155,3 +156,51 @@ def test_deterministic_and_sharded_equals_single_device(faces):
   out = ra.rand_augment(jax.device_put(images, sharding), jax.device_put(u, sharding), FILL)
   assert out.sharding.is_equivalent_to(sharding, out.ndim)
   np.testing.assert_array_equal(np.asarray(out), single)
+
+
+# ---- The host's strong view (`rand_augment_host`): the device's, made on the host. ----
+
+def test_host_draws_the_devices_ops_and_magnitudes():
+  """Same draws -> the same slots applied, the same ops (so the same op frequencies) and the
+  same magnitudes' arguments, whichever side draws them."""
+  u = augment.uniforms(5, np.arange(20000), ra.DRAWS)
+  device = [np.asarray(a) for a in ra.draw(u)]
+  host = ra.draw(u, np)
+  np.testing.assert_array_equal(host[0], device[0])
+  np.testing.assert_array_equal(host[1], device[1])
+  assert host[2].dtype == np.float32
+  np.testing.assert_allclose(host[2], device[2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,negate", _CASES)
+def test_each_host_op_matches_the_device(faces, name, negate):
+  op = ra.OPS.index(name)
+  u = _forcing(len(faces), op, negate)
+  device = np.asarray(ra.rand_augment(faces.astype(np.float32), u, FILL))
+  host = np.empty_like(faces)
+  ra.rand_augment_host(faces, u, FILL, host)
+  diff = np.abs(host - device)
+  if name in ra._AFFINE_OPS:  # cv2 places samples on a 1/32 pixel grid: measured 0.05-0.08
+    assert diff.mean() < 0.15 and diff.max() <= 2 and (diff > 1).mean() < 0.001  # levels
+  else:  # lookup tables and blends: the device's integers, but for float32 rounding ties
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.02
+
+
+def test_host_no_slot_applied_is_the_identity_and_random_draws_agree(faces):
+  u = augment.uniforms(6, np.arange(len(faces)), ra.DRAWS)
+  off = u.copy()
+  off[:, 0::ra.SLOT_DRAWS] = np.maximum(off[:, 0::ra.SLOT_DRAWS], ra.PROB)
+  out = np.zeros_like(faces)
+  ra.rand_augment_host(faces, off, FILL, out)
+  np.testing.assert_array_equal(out, faces)
+  ra.rand_augment_host(faces, u, FILL, out)
+  device = np.asarray(ra.rand_augment(faces.astype(np.float32), u, FILL))
+  diff = np.abs(out - device)
+  assert np.mean(np.abs(out.astype(int) - faces)) > 5   # the draws did change the images
+  # Two ops in a row can carry a one-level difference across a posterize bucket or a
+  # solarize threshold: rare, and no more than one op's own disagreement on average.
+  assert diff.mean() < 0.1 and (diff > 2).mean() < 0.001
+
+
+def test_fill_colour_is_timms_img_mean():
+  assert ra.fill_colour((0.485, 0.456, 0.406)) == FILL

@@ -37,11 +37,15 @@ def ss_config(data_dir, init_from, variant="test", **overrides):
                       **{"batch_size": 8, **overrides})
 
 
-def semisup_iterator(data_dir, ratio=2, batch=8, strong_views=1):
+FILL = (150, 117, 103)   # randaugment.fill_colour of the configs' face mean
+
+
+def semisup_iterator(data_dir, ratio=2, batch=8, strong_views=1, strong_view="device"):
   return pipeline.make_train_iterator(
       data_dir, "default", ("train_labeled",), kind="semisup", global_batch_size=batch,
       image_size=32, seed=3, unlabeled_names=("train_unlabeled",), unlabeled_ratio=ratio,
-      strong_views=strong_views, num_threads=1, process_index=0, process_count=1)
+      strong_views=strong_views, num_threads=1, process_index=0, process_count=1,
+      strong_view=strong_view, strong_fill=FILL)
 
 
 def test_semisup_batches_pair_two_streams_and_resume_exactly(small_dataset):
@@ -91,6 +95,77 @@ def test_strong_view_keeps_dtype_and_shape(small_dataset):
   assert strong.shape == weak.shape == (16, 32, 32, 3) and strong.dtype == jnp.float32
   assert 0 <= float(strong.min()) and float(strong.max()) <= 255
   assert float(jnp.mean(jnp.abs(strong - weak))) > 1.0
+
+
+def test_host_strong_views_are_the_devices_made_on_the_host(small_dataset):
+  """strong_view="host": the batch carries the strong views as uint8 images, made from the
+  same draws as the device's (same ops, magnitudes, windows and flips), pixels within a grey
+  level or two of what the step makes from the "device" batch; the rest of the batch is
+  identical and the iterator resumes exactly."""
+  assert semisup.randaugment.fill_colour(semisup_config.get_config("test").data.mean) == FILL
+  assert pipeline.strong_view_place("auto") == "host"   # the tests' CPU backend
+  on_device = next(semisup_iterator(small_dataset, strong_views=2))
+  it = semisup_iterator(small_dataset, strong_views=2, strong_view="auto")
+  on_host = next(it)
+  spec = pipeline.batch_spec("semisup", 8, 32, unlabeled_ratio=2, strong_views=2,
+                             strong_view="host")
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), on_host) == \
+      jax.tree.map(lambda s: (s.shape, s.dtype), spec)
+  unl, ref = on_host["unlabeled"], on_device["unlabeled"]
+  assert set(ref) - set(unl) == {"strong_crop", "strong_flip", "strong_u"}
+  for k in unl.keys() - {"strong_image"}:
+    np.testing.assert_array_equal(unl[k], ref[k])
+  for a, b in zip(jax.tree.leaves(on_host["labeled"]), jax.tree.leaves(on_device["labeled"])):
+    np.testing.assert_array_equal(a, b)
+  dev_ref = jax.tree.map(jnp.asarray, ref)
+  for view in range(2):
+    host = np.asarray(semisup.strong_view(jax.tree.map(jnp.asarray, unl), 32, FILL, view))
+    np.testing.assert_array_equal(host, unl["strong_image"][:, view])
+    device_view = np.asarray(semisup.strong_view(dev_ref, 32, FILL, view))
+    diff = np.abs(host - device_view)
+    # The device passes an unrounded crop on where no op applies (|x - round(x)| is 0.25 on
+    # average); contrast, autocontrast and equalize stretch one-level differences.
+    assert diff.mean() < 0.4 and (diff > 2).mean() < 0.02 and (diff > 8).mean() < 0.002
+  assert np.mean(np.abs(unl["strong_image"][:, 0].astype(int) - unl["strong_image"][:, 1])) > 5
+  state = it.get_state()
+  expected = next(it)
+  again = semisup_iterator(small_dataset, strong_views=2, strong_view="host")
+  again.set_state(state)
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(next(again))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_host_strong_views_train_as_device_ones(small_dataset, stage2_run):
+  """The loss of the same batch with its strong views made on the host or on the device: the
+  same labeled loss and teacher mask (the weak views are identical), the strong views' loss
+  within the pixels' grey level."""
+  config, plan, _, device_np = _stage_and_batch(small_dataset, stage2_run, lambda_u=1.0)
+  config.threshold.tau = 0.0   # every row trains on the strong view
+  stage = semisup.training_stage(config, plan, semisup.model_kwargs(
+      config, results.read_result(stage2_run)), 6)
+  host_np = next(semisup_iterator(small_dataset, ratio=1, strong_view="host"))
+  _, shardings = loop.state_layout(config, stage, plan.mesh)
+  state = jax.jit(lambda r: nn.meta.unbox(stage.init(r)), out_shardings=shardings)(
+      jax.random.key(0))
+  loss = jax.jit(lambda b: stage.loss_fn(state.params, state.extra, b, jax.random.key(1)))
+  (l_dev, on_device), (l_host, on_host) = (loss(pipeline.to_global(b, plan.mesh))
+                                           for b in (device_np, host_np))
+  np.testing.assert_allclose(on_host["loss_x"], on_device["loss_x"], rtol=1e-5)
+  assert float(on_host["mask_rate"]) == float(on_device["mask_rate"]) == 1.0
+  np.testing.assert_allclose(on_host["loss_u"], on_device["loss_u"], rtol=0.02)
+  np.testing.assert_allclose(l_host, l_dev, rtol=0.02)
+  assert float(on_host["loss_u"]) > 0
+
+
+def test_host_strong_view_needs_its_fill_and_a_known_place(small_dataset):
+  kw = dict(kind="semisup", global_batch_size=8, image_size=32, seed=3,
+            unlabeled_names=("train_unlabeled",), unlabeled_ratio=1, num_threads=1)
+  with pytest.raises(ValueError, match="strong_fill"):
+    pipeline.make_train_iterator(small_dataset, "default", ("train_labeled",),
+                                 strong_view="host", **kw)
+  with pytest.raises(ValueError, match="unknown strong_view 'gpu'"):
+    pipeline.make_train_iterator(small_dataset, "default", ("train_labeled",),
+                                 strong_view="gpu", strong_fill=FILL, **kw)
 
 
 def test_masking_and_unlabeled_loss_on_hand_made_logits():

@@ -18,8 +18,8 @@ Transforms are looked up by name in `TRANSFORMS` and share one signature,
 `View`: the box, the crop window normalised to `out`'s frame, the flip. They take grey
 [H, W] or RGB [H, W, 3] images alike: grey JPEGs stay one channel through any resize (a
 third of the pixel work) and become RGB last, in the row. The semi-supervised batch's strong
-view is a second `weak_view` of the same row plus RandAugment on the device
-(`input/randaugment.py`).
+view is a second `weak_view` of the same row plus RandAugment (`input/randaugment.py`), both
+applied on the device, or on a CPU backend here (`crop_resize_flip`, `pipeline.strong_images`).
 
 Randomness is counter-based: `uniforms(seed, positions, draws)` hashes (seed, global stream
 position, draw number) into the `u` of every example of a batch in a few numpy calls. An
@@ -242,6 +242,27 @@ def weak_view(height: int, width: int, box, u: Sequence[float],
   flip = u[CROP_DRAWS] < 0.5
   return View(crop_box(box, window, height, width, flip),
               (y / height, x / width, (y + h) / height, (x + w) / width), flip)
+
+
+def crop_resize_flip(image: np.ndarray, crop: Sequence[float], flip: bool,
+                     out: np.ndarray) -> None:
+  """`device.crop_resize_flip` of one uint8 [H, W, 3] image on the host, into `out` [S, S, 3]:
+  one bilinear `cv2.warpAffine`, the flip folded into its map, pixel centres at +0.5 and the
+  edge pixel repeated beyond the image as on the device. For the semi-supervised strong view
+  made on the host, whose windows (inside the image, resized to the image's size) only ever
+  upsample, so the device's antialiasing would change nothing. cv2 rounds sample positions to
+  1/32 pixel and outputs to integers: within a grey level or two of the device."""
+  height, width = image.shape[:2]
+  size = out.shape[0]
+  y0, x0, y1, x1 = (float(v) for v in crop)
+  sy, sx = (y1 - y0) * height / size, (x1 - x0) * width / size   # input pixels per output
+  # Output column X (centre X + 0.5) samples input centre x0 W + (X + 0.5) sx, i.e. index
+  # that - 0.5; mirrored, column size - 1 - X.
+  column = (-sx, x0 * width + (size - 0.5) * sx - 0.5) if flip else (sx, x0 * width
+                                                                     + 0.5 * sx - 0.5)
+  matrix = np.float64([[column[0], 0.0, column[1]], [0.0, sy, y0 * height + 0.5 * sy - 0.5]])
+  cv2.warpAffine(image, matrix, (size, size), dst=out,
+                 flags=INTERPOLATION | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
 
 
 def weak(image: np.ndarray, box, u: Sequence[float], out: np.ndarray,

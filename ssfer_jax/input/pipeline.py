@@ -43,7 +43,9 @@ Batch kinds (process-local dicts of numpy arrays; `batch_spec` gives global shap
              image, crop, flip (the weak view), strong_crop float32[b, V, 4], strong_flip
              bool[b, V] (V strong views: further independent crops and flips of the same
              stored image; LEAF's consistency needs V = 2) and strong_u float32[b, V, DRAWS]
-             (the RandAugment draws the device applies on top: `input/randaugment.py`), label
+             (the RandAugment draws the device applies on top: `input/randaugment.py`); or
+             in their place, the strong views made on the host (`strong_view`, kind
+             "host_views"), strong_image uint8[b, V, S, S, 3] from the same draws; label
              (-1 where unknown; for diagnostics only, never trained on), index and position
              int32 (the row's place in the unlabeled list, for per-record threshold state)}.
              The two lists are separate streams, each with its own epochs, permutations and
@@ -80,6 +82,7 @@ FIELDS = {  # name -> (shape after the batch dim, given image size and strong vi
     "strong_crop": (lambda s, v: (v, 4), np.float32),
     "strong_flip": (lambda s, v: (v,), np.bool_),
     "strong_u": (lambda s, v: (v, randaugment.DRAWS), np.float32),
+    "strong_image": (lambda s, v: (v, s, s, 3), np.uint8),
     "position": (lambda s, v: (), np.int32),
 }
 KINDS = {
@@ -89,7 +92,10 @@ KINDS = {
     # The unlabeled part of a "semisup" batch.
     "views": ("image", "crop", "flip", "strong_crop", "strong_flip", "strong_u", "label",
               "index", "position"),
+  # ... with its strong views made on the host (`strong_images`).
+  "host_views": ("image", "crop", "flip", "strong_image", "label", "index", "position"),
 }
+STRONG_VIEW_PLACES = ("device", "host", "auto")
 SEMISUP = "semisup"
 _UNLABELED_STREAM = 1   # `augment.uniforms` key of the unlabeled stream of a semisup batch
 _BLEND_STREAM = 1000    # + i: the key of the i-th source of a blended stream (i > 0)
@@ -98,19 +104,46 @@ DEFAULT_THREADS = min(os.cpu_count() or 1, 16)
 
 def batch_spec(kind: str, global_batch_size: int, image_size: int,
                sharding: jax.sharding.Sharding | None = None,
-               unlabeled_ratio: int = 0, strong_views: int = 1) -> dict[str, Any]:
+               unlabeled_ratio: int = 0, strong_views: int = 1,
+               strong_view: str = "device") -> dict[str, Any]:
   """Global shapes and dtypes of a batch kind, to compile a step before any data is read.
   A "semisup" batch has `global_batch_size` labeled and `unlabeled_ratio` times as many
-  unlabeled rows, each with `strong_views` strong views."""
+  unlabeled rows, each with `strong_views` strong views, made where `strong_view` says
+  (`strong_view_place`)."""
   if kind == SEMISUP:
     _check_semisup(unlabeled_ratio, strong_views)
+    views = "host_views" if strong_view_place(strong_view) == "host" else "views"
     return {"labeled": batch_spec("labeled", global_batch_size, image_size, sharding),
-            "unlabeled": batch_spec("views", unlabeled_ratio * global_batch_size, image_size,
+            "unlabeled": batch_spec(views, unlabeled_ratio * global_batch_size, image_size,
                                     sharding, strong_views=strong_views)}
   _check("kind", kind, KINDS)
   return {name: jax.ShapeDtypeStruct(
       (global_batch_size, *FIELDS[name][0](image_size, strong_views)), FIELDS[name][1],
       sharding=sharding) for name in KINDS[kind]}
+
+
+def strong_view_place(where: str) -> str:
+  """"host" or "device": where a semisup batch's strong views (crop, flip, RandAugment) are
+  made. "auto" is the host on a CPU backend, where the device's RandAugment computes every
+  op family for every image and slot (~1 ms an image at 64 px, against ~0.1 ms for the host's
+  one op), and the device elsewhere, where it is nearly free and the host's decode budget is
+  not."""
+  _check("strong_view", where, STRONG_VIEW_PLACES)
+  if where == "auto":
+    return "host" if jax.default_backend() == "cpu" else "device"
+  return where
+
+
+def strong_images(images: np.ndarray, crop: np.ndarray, flip: np.ndarray, u: np.ndarray,
+                  fill: Sequence[int], out: np.ndarray) -> None:
+  """The strong views `semisup.strong_view` makes on the device, made on the host into `out`
+  uint8 [b, S, S, 3]: each image's window `crop` resized and mirrored where `flip`
+  (`augment.crop_resize_flip`), then RandAugment from its draws `u` [b, DRAWS]
+  (`randaugment.rand_augment_host`, fill colour `fill`). The same draws choose the same ops
+  and magnitudes as on the device; pixels agree within a grey level or two."""
+  for row, image in enumerate(images):
+    augment.crop_resize_flip(image, crop[row], flip[row], out[row])
+  randaugment.rand_augment_host(out, u, fill, out)
 
 
 def _check_semisup(unlabeled_ratio: int, strong_views: int) -> None:
@@ -192,6 +225,7 @@ class _Batch:
   transform: augment.Transform
   seed: int
   strong_views: int = 1
+  fill: tuple[int, ...] = ()   # "host_views": RandAugment's fill colour
   label_noise: dict | None = None   # record index -> label, from a split's --label-noise
   label_map: tuple[int, ...] | None = None   # this build's label -> the run's (a blended stream)
 
@@ -202,7 +236,7 @@ class _Batch:
         (len(indices), *FIELDS[name][0](self.image_size, self.strong_views)), FIELDS[name][1])
            for name in KINDS[self.kind]}
     out["index"][:] = indices
-    image, train, views = out["image"], "crop" in out, self.kind == "views"
+    image, train, views = out["image"], "crop" in out, self.kind in ("views", "host_views")
     weak = self.transform.draws
     # "views" rows: the weak window and flip, then per strong view its window and flip and
     # RandAugment's draws (one strong view reads the same draws whatever V is).
@@ -212,7 +246,9 @@ class _Batch:
     if views:
       out["position"][:] = self.rows.epochs.list_positions(indices)
       strong = draws[:, weak:].reshape(len(indices), self.strong_views, per_view)
-      out["strong_u"][:] = strong[:, :, weak:]
+      strong_u = strong[:, :, weak:].astype(np.float32)
+      crops = np.empty((len(indices), self.strong_views, 4), np.float32)
+      flips = np.empty((len(indices), self.strong_views), bool)
     # Evaluation and the unlabeled views may read unlabeled records (label -1).
     lowest = records.UNLABELED if self.kind in ("eval", "views") else 0
     for row, (index, u) in enumerate(zip(indices.tolist(), draws.tolist())):
@@ -230,7 +266,7 @@ class _Batch:
       for v in range(self.strong_views if views else 0):
         at = weak + v * per_view
         strong = self.transform.view(*decoded.shape[:2], rec["box"], u[at:at + weak])
-        out["strong_crop"][row, v], out["strong_flip"][row, v] = strong.crop, strong.flip
+        crops[row, v], flips[row, v] = strong.crop, strong.flip
       if "label" in out:
         label = self.label_noise.get(index, rec["label"]) if self.label_noise else rec["label"]
         if self.label_map is not None and 0 <= label < len(self.label_map):
@@ -245,6 +281,11 @@ class _Batch:
         out["box"][row] = view.box
     if self.kind == "eval":
       out["valid"][:] = indices >= 0
+    if self.kind == "views":
+      out["strong_crop"][:], out["strong_flip"][:], out["strong_u"][:] = crops, flips, strong_u
+    for v in range(self.strong_views if self.kind == "host_views" else 0):
+      strong_images(image, crops[:, v], flips[:, v], strong_u[:, v], self.fill,
+                    out["strong_image"][:, v])
     return out
 
 
@@ -340,7 +381,8 @@ def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind
                         blend: Sequence[blend_lib.BlendSource] = (),
                         crop_scale: Sequence[float] = augment.SCALE,
                         crop_ratio: Sequence[float] = augment.RATIO,
-                        center_crop: float = 1.0) -> grain.DatasetIterator:
+                        center_crop: float = 1.0, strong_view: str = "device",
+                        strong_fill: Sequence[int] | None = None) -> grain.DatasetIterator:
   """An endless iterator of this process's train batches.
 
   `blend` (kinds "unlabeled" and "labeled") reads several builds instead of `data_dir`:
@@ -350,7 +392,8 @@ def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind
 
   kind "semisup" pairs `global_batch_size` rows of the `names` lists (labeled, weak) with
   `unlabeled_ratio` times as many of the `unlabeled_names` lists (a weak and `strong_views`
-  strong views).
+  strong views, made where `strong_view` says, `strong_view_place`; on the host RandAugment
+  fills with `strong_fill`, `randaugment.fill_colour` of the run's mean).
 
   `transform` names an `augment.TRANSFORMS` entry seeing the `center_crop` share of each
   stored image, "weak" with its random crop's area `crop_scale` and aspect `crop_ratio` of
@@ -368,11 +411,11 @@ def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind
                                                    process_count)
   transform_fn = augment.transform(transform, crop_scale, crop_ratio, center_crop)
 
-  def stream(lists, kind, batch, seed, source=None):
+  def stream(lists, kind, batch, seed, source=None, fill=()):
     indices, fields = _open(data_dir, split, lists, kind, image_size, source)
     rows = _TrainRows(_Epochs(indices, seed), batch, process_index, process_count)
     return _Batch(**fields, rows=rows, transform=transform_fn, seed=seed,
-                  strong_views=strong_views)
+                  strong_views=strong_views, fill=fill)
 
   if blend:
     make_batch = _blended(data_dir, names, kind, image_size, seed, blend, global_batch_size,
@@ -381,11 +424,16 @@ def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind
     _check_semisup(unlabeled_ratio, strong_views)
     if not unlabeled_names:
       raise ValueError("a semisup iterator needs unlabeled_names (e.g. ('train_unlabeled',)).")
+    views = "host_views" if strong_view_place(strong_view) == "host" else "views"
+    if views == "host_views" and (strong_fill is None or len(strong_fill) != 3):
+      raise ValueError(f"strong views made on the host need strong_fill, RandAugment's fill "
+                       f"colour (3 values, randaugment.fill_colour(mean)), not {strong_fill!r}.")
     # Its own seed: the two streams' permutations and augmentations are independent.
     unlabeled_seed = int(augment.uniforms(seed, [_UNLABELED_STREAM], 1)[0, 0] * 2**53)
     labeled = stream(names, "labeled", batch, seed)
-    make_batch = _SemisupBatch(labeled, stream(unlabeled_names, "views", unlabeled_ratio * batch,
-                                               unlabeled_seed, labeled.source))
+    make_batch = _SemisupBatch(labeled, stream(
+        unlabeled_names, views, unlabeled_ratio * batch, unlabeled_seed, labeled.source,
+        tuple(int(c) for c in strong_fill or ())))
   else:
     make_batch = stream(names, kind, batch, seed)
   ds = grain.MapDataset.range(sys.maxsize // global_batch_size).map(make_batch)

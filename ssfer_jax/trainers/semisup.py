@@ -3,7 +3,8 @@
 Student and teacher both start from a stage-2 result (`init_from`: its chosen weights, its
 model). Each step eats a "semisup" batch (`input/pipeline.py`): B labeled faces (weak view)
 and mu x B unlabeled ones, each as a weak and a strong view of one stored image; the strong
-view is another crop and flip plus RandAugment, applied here on the device. The teacher
+view is another crop and flip plus RandAugment, applied here on the device (made by the host
+on a CPU backend: `pipeline.strong_view_place`). The teacher
 labels the weak view; pseudo-labels that clear the threshold policy (`ssfer_jax.methods.thresholds`)
 supervise the student on the strong view:
 
@@ -256,7 +257,10 @@ def split_rows(x: jax.Array, sizes: Sequence[int], shards: int) -> list[jax.Arra
 def strong_view(unlabeled: Mapping[str, jax.Array], size: int, fill: Sequence[float],
                 view: int = 0) -> jax.Array:
   """Strong view `view` of a semisup batch's unlabeled rows: its own crop and flip of the
-  stored image, then RandAugment; float32 [N, size, size, 3] in 0..255."""
+  stored image, then RandAugment; float32 [N, size, size, 3] in 0..255. Made here, or taken
+  as the host made it (`pipeline.strong_view_place`: the host on a CPU backend)."""
+  if "strong_image" in unlabeled:
+    return unlabeled["strong_image"][:, view].astype(jnp.float32)
   return randaugment.rand_augment(
       device.crop_resize_flip(unlabeled["image"], unlabeled["strong_crop"][:, view],
                               unlabeled["strong_flip"][:, view], size),
@@ -285,7 +289,7 @@ def make_loss(config, model: vit.ViT, num_classes: int, rule: thresholds.Policy,
   `leaf.weight_x`. Negative learning adds -log(1 - p_c) on those rows' complementary classes.
   """
   size, mean, std, dtype = config.data.image_size, config.data.mean, config.data.std, model.dtype
-  fill = [round(255 * m) for m in mean]   # timm's RandAugment fill: the mean colour
+  fill = randaugment.fill_colour(mean)
   ema, hard, temperature = config.teacher == "ema", config.pseudo_label == "hard", config.temperature
   lambda_u, smoothing = config.lambda_u, config.loss.label_smoothing
   fairness = FAIRNESS_WEIGHT if rule.kind == "freematch" else 0.0
