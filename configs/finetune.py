@@ -51,6 +51,7 @@ def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
   c.model.drop_path_rate = 0.0     # the published code: none; MAE's fine-tuning: 0.1
   c.model.dtype = "bfloat16"
   c.model.remat = False
+  c.model.remat_policy = "nothing"  # with remat, what a block keeps (vit.REMAT_POLICIES)
   c.model.attention_impl = ml_collections.config_dict.placeholder(str)
 
   c.optim = common.classifier_optim(base_lr=1e-4, reference_batch=32, warmup_epochs=5.0,

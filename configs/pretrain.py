@@ -38,6 +38,7 @@ def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
   c.model.norm_pix_loss = True   # the paper's choice (its published code had it off)
   c.model.dtype = "bfloat16"
   c.model.remat = False
+  c.model.remat_policy = "nothing"  # with remat, what a block keeps (vit.REMAT_POLICIES)
   # jax.nn.dot_product_attention: None = XLA; "cudnn" = flash attention on NVIDIA GPUs
   # (bf16/fp16 only). jax 0.10 does not pick cuDNN by itself.
   c.model.attention_impl = ml_collections.config_dict.placeholder(str)

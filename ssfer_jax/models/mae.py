@@ -103,19 +103,20 @@ class MAE(nn.Module):
   remat: bool = False
   attention_impl: str | None = None  # "cudnn" for flash attention on GPU (see vit.Attention)
   stem: str = "patch"                # or "conv" (vit.ConvStem, per patch: masking stays exact)
+  remat_policy: str = "nothing"      # with remat, what each block keeps (vit.REMAT_POLICIES)
 
   def setup(self):
     self.embedding = make_stem(self.stem, self.patch_size, self.width, self.dtype)
     self.cls = self.param("cls", boxed(nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, self.width))
     self.encoder = Encoder(self.depth, self.num_heads, self.mlp_dim, self.drop_path_rate, self.dtype, self.remat,
-                           self.attention_impl)
+                           self.attention_impl, self.remat_policy)
     self.encoder_norm = layer_norm(self.dtype)
     # The encoder-width axis stays unnamed: a logical name cannot repeat in one parameter.
     self.decoder_embed = dense(self.decoder_width, (None, "embed"), self.dtype, None)
     self.mask_token = self.param("mask_token", boxed(nn.initializers.normal(0.02), (None, None, "embed")),
                                  (1, 1, self.decoder_width))
     self.decoder = Encoder(self.decoder_depth, self.decoder_heads, self.decoder_mlp_dim or 4 * self.decoder_width,
-                           0.0, self.dtype, self.remat, self.attention_impl)
+                           0.0, self.dtype, self.remat, self.attention_impl, self.remat_policy)
     self.decoder_norm = layer_norm(self.dtype)
     self.decoder_pred = dense(self.patch_size**2 * self.channels, ("embed", "patch"), self.dtype, None)
 

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.shard_alike import shard_alike
 
 from ssfer_jax.models import leaf_levels
 
@@ -35,6 +36,14 @@ VIT_SIZES = {
 
 ENCODER_KEYS = ("embedding", "cls", "encoder", "encoder_norm")
 POOLS = ("cls", "gap", "flatten")
+# What a rematerialised block keeps for its backward pass (the rest is recomputed there):
+# "nothing" its input alone; "dots" every matmul output; "dots_no_batch" the dense layers'
+# matmuls but not attention's (which have batch dimensions and grow with the tokens squared).
+REMAT_POLICIES = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 _xavier = nn.initializers.xavier_uniform()
 _zeros = nn.initializers.zeros
@@ -265,27 +274,34 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block with per-sample stochastic depth."""
+  """Pre-norm transformer block with per-sample stochastic depth.
+
+  `drop`, given by `Encoder`'s scan over blocks, is (rate, key of the attention branch, key
+  of the MLP branch) in place of `drop_path` and the block's own draws of 'dropout' keys."""
   num_heads: int
   mlp_dim: int
   drop_path: float = 0.0
   dtype: Any = jnp.float32
   attention_impl: str | None = None
 
-  def _drop_path(self, y, train: bool):
-    if not train or self.drop_path == 0.0:
+  def _drop_path(self, y, train: bool, drop: tuple | None, branch: int):
+    if drop is not None:
+      rate, key = drop[0], drop[1 + branch]
+    elif not train or self.drop_path == 0.0:
       return y
-    keep = 1.0 - self.drop_path
+    else:
+      rate, key = self.drop_path, self.make_rng("dropout")
+    keep = 1.0 - rate
     shape = (y.shape[0],) + (1,) * (y.ndim - 1)
-    alive = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    alive = jax.random.bernoulli(key, keep, shape)
     return jnp.where(alive, y / keep, 0).astype(y.dtype)
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, drop: tuple | None = None):
     y = Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(layer_norm(self.dtype, "norm1")(x))
-    x = x + self._drop_path(y, train)
+    x = x + self._drop_path(y, train, drop, 0)
     y = Mlp(self.mlp_dim, self.dtype, name="mlp")(layer_norm(self.dtype, "norm2")(x))
-    return x + self._drop_path(y, train)
+    return x + self._drop_path(y, train, drop, 1)
 
 
 class Encoder(nn.Module):
@@ -293,7 +309,16 @@ class Encoder(nn.Module):
 
   The last block's input passes through `perturb("last_block_input")`: an identity unless
   apply is given {"perturbations": {"encoder": {"last_block_input": zeros}}}, whose gradient
-  is then the gradient with respect to those tokens (Grad-CAM's, `gradcam.py`)."""
+  is then the gradient with respect to those tokens (Grad-CAM's, `gradcam.py`).
+
+  remat: the blocks before the last run as one `jax.lax.scan` of a `jax.checkpoint`ed block
+  over their parameters stacked on the fly (the tree keeps block_00...), so the backward pass
+  recomputes each block inside its own loop iteration and keeps only what `remat_policy`
+  (`REMAT_POLICIES`) saves. `nn.remat` on unrolled blocks saved nothing on the CPU backend:
+  XLA:CPU removes the optimisation barriers that stop CSE before its last CSE pass, which then
+  merges the recomputation back into the forward pass (benchmarks/RESULTS.md, issue 20). The
+  last block runs plainly: its backward comes first, so it would keep the same memory.
+  Results equal the unrolled blocks', dropout keys included."""
   depth: int
   num_heads: int
   mlp_dim: int
@@ -301,16 +326,43 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   attention_impl: str | None = None
+  remat_policy: str = "nothing"
 
   @nn.compact
   def __call__(self, x, train: bool):
-    block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
-    for i, rate in enumerate(np.linspace(0.0, self.drop_path_rate, self.depth)):
-      if i == self.depth - 1 and not self.is_initializing():   # no variable at init
-        x = self.perturb("last_block_input", x)
-      x = block(self.num_heads, self.mlp_dim, float(rate), self.dtype, self.attention_impl,
-                name=f"block_{i:02d}")(x, train)
-    return x
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, "
+                       f"got {self.remat_policy!r}")
+    blocks = [Block(self.num_heads, self.mlp_dim, float(rate), self.dtype, self.attention_impl,
+                    name=f"block_{i:02d}")
+              for i, rate in enumerate(np.linspace(0.0, self.drop_path_rate, self.depth))]
+    if self.remat and self.depth > 1 and not self.is_initializing():
+      x = self._scan(blocks[:-1], x, train)
+    else:
+      for block in blocks[:-1]:
+        x = block(x, train)
+    if not self.is_initializing():   # no variable at init
+      x = self.perturb("last_block_input", x)
+    return blocks[-1](x, train)
+
+  def _scan(self, blocks: list[Block], x, train: bool):
+    params = nn.meta.unbox(self.variables["params"])
+    stacked = jax.tree.map(lambda *p: jnp.stack(p), *[params[b.name] for b in blocks])
+    if train and self.drop_path_rate > 0:
+      # The keys each block would draw itself, so that remat changes no number.
+      keys = jnp.stack([jnp.stack([b.make_rng("dropout"), b.make_rng("dropout")]) for b in blocks])
+      drop = (jnp.asarray([b.drop_path for b in blocks], jnp.float32), keys)
+    else:
+      drop = None
+    block = Block(self.num_heads, self.mlp_dim, 0.0, self.dtype, self.attention_impl, parent=None)
+
+    def body(x, inputs):
+      p, d = inputs
+      return block.apply({"params": p}, x, train, None if d is None else (d[0], *d[1])), None
+
+    # The loop already keeps the recomputation apart: no barriers, which cost fusion on GPU.
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
+    return shard_alike(jax.lax.scan(body, x, (stacked, drop))[0], x)[0]
 
 
 class ViT(nn.Module):
@@ -328,7 +380,7 @@ class ViT(nn.Module):
   that table (MAE fine-tuning learns it); `resample_pos_embed` moves it to another grid.
   leaf_experts > 0 puts LEAF's semantic and instance levels (`models/leaf_levels.py`, that
   many experts each) between the pooled feature and the head. stem: "patch" (the vanilla
-  linear patch embedding) or "conv" (`ConvStem`).
+  linear patch embedding) or "conv" (`ConvStem`). remat, remat_policy: see `Encoder`.
   """
   num_classes: int = 0
   width: int = 768
@@ -345,6 +397,7 @@ class ViT(nn.Module):
   pos_embed: str = "sincos"
   leaf_experts: int = 0
   stem: str = "patch"
+  remat_policy: str = "nothing"
 
   def setup(self):
     if self.pool not in POOLS:
@@ -357,7 +410,7 @@ class ViT(nn.Module):
     self.embedding = make_stem(self.stem, self.patch_size, self.width, self.dtype)
     self.cls = self.param("cls", boxed(nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, self.width))
     self.encoder = Encoder(self.depth, self.num_heads, self.mlp_dim, self.drop_path_rate, self.dtype, self.remat,
-                           self.attention_impl)
+                           self.attention_impl, self.remat_policy)
     if self.pool == "gap":
       self.fc_norm = layer_norm(self.dtype)
     else:
