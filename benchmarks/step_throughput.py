@@ -276,6 +276,9 @@ def main():
                   if v2 == v and s2 == "semisup" and m2 == "ema"), None)
     ratio = lambda j: round(median([t[i] / t[j] for t in times]), 2)
     r["x_plain_ce"] = ratio(base) if base is not None and stage != "mae" else None
+    if r["x_plain_ce"] is not None and args.rounds > 1:
+      spread = sorted(t[i] / t[base] for t in times)
+      r["x_plain_ce_rounds"] = f"{spread[0]:.2f}-{spread[-1]:.2f}"
     r["x_ce_with_host"] = (round(median([(t[i] + r["host_ms"] / 1e3) / t[base] for t in times]),
                                  2) if base is not None and r["host_ms"] is not None else None)
     r["x_stage3"] = ratio(base3) if base3 is not None and stage == "semisup" else None
@@ -289,6 +292,10 @@ def main():
   print(" | ".join(head))
   for r in rows:
     print(" | ".join(str(r[h]) for h in head))
+  for r in rows:
+    if "x_plain_ce_rounds" in r and r["x_plain_ce_rounds"] != "1.00-1.00":
+      print(f"# {r['stage']}: x_plain_ce over {args.rounds} rounds {r['x_plain_ce_rounds']}, "
+            f"median {r['x_plain_ce']}")
   if args.measure_peak and not on_cpu:
     print(f"measured bf16 matmul peak: {measured_matmul_tflops():.0f} TFLOP/s per device")
   if args.json:
