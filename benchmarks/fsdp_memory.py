@@ -35,7 +35,6 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import pretrain as pretrain_config  # noqa: E402
-from ssfer_jax import results  # noqa: E402
 from ssfer_jax.input import pipeline, plan as plan_lib  # noqa: E402
 from ssfer_jax.models import vit  # noqa: E402
 from ssfer_jax.runtime import sharding  # noqa: E402
@@ -46,15 +45,6 @@ DEVICES = 8
 CAPACITIES = {"H100 80 GB": 80 * GB, "H200 141 GB": 141 * GB}
 HEADROOM = 0.9   # of the device memory, for the runtime, cuDNN workspaces, fragmentation
 NO_REMAT = "none"
-_mae_kwargs = results.mae_kwargs
-
-
-def mae_kwargs_with_policy(config) -> dict:
-  """results.mae_kwargs plus model.remat_policy, which it does not pass on yet."""
-  return {**_mae_kwargs(config), "remat_policy": config.model.remat_policy}
-
-
-results.mae_kwargs = mae_kwargs_with_policy
 
 
 def compiled_memory(size: str, mesh_shape: tuple[int, int], per_device: int,

@@ -47,6 +47,9 @@ def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
   c.data.unlabeled_lists = ("train_unlabeled",)
   c.data.unlabeled_ratio = 1       # mu: unlabeled rows per labeled row
   c.data.strong_views = 1          # strong views of each unlabeled row (LEAF: 2)
+  c.data.strong_view = "auto"      # where they are made: "device", "host", or "auto" (the
+                                   # host on a CPU backend, where the device's RandAugment
+                                   # computes every op for every image); same draws either way
   c.data.eval_lists = ("val",)
   c.batch_size = 64                # labeled rows a step; the unlabeled batch is mu x this
   c.num_epochs = 50                # passes over the unlabeled list
@@ -55,6 +58,7 @@ def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
   c.model.drop_path_rate = 0.0
   c.model.dtype = "bfloat16"
   c.model.remat = False
+  c.model.remat_policy = "nothing"   # with remat: "nothing", "dots_no_batch" or "dots" saved
   c.model.attention_impl = ml_collections.config_dict.placeholder(str)
 
   c.optim = common.classifier_optim(base_lr=1.5e-4, reference_batch=64, warmup_epochs=0.0,

@@ -185,6 +185,7 @@ def mae_kwargs(config: ml_collections.ConfigDict) -> dict:
       m.size, patch_size=m.patch_size, decoder_width=m.decoder_width,
       decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads, mask_ratio=m.mask_ratio,
       norm_pix_loss=m.norm_pix_loss, dtype=jnp.dtype(m.dtype), remat=m.remat,
+      remat_policy=m.get("remat_policy", "nothing"),
       attention_impl=m.attention_impl, stem=m.get("stem", "patch"))
 
 

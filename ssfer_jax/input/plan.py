@@ -20,7 +20,7 @@ import jax
 import ml_collections
 
 from ssfer_jax import errors
-from ssfer_jax.input import augment, blend, leakage, pipeline, records
+from ssfer_jax.input import augment, blend, leakage, pipeline, randaugment, records
 from ssfer_jax.runtime import sharding
 
 
@@ -57,7 +57,7 @@ class TrainData:
     """The abstract batch of `kind` (a `pipeline` batch kind) a step takes, for compiling."""
     return pipeline.batch_spec(kind, self.batch_size, self._config.data.image_size,
                                unlabeled_ratio=self.unlabeled_ratio,
-                               strong_views=self.strong_views)
+                               strong_views=self.strong_views, strong_view=self._strong_view)
 
   def iterator(self, kind: str, seed: int):
     """This process's endless, checkpointable iterator of weakly augmented train batches."""
@@ -68,7 +68,12 @@ class TrainData:
         unlabeled_names=d.get("unlabeled_lists", ()), unlabeled_ratio=self.unlabeled_ratio,
         strong_views=self.strong_views, num_threads=d.num_threads,
         blend=blend.parse(d.get("blend", "")), crop_scale=d.crop_scale,
-        crop_ratio=d.crop_ratio, center_crop=d.center_crop)
+        crop_ratio=d.crop_ratio, center_crop=d.center_crop, strong_view=self._strong_view,
+        strong_fill=randaugment.fill_colour(d.mean))
+
+  @property
+  def _strong_view(self) -> str:
+    return self._config.data.get("strong_view", "device")
 
   def identity(self) -> dict[str, dict[str, str | None]]:
     """What the records are, beyond their path: per build read, its manifest checksum and the
@@ -101,6 +106,10 @@ def train_data(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Tr
     augment.check_center(config.data.center_crop)
   except ValueError as e:
     raise errors.ConfigError(f"data.crop_scale / crop_ratio / center_crop: {e}") from None
+  try:
+    pipeline.strong_view_place(config.data.get("strong_view", "device"))
+  except ValueError as e:
+    raise errors.ConfigError(f"data.strong_view: {e}") from None
   sources = blend.parse(config.data.get("blend", ""))
   if sources:
     if config.data.get("unlabeled_lists"):

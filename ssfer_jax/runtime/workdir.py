@@ -28,10 +28,13 @@ from ssfer_jax import errors
 
 LOCK_FILE = "lock"
 # Fields a resumed run may change: cadence, threads, evaluation batch, the mesh (checkpoints
-# restore onto any mesh). Changing the schedule's length needs allow_schedule_change.
+# restore onto any mesh), where stage 3's strong views are made (the same draws, host or
+# device), rematerialisation (memory, not numbers). Changing the schedule's length needs
+# allow_schedule_change.
 SAFE_FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints", "tensorboard",
                "peak_tflops_per_device", "viz_every", "data.num_threads", "eval.batch_size",
-               "eval.every_epochs", "eval.every_steps", "mesh.shape")
+               "eval.every_epochs", "eval.every_steps", "mesh.shape", "data.strong_view",
+               "model.remat", "model.remat_policy")
 SCHEDULE_FIELDS = ("total_steps", "num_epochs", "few_labels_epochs")
 # A field added to the configs since a checkpoint was written holds one of these to mean
 # "as before" (e.g. stage 1's init_from ""), so it does not block that checkpoint's resume.

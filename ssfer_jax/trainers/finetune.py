@@ -35,7 +35,8 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict:
   return vit.vit_kwargs(
       m.size, patch_size=m.patch_size, pool=m.pool, pos_embed=m.pos_embed,
       head_init=m.head_init, drop_path_rate=m.drop_path_rate, dtype=jnp.dtype(m.dtype),
-      remat=m.remat, attention_impl=m.attention_impl, stem=m.get("stem", "patch"))
+      remat=m.remat, remat_policy=m.get("remat_policy", "nothing"),
+      attention_impl=m.attention_impl, stem=m.get("stem", "patch"))
 
 
 def make_model(config: ml_collections.ConfigDict, num_classes: int) -> vit.ViT:

@@ -161,7 +161,8 @@ def model_kwargs(config: ml_collections.ConfigDict, result: Mapping[str, Any]) -
   levels when on)."""
   m = config.model
   return {**result["model"], "drop_path_rate": m.drop_path_rate, "dtype": m.dtype,
-          "remat": m.remat, "attention_impl": m.attention_impl,
+          "remat": m.remat, "remat_policy": m.get("remat_policy", "nothing"),
+          "attention_impl": m.attention_impl,
           **({"leaf_experts": config.leaf.experts} if config.leaf.enabled else {})}
 
 
