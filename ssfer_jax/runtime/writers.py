@@ -82,7 +82,7 @@ class MetricWriter:
     with _naming(self._tb_dir):
       for k, v in arrays.items():
         self._tb_write(step, tb_summary.histogram(
-            f"{prefix}/{k}", np.asarray(v, np.float64).ravel(), "tensorflow"))
+            f"{prefix}/{k}", np.asarray(v, np.float64).ravel(), "auto"))
       self._tb.flush()
 
   def _tb_write(self, step: int, summary) -> None:
