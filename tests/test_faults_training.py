@@ -19,12 +19,11 @@ import numpy as np
 import optax
 import pytest
 
-from configs import pretrain as pretrain_config
 from data_prep import split
 from ssfer_jax import errors, results
 from ssfer_jax.runtime import checkpointing, workdir, writers
 from ssfer_jax.trainers import loop, pretrain
-from tests.conftest import small_config
+from tests.test_reliability import mae_config   # the first round's small stage-1 runs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,10 +31,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def partitionable_keys():
   jax.config.update("jax_threefry_partitionable", True)
-
-
-def mae_config(data_dir, **overrides):
-  return small_config(pretrain_config, data_dir, **overrides)
 
 
 def logged_steps(run) -> list[int]:
