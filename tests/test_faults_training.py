@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,7 @@ from data_prep import split
 from ssfer_jax import errors, results
 from ssfer_jax.runtime import checkpointing, workdir, writers
 from ssfer_jax.trainers import loop, pretrain
-from tests.test_reliability import mae_config   # the first round's small stage-1 runs
+from tests.test_reliability import mae_config, start_long_run   # the first round's runs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -114,18 +113,7 @@ def test_a_resume_on_a_re_split_build_at_the_same_path_is_refused(small_dataset,
 def test_a_sigkill_before_the_first_checkpoint_leaves_no_duplicate_rows(small_dataset,
                                                                          tmp_path):
   run = tmp_path / "run"
-  overrides = dict(total_steps=5000, log_every=1, checkpoint_every=100_000)
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "ssfer_jax.main", "--config", "configs/pretrain.py:test",
-       "--workdir", str(run), f"--config.data.dir={small_dataset}", "--config.mesh.shape=(4,2)"]
-      + [f"--config.{k}={v}" for k, v in overrides.items()],
-      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  metrics = run / writers.METRICS_FILE
-  deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:
-    if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-      break
-    time.sleep(0.2)
+  proc = start_long_run(small_dataset, run)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert logged_steps(run)[:3] == [1, 2, 3]

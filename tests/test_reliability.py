@@ -167,13 +167,16 @@ def test_bad_command_lines_end_in_one_clear_line(small_dataset, tmp_path):
     loop.plan_run(mae_config(small_dataset, batch_size=0))
 
 
-def test_sigterm_saves_the_step_reached_and_the_run_resumes_exactly(small_dataset, tmp_path):
-  run = tmp_path / "run"
-  overrides = dict(total_steps=5000, log_every=1, checkpoint_every=100_000)
+LONG_RUN = dict(total_steps=5000, log_every=1, checkpoint_every=100_000)
+
+
+def start_long_run(data_dir, run) -> subprocess.Popen:
+  """A `python -m ssfer_jax.main` stage-1 run (`LONG_RUN`: no checkpoint before it is
+  stopped), returned once it has logged 3 steps (or ended)."""
   proc = subprocess.Popen(
       [sys.executable, "-m", "ssfer_jax.main", "--config", "configs/pretrain.py:test",
-       "--workdir", str(run), f"--config.data.dir={small_dataset}", "--config.mesh.shape=(4,2)"]
-      + [f"--config.{k}={v}" for k, v in overrides.items()],
+       "--workdir", str(run), f"--config.data.dir={data_dir}", "--config.mesh.shape=(4,2)"]
+      + [f"--config.{k}={v}" for k, v in LONG_RUN.items()],
       cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   metrics = run / writers.METRICS_FILE
   deadline = time.time() + 240
@@ -181,6 +184,12 @@ def test_sigterm_saves_the_step_reached_and_the_run_resumes_exactly(small_datase
     if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
       break
     time.sleep(0.2)
+  return proc
+
+
+def test_sigterm_saves_the_step_reached_and_the_run_resumes_exactly(small_dataset, tmp_path):
+  run = tmp_path / "run"
+  proc = start_long_run(small_dataset, run)
   assert proc.poll() is None, proc.stderr.read()
   sent = time.time()
   proc.send_signal(signal.SIGTERM)
@@ -192,7 +201,7 @@ def test_sigterm_saves_the_step_reached_and_the_run_resumes_exactly(small_datase
   _, steps = train_rows(run)
   assert saved == steps[-1] >= 3 and grace < 60, (saved, steps[-1], grace)
   # The same run, resumed in this process, matches a straight one step for step.
-  config = mae_config(small_dataset, **overrides)
+  config = mae_config(small_dataset, **LONG_RUN)
   loop.train(config, str(run), pretrain.make_stage, stop_at=saved + 2)
   loop.train(config, str(tmp_path / "straight"), pretrain.make_stage, stop_at=saved + 2)
   got, steps = train_rows(run)
