@@ -41,11 +41,16 @@ class DamagedCheckpointError(CheckpointError):
   """A step's arrays restore, but not as they were saved (their digest differs)."""
 
 
+def directory(workdir: str) -> str:
+  """Where a run's checkpoints live: WORKDIR/checkpoints, absolute."""
+  return os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, keep_best: bool = False,
                async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    self.directory = directory(workdir)
     policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
     if keep_best:
       policies.append(ocp.checkpoint_managers.BestN(
@@ -137,7 +142,7 @@ class Checkpointer:
     same data position (the global batch number: each process's rows are a function of it,
     the global batch size and its index), so each process of this run continues the global
     stream from there."""
-    self._check_meta(step, stage)
+    meta = self._check_meta(step, stage)
     items = dict(state=ocp.args.StandardRestore(abstract_state))
     foreign = None
     if data_iterator is not None:
@@ -145,16 +150,16 @@ class Checkpointer:
       if foreign is None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    self._verify(step, restored["state"])
+    self._verify(step, meta, restored["state"])
     if foreign is not None:
       data_iterator.set_state(foreign)
     logging.info("restored step %d from %s", step, self.directory)
     return restored["state"]
 
-  def _verify(self, step: int, restored: Any) -> None:
-    """DamagedCheckpointError unless every restored array has the digest saved with it (steps
-    written before digests were saved are taken as they are)."""
-    saved = self.read_meta(step).get("digest")
+  def _verify(self, step: int, meta: dict, restored: Any) -> None:
+    """DamagedCheckpointError unless every restored array has the digest `meta` (the step's)
+    saved for it (steps written before digests were saved are taken as they are)."""
+    saved = meta.get("digest")
     if not saved:
       return
     differ = [k for k, v in fingerprint(restored).items() if saved.get(k, v) != v]
@@ -243,14 +248,14 @@ class Checkpointer:
     """Restores only the named parts of the saved train state, e.g. {"params": ...} or
     {"extra": {"ema": ...}}: loading weights to use needs neither the optimiser state nor the
     stage state, nor the config that shaped them."""
-    self._check_meta(step, stage)
+    meta = self._check_meta(step, stage)
     where = os.path.join(self.directory, str(step))
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(
               abstract_subtree, restore_args=ocp.checkpoint_utils.construct_restore_args(
                   abstract_subtree), partial_restore=True)))["state"]
-      self._verify(step, restored)
+      self._verify(step, meta, restored)
     except DamagedCheckpointError as e:
       raise DamagedCheckpointError(f"{e}; restore the run from a copy, or pass an earlier step "
                                    f"(RUN/checkpoints/STEP; saved: {self.all_steps()}).") from None

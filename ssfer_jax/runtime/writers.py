@@ -123,9 +123,9 @@ def write_json(path: str, obj) -> str:
 def _truncate_after(path: str, step: int) -> None:
   """Rewrites the JSONL log without rows past `step` and without a torn last line (a disk
   that filled, or a kill, mid-write), atomically: a crash leaves either file."""
-  rows = _read_rows(path)
   with open(path) as f:
     lines = f.readlines()
+  rows = [_parse(line) for line in lines]
   keep = [line for line, row in zip(lines, rows) if row is not None and row["step"] <= step]
   if len(keep) == len(lines):
     return
@@ -138,20 +138,17 @@ def _truncate_after(path: str, step: int) -> None:
                f" and {torn} torn line(s)" if torn else "")
 
 
-def _read_rows(path: str) -> list[dict | None]:
-  """One entry per line: the record, or None for a line that is blank or not whole JSON (the
-  last line of a log whose write was cut short)."""
-  rows = []
-  with open(path) as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line) if line.strip() else None)
-      except json.JSONDecodeError:
-        rows.append(None)
-  return rows
+def _parse(line: str) -> dict | None:
+  """A line's record, or None for a line that is blank or not whole JSON (the last line of a
+  log whose write was cut short)."""
+  try:
+    return json.loads(line) if line.strip() else None
+  except json.JSONDecodeError:
+    return None
 
 
 def read_metrics(workdir: str) -> list[dict]:
   """The JSONL log as a list of records (for tests, plots and notebooks); a torn line, which
   only a write cut short leaves, is skipped."""
-  return [row for row in _read_rows(os.path.join(workdir, METRICS_FILE)) if row is not None]
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
+    return [row for row in map(_parse, f) if row is not None]

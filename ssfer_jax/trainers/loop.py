@@ -255,12 +255,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
       raise
     raise DiskFullError(
         f"{os.strerror(e.errno)} writing {e.filename or 'to ' + workdir}: the run stopped. Last "
-        f"good checkpoint: {checkpointing.last_committed(checkpoint_dir(workdir))}. Free space, "
+        f"good checkpoint: {checkpointing.last_committed(checkpointing.directory(workdir))}. Free space, "
         "then rerun the same command to resume from it.") from None
-
-
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.abspath(os.path.join(workdir, checkpointing.CHECKPOINT_DIR))
 
 
 def _train(config, workdir, make_stage, stop_at, allow_schedule_change) -> TrainState:
