@@ -60,6 +60,7 @@ def get_config(arg: str = "vit_b16") -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.label_smoothing = 0.0
   c.loss.class_weighting = "none"  # "balanced" (1/n_c) or "sqrt" (1/sqrt(n_c))
+  c.loss.logit_adjustment = 0.0    # tau: train on logits + tau log(prior) (Menon et al. 2021)
 
   c.mix = ml_collections.ConfigDict()
   c.mix.kind = "facemix"           # "none", "mixup", "cutmix", "facemix"

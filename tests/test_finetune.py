@@ -15,7 +15,7 @@ import pytest
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
 from ssfer_jax import errors, results
-from ssfer_jax.input import pipeline, records
+from ssfer_jax.input import device, pipeline, records
 from ssfer_jax.runtime import checkpointing, sharding, writers
 from ssfer_jax.trainers import classifier, finetune, loop, optim, pretrain
 from tests.conftest import small_config, train_losses
@@ -66,6 +66,32 @@ def test_class_weights_keep_the_loss_scale():
   assert finetune.class_weights(labels, 4, "none") is None
   with pytest.raises(errors.ConfigError, match="class_weighting"):
     finetune.class_weights(labels, 4, "inverse")
+
+
+def test_logit_adjustment_shifts_the_training_logits_only(small_dataset):
+  labels = np.array([0] * 6 + [1] * 3 + [2])
+  off = finetune.logit_offsets(labels, 4, 0.5)
+  np.testing.assert_allclose(off, 0.5 * np.log(np.array([7, 4, 2, 1]) / 14), rtol=1e-6)
+  assert finetune.logit_offsets(labels, 4, 0.0) is None
+  with pytest.raises(errors.ConfigError, match="logit_adjustment=-1"):
+    finetune.logit_offsets(labels, 4, -1.0)
+  # The loss reads logits + offsets; prediction (model.apply) is untouched.
+  config = ft_config(small_dataset)
+  config.mix.kind, config.loss.label_smoothing = "none", 0.0
+  classes = records.load_manifest(small_dataset)["classes"]
+  model = finetune.make_model(config, len(classes))
+  batch = one_batch(small_dataset, config)
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                    train=False)["params"])
+  offsets = np.linspace(-2.0, 0.0, len(classes)).astype(np.float32)
+  loss, _ = finetune.make_loss(config, model, len(classes), None, offsets)(
+      params, {}, batch, jax.random.key(1))
+  x = device.normalize(device.crop_resize_flip(batch["image"], batch["crop"], batch["flip"],
+                                               32), config.data.mean, config.data.std)
+  logits = model.apply({"params": params}, x.astype(model.dtype), train=False)
+  expected = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32) + offsets, batch["label"]).mean()
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
 def one_batch(data_dir, config):

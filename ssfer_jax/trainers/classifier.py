@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from ssfer_jax import evaluate
 from ssfer_jax.input import records
@@ -25,6 +26,19 @@ def val_evaluation(config: ml_collections.ConfigDict, plan: loop.RunPlan, model:
     return {"evaluate": None}
   return {"evaluate": ValEvaluation(config, plan.mesh, model, classes),
           "eval_every": config.eval.every_steps or config.eval.every_epochs * plan.steps_per_epoch}
+
+
+def train_labels(config: ml_collections.ConfigDict) -> np.ndarray:
+  """The labels of the stage's labeled training lists (class weights, priors)."""
+  d = config.data
+  return records.read_labels(d.dir, records.load_split(d.dir, d.split, d.train_lists), d.split)
+
+
+def class_prior(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """Class frequencies of `labels`, add-one smoothed: a class absent from them keeps a finite
+  log (logit adjustment, the debias target)."""
+  counts = np.bincount(labels, minlength=num_classes).astype(np.float64) + 1
+  return counts / counts.sum()
 
 
 def make_tx(config, model: vit.ViT, total_steps: int, steps_per_epoch: int):

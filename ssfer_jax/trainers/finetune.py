@@ -57,6 +57,18 @@ def class_weights(labels: np.ndarray | None, num_classes: int, kind: str) -> np.
   return (w * counts.sum() / (w * counts).sum()).astype(np.float32)
 
 
+def logit_offsets(labels: np.ndarray, num_classes: int, tau: float) -> np.ndarray | None:
+  """tau * log(prior) per class, the prior from the training labels (`classifier.class_prior`).
+  Added to the logits in the training loss only (Menon et al. 2021, "Long-tail learning via
+  logit adjustment"): the classifier then learns margins that do not lean on the majority
+  class, and its raw logits predict as they are."""
+  if tau == 0:
+    return None
+  if tau < 0:
+    raise errors.ConfigError(f"loss.logit_adjustment={tau}; use tau >= 0 (0 = off).")
+  return (tau * np.log(classifier.class_prior(labels, num_classes))).astype(np.float32)
+
+
 def check_mixing(config: ml_collections.ConfigDict, mesh) -> None:
   mix = config.mix
   for field, allowed in (("kind", facemix.MIXINGS), ("pairing", facemix.PAIRINGS),
@@ -77,13 +89,16 @@ def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
     check_pretraining_data(config)
   manifest = records.load_manifest(config.data.dir)
   classes = list(manifest["classes"])
-  kind = config.loss.class_weighting
-  labels = None if kind == "none" else records.read_labels(config.data.dir, records.load_split(
-      config.data.dir, config.data.split, config.data.train_lists), config.data.split)
+  kind, tau = config.loss.class_weighting, config.loss.get("logit_adjustment", 0.0)
+  labels = None if kind == "none" and tau == 0 else classifier.train_labels(config)
   weights = class_weights(labels, len(classes), kind)
   if weights is not None:
     logging.info("class weights: %s", dict(zip(classes, np.round(weights, 3).tolist())))
-  stage = training_stage(config, plan, len(classes), weights)
+  offsets = logit_offsets(labels, len(classes), tau)
+  if offsets is not None:
+    logging.info("training logit offsets (tau log prior): %s",
+                 dict(zip(classes, np.round(offsets, 2).tolist())))
+  stage = training_stage(config, plan, len(classes), weights, offsets)
   return dataclasses.replace(
       stage,
       warm_start=(lambda state: warm_start(config, plan.mesh, state)) if config.init_from else None,
@@ -92,7 +107,8 @@ def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
 
 
 def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, num_classes: int,
-                   weights: np.ndarray | None = None) -> loop.Stage:
+                   weights: np.ndarray | None = None,
+                   offsets: np.ndarray | None = None) -> loop.Stage:
   """The stage's state, loss and optimiser alone: no data read (benchmarks, loading)."""
   size = config.data.image_size
   if size % config.model.patch_size:
@@ -110,17 +126,20 @@ def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, num_cl
   passes = 2 if config.mix.kind == "facemix" else 1   # FaceMix also runs the real images
   return loop.Stage(
       name=STAGE, batch_kind="labeled", init=classifier.make_init(config, model, tx),
-      loss_fn=make_loss(config, model, num_classes, weights), tx=tx, schedule=schedule,
+      loss_fn=make_loss(config, model, num_classes, weights, offsets), tx=tx, schedule=schedule,
       train_flops_per_example=passes * flops.vit_train_flops(
           dict(model_kwargs(config), num_classes=num_classes), size, 1),
       update_extra=update_extra if ema_decay > 0 else None)
 
 
-def make_loss(config, model: vit.ViT, num_classes: int, weights: np.ndarray | None):
-  """The pure loss of one labeled batch under `config.mix`; see `ssfer_jax.methods.facemix`."""
+def make_loss(config, model: vit.ViT, num_classes: int, weights: np.ndarray | None,
+              offsets: np.ndarray | None = None):
+  """The pure loss of one labeled batch under `config.mix`; see `ssfer_jax.methods.facemix`.
+  `offsets` [C] (`logit_offsets`) are added to every logit the loss sees, never at prediction."""
   size, mix, smoothing = config.data.image_size, config.mix, config.loss.label_smoothing
   mean, std, dtype = config.data.mean, config.data.std, model.dtype
   w = None if weights is None else jnp.asarray(weights)
+  offset = 0.0 if offsets is None else jnp.asarray(offsets)
 
   def targets(labels):
     return optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
@@ -133,7 +152,7 @@ def make_loss(config, model: vit.ViT, num_classes: int, weights: np.ndarray | No
     y = targets(batch["label"])
     n = x.shape[0]
     forward = lambda images, r: model.apply({"params": params}, images.astype(dtype),
-                                            train=True, rngs={"dropout": r})
+                                            train=True, rngs={"dropout": r}) + offset
     if mix.kind == "none":
       return jnp.mean(facemix.soft_cross_entropy(forward(x, drop_rng), y, w)), {}
     partner = facemix.partner_fn(mix.pairing, n, pair_rng)
