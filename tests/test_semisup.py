@@ -189,6 +189,20 @@ def test_masking_and_unlabeled_loss_on_hand_made_logits():
   assert not np.any(np.asarray(grad))                  # the teacher gets no gradient
 
 
+def test_debiasing_pulls_the_teachers_marginal_to_its_target():
+  logits = jnp.log(jnp.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.7, 0.1, 0.2]]))
+  prior = jnp.full((3,), 1 / 3)
+  out, new_prior = semisup.debias_logits(logits, prior, 1.0, 0.0)   # momentum 0: p_bar = batch
+  np.testing.assert_allclose(new_prior, [0.7, 0.5 / 3, 0.4 / 3], rtol=1e-6)
+  np.testing.assert_allclose(out, logits - jnp.log(new_prior), rtol=1e-6)
+  assert np.argmax(out[1]) == 1   # the over-predicted first class loses its marginal rows
+  # A target equal to the teacher's marginal changes nothing (distribution alignment at rest).
+  same, _ = semisup.debias_logits(logits, prior, 1.0, 0.0, jnp.log(new_prior))
+  np.testing.assert_allclose(same, logits, rtol=1e-6, atol=1e-6)
+  _, slow = semisup.debias_logits(logits, prior, 1.0, 0.9)
+  np.testing.assert_allclose(slow, 0.9 * prior + 0.1 * new_prior, rtol=1e-6)
+
+
 def _stage_and_batch(data_dir, stage2, variant="test", **overrides):
   config = ss_config(data_dir, stage2, variant, **overrides)
   plan = loop.plan_run(config)
@@ -275,12 +289,18 @@ def test_sharded_and_single_device_semisup_steps_agree(small_dataset, stage2_run
                                                teacher=teacher)
   config.threshold.policy, config.threshold.p_cutoff = policy, 0.0
   config.negative.bound = 0.02
+  # With FreeMatch, the teacher's class marginal is also pulled to a target: its running
+  # mean over the unlabeled rows must be the global batch's, however the rows are sharded.
+  target = None
+  if policy == "freematch":
+    config.debias.strength, config.debias.momentum = 1.0, 0.5
+    target = np.arange(1.0, 7.0) / 21.0
   result = results.read_result(stage2_run)
 
   def run(mesh):
     p = dataclasses.replace(plan, mesh=mesh, total_steps=10,
                             data=dataclasses.replace(plan.data, steps_per_epoch=5))
-    stage = semisup.training_stage(config, p, semisup.model_kwargs(config, result), 6)
+    stage = semisup.training_stage(config, p, semisup.model_kwargs(config, result), 6, target)
     sgd, adamw_init = optax.sgd(0.5), stage.init
     stage = dataclasses.replace(stage, tx=sgd, init=lambda r: (
         lambda s: s.replace(opt_state=sgd.init(s.params)))(adamw_init(r)))
@@ -302,6 +322,8 @@ def test_sharded_and_single_device_semisup_steps_agree(small_dataset, stage2_run
   if config.leaf.enabled:   # every LEAF and negative-learning term had rows to act on
     assert 0 < o1[0]["mask_rate"] < 1 and o1[0]["negative_rows"] > 0, o1[0]
     assert o1[0]["loss_supcon"] > 0 and o1[0]["loss_consistency"] > 0
+  if target is not None:   # p_bar moved off its start, to a distribution
+    assert not np.allclose(s1.extra["prior"], target) and np.isclose(s1.extra["prior"].sum(), 1)
   for a, b in zip(o1, o8):
     assert a.keys() == b.keys()
     for k in a:
@@ -326,6 +348,8 @@ def test_resume_restores_teacher_thresholds_and_both_streams(small_dataset, stag
   # learning (every class below 0.5) act on all of them.
   config.threshold.policy, config.threshold.p_cutoff = policy, 0.0
   config.threshold.tau, config.negative.bound = 1.0, 0.5
+  if policy == "flexmatch":   # and distribution alignment's running marginal p_bar
+    config.debias.strength, config.debias.target = 1.0, "labeled"
   straight = loop.train(config, str(tmp_path / "straight"), semisup.make_stage)
   loop.train(config, str(tmp_path / "resumed"), semisup.make_stage, stop_at=3)
   resumed = loop.train(config, str(tmp_path / "resumed"), semisup.make_stage)
@@ -425,6 +449,10 @@ def test_bad_input_fails_before_compiling(small_dataset, stage2_run, tmp_path):
     train(c)
   with pytest.raises(errors.ConfigError, match="not divisible"):
     train(ss_config(small_dataset, stage2_run, batch_size=12))
+  c = ss_config(small_dataset, stage2_run)
+  c.debias.strength, c.debias.target = 1.0, "even"
+  with pytest.raises(errors.ConfigError, match="debias: .*target='even'"):
+    train(c)
   # Another image size or normalisation than the stage-2 model's.
   c = ss_config(small_dataset, stage2_run)
   c.data.image_size = 48

@@ -62,6 +62,7 @@ from ssfer_jax.trainers import classifier, loop, optim
 
 STAGE = results.SEMISUP_STAGE
 TEACHERS = ("ema", "student")
+DEBIAS_TARGETS = ("uniform", "labeled")
 PSEUDO_LABELS = ("hard", "soft")
 FAIRNESS_WEIGHT = 0.01        # FreeMatch's (USB's ent_loss_ratio)
 COUNTS = ("seen", "passed", "known", "correct", "known_all", "correct_all")
@@ -105,6 +106,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise errors.ConfigError(
           f"leaf: bound={config.leaf.bound}, max_k={config.leaf.max_k}, experts="
           f"{config.leaf.experts}; use a bound in (0, 1], max_k >= 1 and experts >= 1.")
+  d = config.get("debias")
+  if d is not None and (d.strength < 0 or not 0 <= d.momentum < 1
+                        or d.target not in DEBIAS_TARGETS):
+    raise errors.ConfigError(
+        f"debias: strength={d.strength}, momentum={d.momentum}, target={d.target!r}; use a "
+        f"strength >= 0 (0 = off), a momentum in [0, 1) and a target in {DEBIAS_TARGETS}.")
   if config.negative.enabled and not 0 < config.negative.bound < 1:
     raise errors.ConfigError(f"negative.bound={config.negative.bound}: complementary classes "
                              "are those below a probability in (0, 1), e.g. 0.05.")
@@ -175,7 +182,12 @@ def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
   check_data(config, result, manifest)   # same build: crop, margin and detector match too
   classes = list(result["classes"])
   kwargs = model_kwargs(config, result)
-  stage = training_stage(config, plan, kwargs, len(classes))
+  target = None
+  if debiased(config) and config.debias.target == "labeled":
+    target = classifier.class_prior(classifier.train_labels(config), len(classes))
+    logging.info("debias target (the labeled list's classes): %s",
+                 dict(zip(classes, np.round(target, 3).tolist())))
+  stage = training_stage(config, plan, kwargs, len(classes), target)
   model = results.classifier_from_kwargs(kwargs, len(classes))
   info = classifier.result_info(config, manifest, kwargs)
   info["init_from"] = os.path.abspath(config.init_from)
@@ -187,8 +199,9 @@ def make_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan,
 
 
 def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, kwargs: dict,
-                   num_classes: int) -> loop.Stage:
-  """State, loss and optimiser alone (no data read, no stage-2 run): benchmarks, tests."""
+                   num_classes: int, debias_target: np.ndarray | None = None) -> loop.Stage:
+  """State, loss and optimiser alone (no data read, no stage-2 run): benchmarks, tests.
+  `debias_target` [C]: the class marginal debiasing pulls the teacher to (None: uniform)."""
   check_config(config)
   if config.leaf.enabled and num_classes <= config.leaf.max_k:
     raise errors.ConfigError(
@@ -207,12 +220,17 @@ def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, kwargs
              "counts": _zero_counts(names, num_classes)}
     if ema:
       extra["ema"] = params
+    if debiased(config):   # p_bar starts at the target: no correction before the teacher drifts
+      extra["prior"] = (jnp.full((num_classes,), 1.0 / num_classes, jnp.float32)
+                        if debias_target is None else jnp.asarray(debias_target, jnp.float32))
     return extra
 
   def update_extra(extra, params, new, step):
     del step
     out = {"thresholds": new["thresholds"],
            "counts": jax.tree.map(jnp.add, extra["counts"], new["counts"])}
+    if "prior" in new:
+      out["prior"] = new["prior"]
     if ema:
       out["ema"] = optim.ema_update(extra["ema"], params, decay)
     return out
@@ -224,10 +242,30 @@ def training_stage(config: ml_collections.ConfigDict, plan: loop.RunPlan, kwargs
   return loop.Stage(
       name=STAGE, batch_kind="semisup", init=classifier.make_init(config, model, tx, make_extra),
       loss_fn=make_loss(config, model, num_classes, rule, sharding.num_batch_shards(plan.mesh),
-                        plan.data.strong_views),
+                        plan.data.strong_views, debias_target),
       tx=tx, schedule=schedule,
       train_flops_per_example=train + plan.data.unlabeled_ratio * per_unlabeled,
       update_extra=update_extra)
+
+
+def debiased(config: ml_collections.ConfigDict) -> bool:
+  return config.get("debias") is not None and config.debias.strength > 0
+
+
+def debias_logits(teacher_logits: jax.Array, prior: jax.Array, strength: float,
+                  momentum: float, log_target: jax.Array | float = 0.0
+                  ) -> tuple[jax.Array, jax.Array]:
+  """The teacher's logits less strength x (log p_bar - log target), where p_bar is an EMA of
+  its mean softmax over the unlabeled rows (updated from this batch's raw softmax). A teacher
+  that leans to a class more than the target does is pulled back before its labels and
+  confidences are read, so pseudo-labels do not feed that lean back into the student. A
+  uniform target (log_target constant) is DebiasPL's adaptive debiasing (Wang et al. 2022,
+  "Debiased Learning from Naturally Imbalanced Pseudo-Labels"); the labeled classes'
+  frequencies at strength 1 are ReMixMatch's distribution alignment (Berthelot et al. 2020).
+  Returns (debiased logits, the new p_bar)."""
+  batch_mean = jnp.mean(jax.nn.softmax(teacher_logits, axis=-1), axis=0)
+  new_prior = momentum * prior + (1 - momentum) * batch_mean
+  return teacher_logits - strength * (jnp.log(new_prior) - log_target), new_prior
 
 
 def count_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -279,7 +317,7 @@ def unlabeled_loss(student_logits: jax.Array, teacher_logits: jax.Array, mask: j
 
 
 def make_loss(config, model: vit.ViT, num_classes: int, rule: thresholds.Policy, shards: int,
-              strong_views: int = 1):
+              strong_views: int = 1, debias_target: np.ndarray | None = None):
   """The pure loss of one semisup batch; its aux carries the threshold state after the batch
   and this batch's per-class pseudo-label counts (`aux["extra"]`).
 
@@ -296,6 +334,8 @@ def make_loss(config, model: vit.ViT, num_classes: int, rule: thresholds.Policy,
   fairness = FAIRNESS_WEIGHT if rule.kind == "freematch" else 0.0
   lf, neg = config.leaf, config.negative
   weight_x = lf.weight_x if lf.enabled else 1.0
+  debias = config.debias if debiased(config) else None
+  log_target = 0.0 if debias_target is None else jnp.log(jnp.asarray(debias_target, jnp.float32))
 
   def loss_fn(params, extra, batch, rng):
     lab, unl = batch["labeled"], batch["unlabeled"]
@@ -314,6 +354,10 @@ def make_loss(config, model: vit.ViT, num_classes: int, rule: thresholds.Policy,
     else:
       teacher_logits = parts[1]
     teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+    new_extra = {}
+    if debias is not None:
+      teacher_logits, new_extra["prior"] = debias_logits(
+          teacher_logits, extra["prior"], debias.strength, debias.momentum, log_target)
     probs = jax.nn.softmax(teacher_logits, axis=-1)
     mask, taus, state = thresholds.mask_and_update(rule, extra["thresholds"], probs,
                                                    unl["position"])
@@ -354,7 +398,7 @@ def make_loss(config, model: vit.ViT, num_classes: int, rule: thresholds.Policy,
           state, over_views(lambda z: jax.nn.softmax(z, axis=-1)), mask)
       loss = loss + fairness * loss_f
       aux["loss_fairness"] = loss_f
-    aux["extra"] = {"thresholds": state, "counts": counts}
+    aux["extra"] = {"thresholds": state, "counts": counts, **new_extra}
     return loss, aux
 
   return loss_fn
