@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import logit_adjustment
 from ssfer_jax import evaluate, results
 from ssfer_jax.analysis import fgsm, gradcam, label_noise
 from ssfer_jax.input import records
@@ -77,7 +78,7 @@ def test_fgsm_table_starts_at_clean_accuracy(run, small_dataset):
 
 
 def test_label_noise_driver_trains_each_rate_on_its_noisy_split(tmp_path):
-  config = job_config(tmp_path)
+  config = job_config(tmp_path, stages=("pretrain", "finetune"))   # stage 3 adds no path here
   result = label_noise.run_rates(config, str(tmp_path / "w"), [0.0, 0.5])
   data = str(tmp_path / "w" / "data")
   clean = records.load_label_noise(data, "default_noise00")
@@ -91,10 +92,9 @@ def test_label_noise_driver_trains_each_rate_on_its_noisy_split(tmp_path):
     assert json.load(f)["config"]["init_from"] == str(tmp_path / "w" / "noise00" / "pretrain")
   assert list(result["stages"]) == ["majority class (of train_labeled)",
                                     "floor: pixels + logistic regression",
-                                    "floor: hog + logistic regression", "stage 2: FaceMix",
-                                    "stage 3: EMA teacher"]
+                                    "floor: hog + logistic regression", "stage 2: FaceMix"]
   lines = label_noise.table(result, "demo").splitlines()
-  assert lines[0].split()[-3:] == ["0", "50", "Decline"] and len(lines) == 6
+  assert lines[0].split()[-3:] == ["0", "50", "Decline"] and len(lines) == 5
   accs = result["stages"]["stage 2: FaceMix"]
   assert float(lines[4].split()[-1]) == pytest.approx(accs[0] - accs[1], abs=0.01)
   with pytest.raises(label_noise.job.JobError, match="ascending"):
@@ -111,3 +111,23 @@ def test_analysis_commands_write_their_figure_and_table(run, small_dataset, tmp_
   saved = json.loads((tmp_path / "fgsm.json").read_text())
   assert saved["eps"] == [0.0, 0.1] and set(saved["accuracy"]) == set(fgsm.REGIONS)
   assert "emotion focused regions" in capsys.readouterr().out
+
+
+def test_logit_adjustment_trades_frequent_classes_for_rare_ones(run, small_dataset, tmp_path,
+                                                                capsys):
+  classes = [f"c{i}" for i in range(3)]
+  probs = np.array([[0.7, 0.2, 0.1]] * 20 + [[0.5, 0.1, 0.4]] * 20)
+  targets = np.array([0] * 20 + [2] * 20)
+  log_prior = np.log(np.array([0.8, 0.1, 0.1]))
+  assert logit_adjustment.metrics(probs, targets, log_prior, 0.0, classes) == (50.0, 50.0)
+  # tau 0.5 divides by the prior's square root: class 2 overtakes class 0 on its own rows
+  # (0.4 / 0.32 against 0.5 / 0.89), class 0 keeps its (0.7 / 0.89 against 0.2 / 0.32)
+  np.testing.assert_allclose(
+      logit_adjustment.metrics(probs, targets, log_prior, 0.5, classes), (100.0, 100.0))
+  # tau 1 over-corrects: class 1 (0.2 / 0.1) takes class 0's rows (0.7 / 0.8)
+  np.testing.assert_allclose(
+      logit_adjustment.metrics(probs, targets, log_prior, 1.0, classes), (50.0, 50.0))
+  assert logit_adjustment.main([run, "--data", small_dataset, "--taus", "0,0.5",
+                                "--out", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  assert "chosen on val" in out and (tmp_path / "logit_adjustment.png").stat().st_size > 0
