@@ -77,6 +77,7 @@ def test_fgsm_table_starts_at_clean_accuracy(run, small_dataset):
   assert len(text.splitlines()) == 3
 
 
+@pytest.mark.slow   # a driver of whole jobs, one per rate; the job is tested in test_job.py
 def test_label_noise_driver_trains_each_rate_on_its_noisy_split(tmp_path):
   config = job_config(tmp_path, stages=("pretrain", "finetune"))   # stage 3 adds no path here
   result = label_noise.run_rates(config, str(tmp_path / "w"), [0.0, 0.5])

@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from configs import finetune as finetune_config
 from data_prep import split as split_lib
@@ -13,6 +14,7 @@ from ssfer_jax.input import records
 from tests.conftest import small_config
 
 
+@pytest.mark.slow   # a driver of whole stage-2 runs, one per fold; a fold's run is stage 2's
 def test_kfold_trains_every_fold_and_summarises(small_dataset, tmp_path):
   jax.config.update("jax_threefry_partitionable", True)
   split_lib.kfold(small_dataset, "cv", split_lib.FoldOptions(folds=3, seed=0), overwrite=True)

@@ -3,6 +3,7 @@ fine-tuning whose sharded evaluation counts every val/test record once."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +30,6 @@ def run_two(tmp_path, data_dir, stage, processes=2, init_from=None):
   port, workdir = free_port(), str(tmp_path / stage)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]),
              SSFER_TEST_PROCESSES=str(processes), SSFER_TEST_INIT_FROM=init_from or "")
-  env.pop("XLA_FLAGS", None)
   procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "helpers", "multiprocess_worker.py"),
                              str(port), str(i), data_dir, workdir, stage],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -56,7 +56,6 @@ def start_pretrain_job(data_dir, workdir, total_steps, heartbeat_s):
   """Two worker processes pretraining for `total_steps` (long: the test interrupts them)."""
   port = free_port()
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
-  env.pop("XLA_FLAGS", None)
   return [subprocess.Popen([sys.executable, os.path.join(HERE, "helpers", "multiprocess_worker.py"),
                             str(port), str(i), data_dir, workdir, "pretrain", str(total_steps),
                             str(heartbeat_s)],
@@ -79,10 +78,18 @@ def data_dir(tmp_path_factory):
   return build_demo_subset(tmp_path_factory.mktemp("mp"), rows=150, size=32)
 
 
-def test_two_processes_pretrain_together(tmp_path, data_dir):
-  run_two(tmp_path, data_dir, "pretrain")
+@pytest.fixture(scope="module")
+def pretrained_together(tmp_path_factory, data_dir):
+  """Two processes pretraining 6 steps together (`run_two` checks that they agree): run once,
+  read by the tests below."""
+  return run_two(tmp_path_factory.mktemp("mp_pretrain"), data_dir, "pretrain")[1]
 
 
+def test_two_processes_pretrain_together(pretrained_together):
+  assert sorted(train_losses(pretrained_together)) == list(range(1, 7))
+
+
+@pytest.mark.slow   # the default suite's two-process runs are stage 1's; every stage: below
 def test_two_processes_finetune_and_evaluate_every_record_once(tmp_path, data_dir):
   outs, workdir = run_two(tmp_path, data_dir, "finetune")
   n = len(records.load_split(data_dir, "default", ["val", "test"]))
@@ -92,7 +99,8 @@ def test_two_processes_finetune_and_evaluate_every_record_once(tmp_path, data_di
   assert os.path.exists(os.path.join(workdir, "result.json"))
 
 
-def test_a_two_process_checkpoint_resumes_in_one_process_on_the_same_stream(tmp_path, data_dir):
+def test_a_two_process_checkpoint_resumes_in_one_process_on_the_same_stream(
+    tmp_path, data_dir, pretrained_together):
   """Another process count: each process continues the global stream from the saved batch
   number (the rows of a global batch depend on it, not on the process count)."""
   import jax
@@ -101,7 +109,8 @@ def test_a_two_process_checkpoint_resumes_in_one_process_on_the_same_stream(tmp_
   from ssfer_jax.input import pipeline
   from ssfer_jax.trainers import loop, pretrain
   jax.config.update("jax_threefry_partitionable", True)
-  _, workdir = run_two(tmp_path, data_dir, "pretrain")   # 6 steps, 2 processes x 4 devices
+  workdir = str(tmp_path / "pretrain")   # 6 steps, 2 processes x 4 devices; continued here
+  shutil.copytree(pretrained_together, workdir)
   config = pretrain_config.get_config("test").unlock()
   config.data.dir, config.mesh.shape, config.total_steps = data_dir, (-1, 2), 8
   kw = dict(kind="unlabeled", global_batch_size=config.batch_size, image_size=32,
@@ -155,7 +164,10 @@ def test_a_checkpoint_restores_onto_fewer_devices(tmp_path, data_dir):
             "assert jax.device_count() == 4\n"
             "print(int(loop.train(c, sys.argv[2], pretrain.make_stage).step))\n")
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]),
-             XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+             XLA_FLAGS=" ".join([f for f in os.environ["XLA_FLAGS"].split()
+                                 if not f.startswith("--xla_force_host_platform_device_count")]
+                                + ["--xla_force_host_platform_device_count=4"]),
+             JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", script, data_dir, run], cwd=os.path.dirname(HERE),
                        capture_output=True, text=True, timeout=300, env=env)
   assert out.returncode == 0, out.stderr[-3000:]

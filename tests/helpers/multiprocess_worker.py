@@ -11,9 +11,12 @@ import os
 import sys
 
 # SSFER_TEST_PROCESSES processes (default 2) share 8 simulated devices; stage "semisup"
-# starts from the stage-2 run in SSFER_TEST_INIT_FROM.
+# starts from the stage-2 run in SSFER_TEST_INIT_FROM. The test's other XLA flags are kept.
 PROCESSES = int(os.environ.get("SSFER_TEST_PROCESSES", "2"))
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // PROCESSES}"
+_INHERITED = [f for f in os.environ.get("XLA_FLAGS", "").split()
+              if not f.startswith("--xla_force_host_platform_device_count")]
+os.environ["XLA_FLAGS"] = " ".join(
+    _INHERITED + [f"--xla_force_host_platform_device_count={8 // PROCESSES}"])
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # pylint: disable=g-import-not-at-top
