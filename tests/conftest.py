@@ -1,20 +1,19 @@
 """Every test runs on CPU with 8 simulated devices (set before JAX is imported). Compiling is
-most of what a test costs: the tests' programs are small and run a few steps. So they compile
-without LLVM's optimisation passes (the suite in ~25% less time; the numerics are XLA's either
-way), and they share compiled programs through JAX's persistent compilation cache, one
-temporary directory per test process (JAX writes its entries without a lock between
-processes; one directory shared by both workers with JAX's file lock made the suite slower,
-24 min against 16), removed at exit; subprocesses a test starts inherit their test's
-directory and flags."""
+most of what a test costs: the tests' programs are small and run a few steps. So the default
+suite compiles without LLVM's optimisation passes (in ~25% less time; the numerics are XLA's
+either way; `-m slow` runs, which train for minutes, keep them: `pytest_configure`). Tests
+share compiled programs through JAX's persistent compilation cache, one temporary directory
+per test process (JAX writes its entries without a lock between processes; one directory
+shared by both workers with JAX's file lock made the suite slower, 24 min against 16),
+removed at exit; subprocesses a test starts inherit their test's directory and flags."""
 import atexit
 import os
 import shutil
 import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0"
-                           " --xla_llvm_disable_expensive_passes=true").strip()
+                           " --xla_force_host_platform_device_count=8").strip()
+FAST_COMPILE = " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A directory set by a user is kept; the one inherited from pytest's controller process is not.
 if os.environ.get("JAX_COMPILATION_CACHE_DIR", "") == os.environ.get("SSFER_TEST_CACHE", ""):
@@ -27,6 +26,16 @@ if os.environ.get("JAX_COMPILATION_CACHE_DIR", "") == os.environ.get("SSFER_TEST
 import pathlib
 
 import pytest
+
+
+def pytest_configure(config):
+  """Runs before any test module imports JAX. A run that selects the slow tests (long training
+  runs, where the compiled code's speed matters) keeps LLVM's optimisation passes; every
+  other run compiles without them."""
+  selects_slow = "slow" in (config.option.markexpr or "").replace("not slow", "")
+  if not selects_slow and FAST_COMPILE not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += FAST_COMPILE
+
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATASET = REPO.parent / "shared" / "datasets" / "facial_expressions"
