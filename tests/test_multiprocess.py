@@ -26,10 +26,20 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+def xla_flags(devices: int) -> str:
+  """This test process's XLA flags, with `devices` simulated devices (a worker's share)."""
+  kept = [f for f in os.environ["XLA_FLAGS"].split() if not f.startswith(DEVICE_FLAG)]
+  return " ".join(kept + [f"{DEVICE_FLAG}={devices}"])
+
+
 def run_two(tmp_path, data_dir, stage, processes=2, init_from=None):
   port, workdir = free_port(), str(tmp_path / stage)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]),
-             SSFER_TEST_PROCESSES=str(processes), SSFER_TEST_INIT_FROM=init_from or "")
+             SSFER_TEST_PROCESSES=str(processes), SSFER_TEST_INIT_FROM=init_from or "",
+             XLA_FLAGS=xla_flags(8 // processes))
   procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "helpers", "multiprocess_worker.py"),
                              str(port), str(i), data_dir, workdir, stage],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -55,7 +65,8 @@ def run_two(tmp_path, data_dir, stage, processes=2, init_from=None):
 def start_pretrain_job(data_dir, workdir, total_steps, heartbeat_s):
   """Two worker processes pretraining for `total_steps` (long: the test interrupts them)."""
   port = free_port()
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]),
+             XLA_FLAGS=xla_flags(4))
   return [subprocess.Popen([sys.executable, os.path.join(HERE, "helpers", "multiprocess_worker.py"),
                             str(port), str(i), data_dir, workdir, "pretrain", str(total_steps),
                             str(heartbeat_s)],
@@ -164,10 +175,7 @@ def test_a_checkpoint_restores_onto_fewer_devices(tmp_path, data_dir):
             "assert jax.device_count() == 4\n"
             "print(int(loop.train(c, sys.argv[2], pretrain.make_stage).step))\n")
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]),
-             XLA_FLAGS=" ".join([f for f in os.environ["XLA_FLAGS"].split()
-                                 if not f.startswith("--xla_force_host_platform_device_count")]
-                                + ["--xla_force_host_platform_device_count=4"]),
-             JAX_PLATFORMS="cpu")
+             XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", script, data_dir, run], cwd=os.path.dirname(HERE),
                        capture_output=True, text=True, timeout=300, env=env)
   assert out.returncode == 0, out.stderr[-3000:]

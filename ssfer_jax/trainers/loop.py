@@ -255,8 +255,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_stage: StageFact
       raise
     raise DiskFullError(
         f"{os.strerror(e.errno)} writing {e.filename or 'to ' + workdir}: the run stopped. Last "
-        f"good checkpoint: {checkpointing.last_committed(checkpointing.directory(workdir))}. Free space, "
-        "then rerun the same command to resume from it.") from None
+        f"good checkpoint: {checkpointing.last_committed(checkpointing.directory(workdir))}. "
+        "Free space, then rerun the same command to resume from it.") from None
 
 
 def _train(config, workdir, make_stage, stop_at, allow_schedule_change) -> TrainState:

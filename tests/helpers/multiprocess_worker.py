@@ -10,13 +10,10 @@ import json
 import os
 import sys
 
-# SSFER_TEST_PROCESSES processes (default 2) share 8 simulated devices; stage "semisup"
-# starts from the stage-2 run in SSFER_TEST_INIT_FROM. The test's other XLA flags are kept.
+# SSFER_TEST_PROCESSES processes (default 2) share 8 simulated devices (XLA_FLAGS, set by the
+# test, gives this one its share); stage "semisup" starts from the stage-2 run in
+# SSFER_TEST_INIT_FROM.
 PROCESSES = int(os.environ.get("SSFER_TEST_PROCESSES", "2"))
-_INHERITED = [f for f in os.environ.get("XLA_FLAGS", "").split()
-              if not f.startswith("--xla_force_host_platform_device_count")]
-os.environ["XLA_FLAGS"] = " ".join(
-    _INHERITED + [f"--xla_force_host_platform_device_count={8 // PROCESSES}"])
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # pylint: disable=g-import-not-at-top
