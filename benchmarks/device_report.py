@@ -8,7 +8,7 @@ recorded as such; the others still run):
              bf16 on H100/H200)
   mae        the MAE ViT-B/16 step at 224 px, bf16, cuDNN and XLA attention: step time,
              images/s, MFU against the spec peak and against the measured one
-  torch      the official MAE (benchmarks/torch_mae.py) at the same shape, bf16 autocast,
+  torch      the official MAE (benchmarks/torch_steps.py --stage mae) at the same shape, bf16 autocast,
              eager and torch.compile: our images/s over theirs
   stages     the stage-2 (FaceMix) and stage-3 (EMA teacher) ViT-B/16 steps
   memory     the largest MAE batch per device benchmarks/fsdp_memory.py estimated for this
@@ -121,7 +121,7 @@ def main():
              "--attention_impl", "xla"], out, 45)
   if "mae" in report["parts"]:
     report["parts"]["mae"]["rows"] += mae_xla
-  torch_cmd = [sys.executable, "benchmarks/torch_mae.py", "--width", "768", "--depth", "12",
+  torch_cmd = [sys.executable, "benchmarks/torch_steps.py", "--width", "768", "--depth", "12",
                "--heads", "12", "--image", "224", "--batch", str(args.batch), "--steps", "10",
                "--device", "cuda", "--dtype", "bfloat16", "--threads", "8"]
   part("torch", lambda: _torch_parts(torch_cmd))

@@ -1,12 +1,20 @@
-"""The PyTorch side of `mae_vs_torch.py`: the official MAE model (facebookresearch/mae
-`models_mae.MaskedAutoencoderViT`, re-stated with timm's current Block and PatchEmbed, since
-the original passes a `qk_scale` timm no longer takes) and its training step: random masking
-by argsort of noise, norm-pix loss on the masked patches, backward, AdamW (0.9, 0.95) with
-weight decay off for biases and norms, as its `main_pretrain.py`. Runs in the torch
-environment (.venv-timm, `make timm-env`); prints one JSON line of step times.
+"""The PyTorch side of `vs_torch.py`: a training step of
 
-  .venv-timm/bin/python benchmarks/torch_mae.py --width 192 --depth 12 --heads 3 --image 112 \
-      --batch 32 --steps 10 --threads 2 [--compile] [--device cuda --dtype bfloat16]
+  --stage mae       the official MAE model (facebookresearch/mae
+                    `models_mae.MaskedAutoencoderViT`, re-stated with timm's current Block and
+                    PatchEmbed, since the original passes a `qk_scale` timm no longer takes):
+                    random masking by argsort of noise, norm-pix loss on the masked patches,
+                    as its `main_pretrain.py`;
+  --stage finetune  timm's VisionTransformer with our classifier's head (--pool cls, gap, or
+                    flatten: every patch token after the final norm into one linear layer),
+                    cross-entropy on integer labels;
+
+then backward and AdamW (0.9, 0.95) with weight decay off for biases and norms. Runs in the
+torch environment (.venv-timm, `make timm-env`); prints one JSON line of step times.
+
+  .venv-timm/bin/python benchmarks/torch_steps.py --width 192 --depth 12 --heads 3 --image 112 \
+      --batch 32 --steps 10 --threads 2 [--stage finetune --pool cls] [--compile]
+      [--device cuda --dtype bfloat16]
 """
 
 import argparse
@@ -17,7 +25,7 @@ from functools import partial
 
 import torch
 from torch import nn
-from timm.models.vision_transformer import Block, PatchEmbed
+from timm.models.vision_transformer import Block, PatchEmbed, VisionTransformer
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -86,6 +94,28 @@ class MaskedAutoencoderViT(nn.Module):
     return (loss * mask).sum() / mask.sum()
 
 
+class ViTClassifier(nn.Module):
+  """timm's ViT with the head of our `vit.ViT` for `pool`: the cls token after the final norm
+  ("cls"), the mean of the patch tokens then fc_norm ("gap"), or every patch token after the
+  final norm, flattened, into one linear layer ("flatten")."""
+
+  def __init__(self, img_size, patch_size, embed_dim, depth, num_heads, num_classes, pool):
+    super().__init__()
+    flatten = pool == "flatten"
+    self.vit = VisionTransformer(
+        img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+        num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True,
+        global_pool={"cls": "token", "gap": "avg", "flatten": ""}[pool],
+        num_classes=0 if flatten else num_classes, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    tokens = (img_size // patch_size) ** 2
+    self.head = nn.Linear(tokens * embed_dim, num_classes) if flatten else None
+
+  def forward(self, imgs):
+    if self.head is None:
+      return self.vit(imgs)
+    return self.head(self.vit.forward_features(imgs)[:, 1:].flatten(1))
+
+
 def main():
   ap = argparse.ArgumentParser()
   for name, default in (("width", 192), ("depth", 12), ("heads", 3), ("decoder_width", 512),
@@ -93,6 +123,9 @@ def main():
                         ("patch", 16), ("batch", 32), ("steps", 10), ("warmup", 3),
                         ("threads", 2)):
     ap.add_argument(f"--{name}", type=int, default=default)
+  ap.add_argument("--stage", default="mae", choices=("mae", "finetune"))
+  ap.add_argument("--pool", default="cls", choices=("cls", "gap", "flatten"))
+  ap.add_argument("--classes", type=int, default=8)
   ap.add_argument("--device", default="cpu")
   ap.add_argument("--dtype", default="float32", help="float32, or bfloat16 (autocast)")
   ap.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -101,8 +134,12 @@ def main():
   args = ap.parse_args()
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
-  model = MaskedAutoencoderViT(args.image, args.patch, args.width, args.depth, args.heads,
-                               args.decoder_width, args.decoder_depth, args.decoder_heads)
+  if args.stage == "mae":
+    model = MaskedAutoencoderViT(args.image, args.patch, args.width, args.depth, args.heads,
+                                 args.decoder_width, args.decoder_depth, args.decoder_heads)
+  else:
+    model = ViTClassifier(args.image, args.patch, args.width, args.depth, args.heads,
+                          args.classes, args.pool)
   model.to(args.device).train()
   decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1 and
            not n.endswith(".bias")]
@@ -113,12 +150,17 @@ def main():
                           betas=(0.9, 0.95))
   forward = torch.compile(model) if args.compile else model
   imgs = torch.randn(args.batch, 3, args.image, args.image, device=args.device)
+  labels = torch.randint(0, args.classes, (args.batch,), device=args.device)
   autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
   sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
-  def step():
+  def loss_of():
     with autocast:
-      loss = forward(imgs)
+      out = forward(imgs)
+      return out if args.stage == "mae" else nn.functional.cross_entropy(out, labels)
+
+  def step():
+    loss = loss_of()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -141,16 +183,13 @@ def main():
 
   times = timed(step)
   parts = {}
-  if args.parts:   # where the step's time goes: the forward alone, then with the backward
-    def forward_only():
-      with autocast:
-        return forward(imgs)
-
+  if args.parts:   # where the step's time goes: forward alone, with the backward, the update
     def forward_backward():
       opt.zero_grad(set_to_none=True)
-      forward_only().backward()
+      loss_of().backward()
 
-    for name, fn in (("forward", forward_only), ("forward_backward", forward_backward)):
+    for name, fn in (("forward", loss_of), ("forward_backward", forward_backward),
+                     ("optimizer", opt.step)):   # the update alone, on the last gradients
       parts[name] = round(1e3 * statistics.median(timed(fn)), 2)
   print(json.dumps({"framework": f"torch {torch.__version__}", "compile": args.compile,
                     "dtype": args.dtype, "device": args.device, "threads": args.threads,
