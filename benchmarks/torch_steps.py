@@ -130,7 +130,8 @@ def main():
   ap.add_argument("--dtype", default="float32", help="float32, or bfloat16 (autocast)")
   ap.add_argument("--compile", action="store_true", help="torch.compile the model")
   ap.add_argument("--parts", action="store_true",
-                  help="also time the forward alone and forward + backward")
+                  help="also time the forward alone, forward + backward and the optimiser "
+                  "step alone")
   args = ap.parse_args()
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)

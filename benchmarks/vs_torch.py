@@ -61,7 +61,8 @@ def jax_worker(args) -> dict:
   from ssfer_jax.input import device, pipeline, plan as plan_lib  # pylint: disable=g-import-not-at-top
   from ssfer_jax.models import mae  # pylint: disable=g-import-not-at-top
   from ssfer_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
-  from ssfer_jax.trainers import classifier, finetune, loop, optim, pretrain  # pylint: disable=g-import-not-at-top
+  from ssfer_jax.trainers import (  # pylint: disable=g-import-not-at-top
+      classifier, finetune, loop, optim, pretrain)
 
   c = stage_config(args)
   mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
@@ -232,8 +233,8 @@ def _env(xla_flags: str) -> dict:
 
 def jax_row(args, worker: str, xla_flags: str, profile: bool = False) -> dict:
   """One JAX row's times in its own process under `xla_flags`."""
-  cmd = [sys.executable, "-m", "benchmarks.vs_torch", "--worker", worker, "--stage", args.stage, "--variant",
-         args.variant, "--model", args.model, "--image", str(args.image), "--patch",
+  cmd = [sys.executable, "-m", "benchmarks.vs_torch", "--worker", worker, "--stage", args.stage,
+         "--variant", args.variant, "--model", args.model, "--image", str(args.image), "--patch",
          str(args.patch), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
          str(args.warmup), *(["--mix", args.mix] if args.mix else []),
          *(["--parts"] if args.parts else []),
