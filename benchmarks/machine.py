@@ -16,8 +16,10 @@ def cpu_model() -> str:
       lines = f.read().splitlines()
   except OSError:
     return platform.machine()
-  info = dict(line.split(":", 1) for line in lines if ":" in line)
-  info = {k.strip(): v.strip() for k, v in info.items()}
+  info = {}   # the first processor's fields
+  for line in lines:
+    key, _, value = line.partition(":")
+    info.setdefault(key.strip(), value.strip())
   if "model name" not in info:
     return platform.machine()
   flags = set(info.get("flags", "").split())

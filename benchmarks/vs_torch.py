@@ -99,19 +99,15 @@ def jax_worker(args) -> dict:
         parts[name] = median_ms(lambda i, fn=fn: fn(params, jax.random.key(i)), args.steps)
       grads = jax.grad(loss_of)(params, jax.random.key(0))
 
-      def update(state):
+      def update(state, _):
         p, o = state
         updates, o = tx.update(grads, o, p)
-        return optax.apply_updates(p, updates), o
+        p = optax.apply_updates(p, updates)
+        return (p, o), p
 
       update = jax.jit(update, donate_argnums=(0,))
-      held = [jax.tree.map(jnp.copy, state)]
-
-      def one_update(_):
-        held[0] = update(held[0])
-        return held[0]
-
-      parts["optimizer"] = median_ms(one_update, args.steps)
+      parts["optimizer"] = median_ms(carried(update, jax.tree.map(jnp.copy, state)),
+                                     args.steps)
   else:
     stage = (pretrain.make_stage(c, plan, None) if args.stage == "mae"
              else finetune.training_stage(c, plan, step_throughput.NUM_CLASSES))
@@ -126,26 +122,32 @@ def jax_worker(args) -> dict:
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
     compiled = loop.compile_train_step(stage, 0, abstract, shardings, spec, mesh)
     run = lambda state, i: compiled(state, batch)[:2]
+  step_once = carried(run, state)
   times = []
   for i in range(args.warmup + args.steps):
     t = time.perf_counter()
-    state, out = run(state, i)
-    jax.block_until_ready(out)
+    jax.block_until_ready(step_once(i))
     if i >= args.warmup:
       times.append(time.perf_counter() - t)
   if args.profile:
-    held = [state]
-
-    def traced(i):
-      held[0], out = run(held[0], i)
-      return out
-
-    parts["ops"] = op_profile(traced, args.steps)
+    parts["ops"] = op_profile(step_once, args.steps)
   if args.worker == "jax_prep" and args.parts:   # the image preparation alone
     prep = jax.jit(lambda b: device.prepare_train_images(b, args.image, c.data.mean, c.data.std))
     parts["image_prep"] = median_ms(lambda i: prep(batch), args.steps)
   return {"step_ms": [round(1e3 * t, 2) for t in times], "jax": jax.__version__,
           "parts_ms": parts}
+
+
+def carried(run, state):
+  """fn(i) = run(state, i)'s output, each call on the state the last one returned (the steps
+  donate their state)."""
+  held = [state]
+
+  def fn(i):
+    held[0], out = run(held[0], i)
+    return out
+
+  return fn
 
 
 def op_profile(run, steps: int) -> dict:
