@@ -16,7 +16,13 @@ and the augmentation of every arm, so arms differ only in what the row names.
 
 `--stage3` adds the semi-supervised grid (`STAGE3_ARMS`): each arm starts from the same
 seed's MAE + FaceMix stage-2 run and trains `--ss-epochs` passes over train_unlabeled with
-that seed; the stage-2 run itself is the "stage 2 alone" row. The table adds the last
+that seed; the stage-2 run itself is the "stage 2 alone" row. `--stage3-from PATTERN` runs
+that grid alone, from stage-2 runs made elsewhere (e.g. each seed's job, which pairs each
+seed's stage 1 with its stage 2):
+
+  python -m experiments.ablations --data /work/builds/fe96 --out runs/stage3_grid \
+      --stage3-from 'runs/small_s{seed}/finetune'
+ The table adds the last
 epoch's pseudo-label accuracy (masked rows whose true label the build has) and mask rate,
 and for the LEAF and negative-learning arms how often the true label was in the positive set
 and how often a class pushed down as "not this" was in fact the true label.
@@ -131,12 +137,14 @@ def stage3_config(args, arm: str, seed: int, stage2_run: str):
   return c
 
 
-def stage3_grid(args, mesh, seeds, stage2_cells: list[dict]) -> str:
-  """The semi-supervised arms from each seed's MAE + FaceMix stage-2 run; the table."""
+def stage3_grid(args, mesh, starts: dict[int, str]) -> str:
+  """The semi-supervised arms from each seed's MAE + FaceMix stage-2 run (`starts`: seed ->
+  run); the table, with those runs, the majority class and the classical floor under it."""
   path = os.path.join(args.out, "stage3_cells.jsonl")
   done = read_cells(path)
   finished = {(c["arm"], c["seed"]) for c in done}
-  todo = [(arm, seed) for seed in seeds for arm in STAGE3_ARMS if (arm, seed) not in finished]
+  # Arm by arm over the seeds: an interrupted grid leaves whole arms to compare.
+  todo = [(arm, seed) for arm in STAGE3_ARMS for seed in starts if (arm, seed) not in finished]
   # LEAF's levels take one pooled feature: a stage-2 model with a flattened head has none.
   leaf = [a for a in STAGE3_ARMS if "leaf" in STAGE3_ARMS[a][2]]
   pool = finetune_config.get_config("small").model.pool
@@ -146,7 +154,7 @@ def stage3_grid(args, mesh, seeds, stage2_cells: list[dict]) -> str:
     todo = [(arm, seed) for arm, seed in todo if arm not in leaf]
   t0 = time.perf_counter()
   for i, (arm, seed) in enumerate(todo):
-    stage2 = os.path.join(args.out, "runs", f"mae_facemix_s{seed}")
+    stage2 = starts[seed]
     run = os.path.join(args.out, "runs", f"stage3_{arm}_s{seed}")
     t = time.perf_counter()
     loop.train(stage3_config(args, arm, seed, stage2), run, semisup.make_stage)
@@ -162,9 +170,11 @@ def stage3_grid(args, mesh, seeds, stage2_cells: list[dict]) -> str:
           f"{results.read_result(stage2)['val']['accuracy']:.3f} val), mask rate "
           f"{cell['mask_rate']}, pseudo-label acc {cell['pseudo_label_accuracy']} "
           f"({cell['seconds']:.0f}s; ETA {left / 60:.0f} min)", flush=True)
-  start = [c for c in stage2_cells if (c["init"], c["mix"], c["extra"]) == ("mae", "facemix", "")
-           and c["seed"] in seeds]
-  return print_stage3_table(done, start)
+  start = [{"val_select": results.read_result(run)["val"]["accuracy"],
+            "test": summarise(test_report(run, args, mesh))} for run in starts.values()]
+  return print_stage3_table(done, start, evaluate.majority_report(args.data, args.split),
+                            classical.floor_reports(args.data, args.split),
+                            f"`{args.stage3_from}`" if args.stage3_from else "MAE + FaceMix")
 
 
 def mean_std(xs) -> str:
@@ -174,15 +184,17 @@ def mean_std(xs) -> str:
   return f"{100 * np.mean(xs):.1f} +- {100 * np.std(xs, ddof=1) if len(xs) > 1 else 0:.1f}"
 
 
-def print_stage3_table(cells: list[dict], start: list[dict]) -> str:
-  """The stage-3 arms beside their starts, the stage-2 MAE + FaceMix cells of the same seeds."""
+def print_stage3_table(cells: list[dict], start: list[dict], baseline: dict,
+                       floors: list[dict], start_name: str = "MAE + FaceMix") -> str:
+  """The stage-3 arms beside their starts (the stage-2 runs of the same seeds, `start_name`),
+  the majority class and the floor."""
   cols = TABLE_METRICS
   fmt = mean_std
   lines = [f"| arm | seeds | accuracy | macro F1 | mean-class (>= {MIN_TEST_SUPPORT} test) | "
            "mean-class (all) | val acc | pseudo-label acc | mask rate | teacher acc (unlabeled) "
            "| true label in positive set | rows learning negatives | negative = true label "
            "| weights | minutes |", "|" + "|".join("---" for _ in range(15)) + "|"]
-  lines.append(f"| stage 2 alone (MAE + FaceMix) | {len(start)} | "
+  lines.append(f"| stage 2 alone ({start_name}) | {len(start)} | "
                + " | ".join(fmt([c["test"][k] for c in start]) for k in cols)
                + f" | {fmt([c['val_select'] for c in start])} |" + " - |" * 8)
   for arm in STAGE3_ARMS:
@@ -196,6 +208,7 @@ def print_stage3_table(cells: list[dict], start: list[dict]) -> str:
                  + f" | {fmt([g['val_select'] for g in group])} | "
                  + " | ".join(opt(k) for k in STAGE3_DIAGNOSTICS)
                  + f" | {weights} | {np.mean([g['seconds'] for g in group]) / 60:.1f} |")
+  lines += baseline_rows(baseline, floors, lead=1, trailing=len(STAGE3_DIAGNOSTICS) + 2)
   table = "\n".join(lines)
   print(table)
   return table
@@ -234,6 +247,21 @@ def summarise(report: dict) -> dict:
               report, MIN_TEST_SUPPORT)}
 
 
+def baseline_rows(baseline: dict, floors: list[dict], lead: int, trailing: int) -> list[str]:
+  """Table rows for the majority class and each classical floor: the name, `lead` dashes, the
+  test metrics, the val accuracy, `trailing` dashes."""
+  first, rest = " - |" * lead, " - |" * trailing
+  b = summarise(baseline)
+  rows = [f"| majority ({baseline['majority_class']}) |{first} "
+          + " | ".join(f"{100 * b[k]:.1f}" for k in TABLE_METRICS) + " | - |" + rest]
+  for floor in floors:
+    f = summarise(floor)
+    rows.append(f"| {floor['name']} (C {floor['C']:g}) |{first} "
+                + " | ".join(f"{100 * f[k]:.1f}" for k in TABLE_METRICS)
+                + f" | {100 * floor['val_accuracy']:.1f} |" + rest)
+  return rows
+
+
 def print_table(cells: list[dict], baseline: dict, floors: list[dict]) -> str:
   by_arm = collections.defaultdict(list)
   for c in cells:
@@ -250,41 +278,15 @@ def print_table(cells: list[dict], baseline: dict, floors: list[dict]) -> str:
     minutes = np.mean([g["seconds"] for g in group]) / 60
     lines.append(f"| {init:<6} | {mix:<8} | {extra:<8} | {len(group)} | " + " | ".join(vals) +
                  f" | {val} | {minutes:.1f} |")
-  b = summarise(baseline)
-  lines.append(f"| majority ({baseline['majority_class']}) | - | - | - | "
-               + " | ".join(f"{100 * b[k]:.1f}" for k in cols) + " | - | - |")
-  for floor in floors:
-    f = summarise(floor)
-    lines.append(f"| {floor['name']} (C {floor['C']:g}) | - | - | - | "
-                 + " | ".join(f"{100 * f[k]:.1f}" for k in cols)
-                 + f" | {100 * floor['val_accuracy']:.1f} | - |")
+  lines += baseline_rows(baseline, floors, lead=3, trailing=1)
   table = "\n".join(lines)
   print(table)
   return table
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--data", required=True)
-  ap.add_argument("--split", default="default")
-  ap.add_argument("--out", required=True)
-  ap.add_argument("--seeds", default="0,1,2")
-  ap.add_argument("--mae-epochs", type=int, help="default: pretrain.py:small's")
-  ap.add_argument("--ft-epochs", type=int, help="default: finetune.py:small's")
-  ap.add_argument("--probe", action="store_true",
-                  help="also a frozen-feature k-NN probe of the random and MAE encoders")
-  ap.add_argument("--extra", action="append", default=[],
-                  help="also run MAE + FaceMix with this loss.class_weighting (balanced, sqrt)")
-  ap.add_argument("--stage3", action="store_true",
-                  help="also the semi-supervised grid from the MAE + FaceMix runs")
-  ap.add_argument("--ss-epochs", type=int,
-                  help="stage-3 epochs (passes over train_unlabeled; default semisup.py:small's)")
-  args = ap.parse_args()
-  os.makedirs(args.out, exist_ok=True)
-  logs.setup(args.out, "log.txt")
-  jax.config.update("jax_threefry_partitionable", True)
-  mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+def stage2_grid(args, mesh, seeds: list[int]) -> str:
+  """One shared MAE run, then {random, MAE} x MIXINGS (and `--extra` weightings) per seed; the
+  table, with the majority class and the floor, also written to OUT/table.md."""
   cells_path = os.path.join(args.out, "cells.jsonl")
   done = read_cells(cells_path)
   key = lambda c: (c["init"], c["mix"], c["seed"], c.get("extra") or "")
@@ -293,10 +295,8 @@ def main():
   t0 = time.perf_counter()
   mae_run = pretrain_once(args)
   print(f"MAE pretraining ready in {mae_run} ({time.perf_counter() - t0:.0f}s)", flush=True)
-  grid = [(init, mix, seed, None) for seed in map(int, args.seeds.split(","))
-          for init in INITS for mix in MIXINGS]
-  grid += [("mae", "facemix", seed, extra) for extra in args.extra
-           for seed in map(int, args.seeds.split(","))]
+  grid = [(init, mix, seed, None) for seed in seeds for init in INITS for mix in MIXINGS]
+  grid += [("mae", "facemix", seed, extra) for extra in args.extra for seed in seeds]
   todo = [g for g in grid if (g[0], g[1], g[2], g[3] or "") not in finished]
   for i, (init, mix, seed, extra) in enumerate(todo):
     run = os.path.join(args.out, "runs", f"{init}_{mix}{'_' + extra if extra else ''}_s{seed}")
@@ -326,8 +326,47 @@ def main():
     print(table.split("\n\n")[-1])
   with open(os.path.join(args.out, "table.md"), "w") as f:
     f.write(table + "\n")
-  if args.stage3:
-    table3 = stage3_grid(args, mesh, list(map(int, args.seeds.split(","))), done)
+  return table
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--data", required=True)
+  ap.add_argument("--split", default="default")
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--seeds", default="0,1,2")
+  ap.add_argument("--mae-epochs", type=int, help="default: pretrain.py:small's")
+  ap.add_argument("--ft-epochs", type=int, help="default: finetune.py:small's")
+  ap.add_argument("--probe", action="store_true",
+                  help="also a frozen-feature k-NN probe of the random and MAE encoders")
+  ap.add_argument("--extra", action="append", default=[],
+                  help="also run MAE + FaceMix with this loss.class_weighting (balanced, sqrt)")
+  ap.add_argument("--stage3", action="store_true",
+                  help="also the semi-supervised grid from the MAE + FaceMix runs")
+  ap.add_argument("--ss-epochs", type=int,
+                  help="stage-3 epochs (passes over train_unlabeled; default semisup.py:small's)")
+  ap.add_argument("--stage3-from", metavar="PATTERN",
+                  help="only the stage-3 grid, from these stage-2 runs: one per seed, '{seed}' "
+                       "in the path (e.g. 'runs/small_s{seed}/finetune', each seed's job)")
+  args = ap.parse_args()
+  os.makedirs(args.out, exist_ok=True)
+  logs.setup(args.out, "log.txt")
+  jax.config.update("jax_threefry_partitionable", True)
+  mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+  seeds = list(map(int, args.seeds.split(",")))
+  if args.stage3_from:
+    starts = {seed: args.stage3_from.format(seed=seed) for seed in seeds}
+    missing = [run for run in starts.values()
+               if not os.path.exists(os.path.join(run, "result.json"))]
+    if missing:
+      ap.error(f"--stage3-from: no finished stage-2 run (result.json) in {', '.join(missing)}; "
+               "name one run per seed with '{seed}' in the path.")
+  else:
+    stage2_grid(args, mesh, seeds)
+    starts = {seed: os.path.join(args.out, "runs", f"mae_facemix_s{seed}") for seed in seeds}
+  if args.stage3 or args.stage3_from:
+    table3 = stage3_grid(args, mesh, starts)
     with open(os.path.join(args.out, "stage3_table.md"), "w") as f:
       f.write(table3 + "\n")
   return 0
