@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from ssfer_jax.models import param_table
-from ssfer_jax.models.mae import (MAE, masked_mse, patch_targets, patchify, random_masking, reconstruct_images,
-                                  unpatchify)
+from ssfer_jax.models.mae import (MAE, masked_mse, patch_targets, patchify, random_masking,
+                                  reconstruct_images, unpatchify)
 from ssfer_jax.models.vit import encoder_params_from_mae, ViT, vit_kwargs
 
 MU = vit_kwargs("mu")  # width 64, depth 2, 4 heads, mlp 256
@@ -66,7 +66,8 @@ def test_norm_pix_target_is_mae_formula():
   t = np.asarray(patchify(imgs, 16), np.float64)
   mean = t.mean(-1, keepdims=True)
   var = t.var(-1, ddof=1, keepdims=True)  # torch's default (unbiased) var, as MAE
-  np.testing.assert_allclose(patch_targets(imgs, 16, True), (t - mean) / np.sqrt(var + 1e-6), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(patch_targets(imgs, 16, True), (t - mean) / np.sqrt(var + 1e-6),
+                             rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(patch_targets(imgs, 16, False), patchify(imgs, 16))
 
 
@@ -117,8 +118,8 @@ def test_mae_encoder_params_load_into_vit():
   imgs = _images()
   mae = MAE(**MU, **DEC, mask_ratio=0.0)
   mae_params = mae.init(_rngs(), imgs, train=False)["params"]
-  latent, mask, ids_restore = mae.apply({"params": mae_params}, imgs, train=False, rngs={"mask": jax.random.key(4)},
-                                        method=MAE.encode)
+  latent, mask, ids_restore = mae.apply({"params": mae_params}, imgs, train=False,
+                                        rngs={"mask": jax.random.key(4)}, method=MAE.encode)
   assert not mask.any()
   patches = jnp.take_along_axis(latent[:, 1:], ids_restore[..., None], axis=1)  # back to image order
 
@@ -143,8 +144,8 @@ def test_reconstruct_images():
   orig = np.asarray(patchify(imgs, 16))
   np.testing.assert_array_equal(patchify(out["masked"], 16), np.where(removed, 0, orig))
   # A zero prediction de-normalises to each patch's own mean; visible patches are the original.
-  np.testing.assert_allclose(patchify(out["pasted"], 16), np.where(removed, orig.mean(-1, keepdims=True), orig),
-                             atol=1e-5)
+  np.testing.assert_allclose(patchify(out["pasted"], 16),
+                             np.where(removed, orig.mean(-1, keepdims=True), orig), atol=1e-5)
 
 
 def _mae_keys(d, mlp, dd, p):

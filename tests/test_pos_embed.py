@@ -119,8 +119,8 @@ def _learned_params(size=32, seed=0):
 def test_learned_round_trip():
   params = _learned_params()
   sd = param_table.to_state_dict(params, "vit", image_size=224)  # image_size only sizes fixed tables
-  sincos_sd = param_table.to_state_dict(_init(ViT(num_classes=7, pool="gap", **MU), _images())["params"], "vit",
-                                        image_size=32)
+  sincos_params = _init(ViT(num_classes=7, pool="gap", **MU), _images())["params"]
+  sincos_sd = param_table.to_state_dict(sincos_params, "vit", image_size=32)
   assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in sincos_sd.items()}
   np.testing.assert_array_equal(sd["pos_embed"], params["pos_embed"].value)
   back = param_table.from_state_dict(sd, params, "vit")

@@ -1,9 +1,9 @@
 """Our exports in timm, and timm's weights in our model: the forward passes agree within
 float32 tolerance (cls and average pooling, our tiny and ViT-Ti shapes, a trained run through
 the card's exact call and timm's transforms, the README's timm block as written); position
-tables resampled as timm's loader does; damaged .pth files refused. torch and timm live in their own environment (.venv-timm), which
-this test sets up with `make timm-env` (about 1.5 min and 6.5 GB the first time): never in the
-main lock. Slow: `make test-slow` (and CI) runs it."""
+tables resampled as timm's loader does; damaged .pth files refused. torch and timm live in
+their own environment (.venv-timm), which this test sets up with `make timm-env` (about 1.5
+min and 6.5 GB the first time): never in the main lock. Slow: `make test-slow` (and CI) runs it."""
 
 import os
 import subprocess

@@ -397,12 +397,12 @@ def make_train_iterator(data_dir: str, split: str, names: Sequence[str], *, kind
 
   `transform` names an `augment.TRANSFORMS` entry seeing the `center_crop` share of each
   stored image, "weak" with its random crop's area `crop_scale` and aspect `crop_ratio` of
-  that (also the strong views' crop); "eval" gives a shuffled
-  stream of un-augmented images (e.g. a diverse fixed set of faces for figures), with
-  whole-image crops and no flips, so the same device preparation serves both. `num_threads` threads build whole
-  batches, `prefetch_batches` (default 2 * num_threads) ahead. `worker_count` > 0 runs that
-  many grain worker processes, each with those threads, for hosts where the GIL-bound share of
-  the work limits threads; the batches are the same. Close an iterator with workers
+  that (also the strong views' crop); "eval" gives a shuffled stream of un-augmented images
+  (e.g. a diverse fixed set of faces for figures), with whole-image crops and no flips, so the
+  same device preparation serves both. `num_threads` threads build whole batches,
+  `prefetch_batches` (default 2 * num_threads) ahead. `worker_count` > 0 runs that many grain
+  worker processes, each with those threads, for hosts where the GIL-bound share of the work
+  limits threads; the batches are the same. Close an iterator with workers
   (`it.close()`) when done with it.
   """
   _check("kind", kind, ("unlabeled", "labeled", SEMISUP))

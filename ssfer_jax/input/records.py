@@ -1,4 +1,5 @@
-"""The on-disk record schema and dataset layout shared by `data_prep` (writer) and the input pipeline (reader).
+"""The on-disk record schema and dataset layout shared by `data_prep` (writer) and the input
+pipeline (reader).
 
 One record per image, msgpack-encoded (deterministic bytes: fixed key order, no timestamps):
   {"v": SCHEMA_VERSION, "image": JPEG bytes, "label": int (-1 = unlabeled),

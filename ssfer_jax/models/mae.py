@@ -107,16 +107,19 @@ class MAE(nn.Module):
 
   def setup(self):
     self.embedding = make_stem(self.stem, self.patch_size, self.width, self.dtype)
-    self.cls = self.param("cls", boxed(nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, self.width))
-    self.encoder = Encoder(self.depth, self.num_heads, self.mlp_dim, self.drop_path_rate, self.dtype, self.remat,
-                           self.attention_impl, self.remat_policy)
+    self.cls = self.param("cls", boxed(nn.initializers.normal(0.02), (None, None, "embed")),
+                          (1, 1, self.width))
+    self.encoder = Encoder(self.depth, self.num_heads, self.mlp_dim, self.drop_path_rate,
+                           self.dtype, self.remat, self.attention_impl, self.remat_policy)
     self.encoder_norm = layer_norm(self.dtype)
     # The encoder-width axis stays unnamed: a logical name cannot repeat in one parameter.
     self.decoder_embed = dense(self.decoder_width, (None, "embed"), self.dtype, None)
-    self.mask_token = self.param("mask_token", boxed(nn.initializers.normal(0.02), (None, None, "embed")),
+    self.mask_token = self.param("mask_token",
+                                 boxed(nn.initializers.normal(0.02), (None, None, "embed")),
                                  (1, 1, self.decoder_width))
-    self.decoder = Encoder(self.decoder_depth, self.decoder_heads, self.decoder_mlp_dim or 4 * self.decoder_width,
-                           0.0, self.dtype, self.remat, self.attention_impl, self.remat_policy)
+    self.decoder = Encoder(self.decoder_depth, self.decoder_heads,
+                           self.decoder_mlp_dim or 4 * self.decoder_width, 0.0, self.dtype,
+                           self.remat, self.attention_impl, self.remat_policy)
     self.decoder_norm = layer_norm(self.dtype)
     self.decoder_pred = dense(self.patch_size**2 * self.channels, ("embed", "patch"), self.dtype, None)
 
@@ -125,7 +128,8 @@ class MAE(nn.Module):
     x = self.embedding(imgs)
     p = self.patch_size
     pos = sincos_pos_embed(self.width, imgs.shape[1] // p, imgs.shape[2] // p, cls_token=True)
-    x, mask, ids_restore = random_masking(x + pos[1:].astype(x.dtype), self.mask_ratio, self.make_rng("mask"))
+    x, mask, ids_restore = random_masking(x + pos[1:].astype(x.dtype), self.mask_ratio,
+                                          self.make_rng("mask"))
     x = self.encoder(prepend_cls(x, self.cls, pos[:1]), train)
     return self.encoder_norm(x), mask, ids_restore
 
@@ -134,9 +138,11 @@ class MAE(nn.Module):
     x = self.decoder_embed(latent)
     b, _, d = x.shape
     n_mask = ids_restore.shape[1] + 1 - x.shape[1]
-    tokens = jnp.concatenate([x[:, 1:], jnp.broadcast_to(self.mask_token.astype(x.dtype), (b, n_mask, d))], axis=1)
+    masked = jnp.broadcast_to(self.mask_token.astype(x.dtype), (b, n_mask, d))
+    tokens = jnp.concatenate([x[:, 1:], masked], axis=1)
     tokens = jnp.take_along_axis(tokens, ids_restore[..., None], axis=1)
-    x = jnp.concatenate([x[:, :1], tokens], axis=1) + sincos_pos_embed(d, *grid, cls_token=True).astype(x.dtype)
+    pos = sincos_pos_embed(d, *grid, cls_token=True).astype(x.dtype)
+    x = jnp.concatenate([x[:, :1], tokens], axis=1) + pos
     x = self.decoder_norm(self.decoder(x, train))
     return self.decoder_pred(x[:, 1:]).astype(jnp.float32)
 

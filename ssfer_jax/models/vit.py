@@ -249,11 +249,15 @@ class Attention(nn.Module):
     if d % h:
       raise ValueError(f"width {d} is not divisible by num_heads {h}")
     dh = d // h
-    qkv_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2, 3))
-    proj_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2)
-    qkv_kernel = self.param("qkv_kernel", boxed(qkv_init, ("embed", "qkv", "heads", "head_dim")), (d, 3, h, dh))
+    qkv_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0,
+                                                out_axis=(1, 2, 3))
+    proj_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1),
+                                                 out_axis=2)
+    qkv_kernel = self.param("qkv_kernel",
+                            boxed(qkv_init, ("embed", "qkv", "heads", "head_dim")), (d, 3, h, dh))
     qkv_bias = self.param("qkv_bias", boxed(_zeros, ("qkv", "heads", "head_dim")), (3, h, dh))
-    proj_kernel = self.param("proj_kernel", boxed(proj_init, ("heads", "head_dim", "embed")), (h, dh, d))
+    proj_kernel = self.param("proj_kernel", boxed(proj_init, ("heads", "head_dim", "embed")),
+                             (h, dh, d))
     proj_bias = self.param("proj_bias", boxed(_zeros, ("embed",)), (d,))
     dt = self.dtype
     qkv = jnp.einsum("btd,dshk->sbthk", x.astype(dt), qkv_kernel.astype(dt))
@@ -298,7 +302,8 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool, drop: tuple | None = None):
-    y = Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(layer_norm(self.dtype, "norm1")(x))
+    attention = Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")
+    y = attention(layer_norm(self.dtype, "norm1")(x))
     x = x + self._drop_path(y, train, drop, 0)
     y = Mlp(self.mlp_dim, self.dtype, name="mlp")(layer_norm(self.dtype, "norm2")(x))
     return x + self._drop_path(y, train, drop, 1)
@@ -408,9 +413,10 @@ class ViT(nn.Module):
     if self.pos_embed not in ("sincos", "learned"):
       raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {self.pos_embed!r}")
     self.embedding = make_stem(self.stem, self.patch_size, self.width, self.dtype)
-    self.cls = self.param("cls", boxed(nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, self.width))
-    self.encoder = Encoder(self.depth, self.num_heads, self.mlp_dim, self.drop_path_rate, self.dtype, self.remat,
-                           self.attention_impl, self.remat_policy)
+    self.cls = self.param("cls", boxed(nn.initializers.normal(0.02), (None, None, "embed")),
+                          (1, 1, self.width))
+    self.encoder = Encoder(self.depth, self.num_heads, self.mlp_dim, self.drop_path_rate,
+                           self.dtype, self.remat, self.attention_impl, self.remat_policy)
     if self.pool == "gap":
       self.fc_norm = layer_norm(self.dtype)
     else:

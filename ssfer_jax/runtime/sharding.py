@@ -52,7 +52,8 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str] = BATCH_AXES,
     raise errors.ConfigError(f"mesh.shape {tuple(shape)} and mesh.axes {tuple(axes)} differ in length.")
   missing = [a for a in BATCH_AXES if a not in axes]
   if missing:
-    raise errors.ConfigError(f"mesh.axes {tuple(axes)} lacks {missing}; the batch is split over {BATCH_AXES}.")
+    raise errors.ConfigError(f"mesh.axes {tuple(axes)} lacks {missing}; the batch is split over "
+                             f"{BATCH_AXES}.")
   resolved = resolve_mesh_shape(shape, len(devices))
   return jax.make_mesh(resolved, tuple(axes), axis_types=(AxisType.Auto,) * len(axes),
                        devices=devices)

@@ -1,9 +1,10 @@
 """Stage 2: supervised fine-tuning with FaceMix (or Mixup, CutMix, no mixing) on the labeled few.
 
 The classifier is a ViT whose encoder starts from a stage-1 MAE checkpoint or a timm / MAE
-weight file (`init_from`), or from scratch; its position embeddings are learned from the sin-cos table, as in MAE's
-fine-tuning. The stage keeps a weight EMA beside the params (`TrainState.extra["ema"]`),
-evaluates raw and EMA weights on val, and its result (`result.json`) names the better one.
+weight file (`init_from`), or from scratch; its position embeddings are learned from the
+sin-cos table, as in MAE's fine-tuning. The stage keeps a weight EMA beside the params
+(`TrainState.extra["ema"]`), evaluates raw and EMA weights on val, and its result
+(`result.json`) names the better one.
 """
 
 from __future__ import annotations
@@ -255,9 +256,10 @@ def _encoder_from_run(config, mesh) -> dict:
     diff = {k: (theirs[k], ours[k]) for k in ("width", "depth", "num_heads", "mlp_dim",
                                                "patch_size", "stem") if theirs[k] != ours[k]}
     if diff:
-      raise errors.InitError(f"init_from {config.init_from}: the pretrained encoder differs from this "
-                             f"model in {', '.join(f'{k} ({a} there, {b} here)' for k, (a, b) in diff.items())}; "
-                             "set --config.model.size/patch_size/stem to the pretrained model's.")
+      differences = ", ".join(f"{k} ({a} there, {b} here)" for k, (a, b) in diff.items())
+      raise errors.InitError(f"init_from {config.init_from}: the pretrained encoder differs from "
+                             f"this model in {differences}; set --config.model.size/patch_size/"
+                             "stem to the pretrained model's.")
     mae_params = results.restore_mae_params(ckpt, step, src, mesh)
   finally:
     ckpt.close()
