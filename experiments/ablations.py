@@ -165,11 +165,12 @@ def stage3_grid(args, mesh, starts: dict[int, str]) -> str:
             **{k: last.get(k) for k in STAGE3_DIAGNOSTICS}, "seconds": time.perf_counter() - t}
     done.append(append_cell(path, cell))
     left = eta(t0, i, len(todo))
-    print(f"[stage 3 {i + 1}/{len(todo)}] {arm} seed {seed}: test acc "
-          f"{cell['test']['accuracy']:.3f} (stage 2 "
-          f"{results.read_result(stage2)['val']['accuracy']:.3f} val), mask rate "
-          f"{cell['mask_rate']}, pseudo-label acc {cell['pseudo_label_accuracy']} "
-          f"({cell['seconds']:.0f}s; ETA {left / 60:.0f} min)", flush=True)
+    share = lambda k: "-" if cell[k] is None else f"{cell[k]:.3f}"
+    print(f"[stage 3 {i + 1}/{len(todo)}] {arm} seed {seed}: val acc {cell['val_select']:.3f} "
+          f"(stage 2 {results.read_result(stage2)['val']['accuracy']:.3f}), test acc "
+          f"{cell['test']['accuracy']:.3f}, mask rate {share('mask_rate')}, pseudo-label acc "
+          f"{share('pseudo_label_accuracy')} ({cell['seconds']:.0f}s; ETA {left / 60:.0f} min)",
+          flush=True)
   start = [{"val_select": results.read_result(run)["val"]["accuracy"],
             "test": summarise(test_report(run, args, mesh))} for run in starts.values()]
   return print_stage3_table(done, start, evaluate.majority_report(args.data, args.split),
