@@ -330,7 +330,7 @@ def stage2_grid(args, mesh, seeds: list[int]) -> str:
   return table
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--data", required=True)
@@ -350,20 +350,23 @@ def main():
   ap.add_argument("--stage3-from", metavar="PATTERN",
                   help="only the stage-3 grid, from these stage-2 runs: one per seed, '{seed}' "
                        "in the path (e.g. 'runs/small_s{seed}/finetune', each seed's job)")
-  args = ap.parse_args()
-  os.makedirs(args.out, exist_ok=True)
-  logs.setup(args.out, "log.txt")
-  jax.config.update("jax_threefry_partitionable", True)
-  mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+  args = ap.parse_args(argv)
   seeds = list(map(int, args.seeds.split(",")))
-  if args.stage3_from:
+  if args.stage3_from:   # checked before anything is written or compiled
+    if "{seed}" not in args.stage3_from and len(seeds) > 1:
+      ap.error(f"--stage3-from {args.stage3_from}: put '{{seed}}' in the path, one stage-2 run "
+               "per seed (seeds are paired: each arm starts from its own seed's run).")
     starts = {seed: args.stage3_from.format(seed=seed) for seed in seeds}
     missing = [run for run in starts.values()
                if not os.path.exists(os.path.join(run, "result.json"))]
     if missing:
       ap.error(f"--stage3-from: no finished stage-2 run (result.json) in {', '.join(missing)}; "
                "name one run per seed with '{seed}' in the path.")
-  else:
+  os.makedirs(args.out, exist_ok=True)
+  logs.setup(args.out, "log.txt")
+  jax.config.update("jax_threefry_partitionable", True)
+  mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+  if not args.stage3_from:
     stage2_grid(args, mesh, seeds)
     starts = {seed: os.path.join(args.out, "runs", f"mae_facemix_s{seed}") for seed in seeds}
   if args.stage3 or args.stage3_from:

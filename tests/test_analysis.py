@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import logit_adjustment
+from experiments import ablations, logit_adjustment
 from ssfer_jax import evaluate, results
 from ssfer_jax.analysis import fgsm, gradcam, label_noise
 from ssfer_jax.input import records
@@ -132,3 +132,31 @@ def test_logit_adjustment_trades_frequent_classes_for_rare_ones(run, small_datas
                                 "--out", str(tmp_path)]) == 0
   out = capsys.readouterr().out
   assert "chosen on val" in out and (tmp_path / "logit_adjustment.png").stat().st_size > 0
+
+
+def test_ablation_tables_line_up_and_stage3_from_refuses_missing_runs(tmp_path, capsys):
+  classes = ["neutral", "happiness"]
+  report = evaluate.metrics_from_confusion(np.array([[15, 5], [5, 15]]), classes)
+  summary = ablations.summarise(report)
+  floor = dict(report, name="floor: pixels + logistic regression", C=0.01, val_accuracy=0.7)
+  baseline = dict(report, majority_class="neutral")
+  stage3 = ablations.print_stage3_table(
+      [{"arm": "ema_fixed", "seed": 0, "weights": "raw", "val_select": 0.8, "test": summary,
+        "mask_rate": 0.6, "pseudo_label_accuracy": 0.9, "seconds": 60.0}],
+      [{"val_select": 0.78, "test": summary}], baseline, [floor])
+  stage2 = ablations.print_table(
+      [{"init": "mae", "mix": "facemix", "seed": 0, "extra": "", "val_select": 0.78,
+        "test": summary, "seconds": 60.0}], baseline, [floor])
+  for table in (stage3, stage2):   # every row has its header's columns, the floor among them
+    rows = table.splitlines()
+    assert {row.count("|") for row in rows} == {rows[0].count("|")}
+    assert "| majority (neutral) |" in table and "| floor: pixels" in table
+  assert "| floor: pixels + logistic regression (C 0.01) | - | 75.0 |" in stage3   # accuracy
+  assert "| stage 2 alone (MAE + FaceMix) | 1 | 75.0 +- 0.0 |" in stage3
+  for pattern, why in ((str(tmp_path / "s{seed}"), "no finished stage-2 run"),
+                       (str(tmp_path / "s0"), "put '{seed}' in the path")):
+    with pytest.raises(SystemExit):
+      ablations.main(["--data", str(tmp_path), "--out", str(tmp_path / "out"),
+                      "--stage3-from", pattern])
+    assert why in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()   # refused before writing anything
