@@ -22,10 +22,11 @@ seed's stage 1 with its stage 2):
 
   python -m experiments.ablations --data /work/builds/fe96 --out runs/stage3_grid \
       --stage3-from 'runs/small_s{seed}/finetune'
- The table adds the last
-epoch's pseudo-label accuracy (masked rows whose true label the build has) and mask rate,
-and for the LEAF and negative-learning arms how often the true label was in the positive set
-and how often a class pushed down as "not this" was in fact the true label.
+
+The stage-3 table adds the last epoch's pseudo-label accuracy (masked rows whose true label
+the build has) and mask rate, and for the LEAF and negative-learning arms how often the true
+label was in the positive set and how often a class pushed down as "not this" was in fact the
+true label.
 """
 
 from __future__ import annotations
@@ -171,11 +172,18 @@ def stage3_grid(args, mesh, starts: dict[int, str]) -> str:
           f"{cell['test']['accuracy']:.3f}, mask rate {share('mask_rate')}, pseudo-label acc "
           f"{share('pseudo_label_accuracy')} ({cell['seconds']:.0f}s; ETA {left / 60:.0f} min)",
           flush=True)
+  print(provenance(args))
   start = [{"val_select": results.read_result(run)["val"]["accuracy"],
             "test": summarise(test_report(run, args, mesh))} for run in starts.values()]
   return print_stage3_table(done, start, evaluate.majority_report(args.data, args.split),
                             classical.floor_reports(args.data, args.split),
                             f"`{args.stage3_from}`" if args.stage3_from else "MAE + FaceMix")
+
+
+def provenance(args) -> str:
+  """The line above a table: the data, the machine and the day."""
+  return (f"\n{args.data} (split {args.split}); {machine.cpu_model()}, {os.cpu_count()} CPUs, "
+          f"{datetime.date.today()}")
 
 
 def mean_std(xs) -> str:
@@ -315,8 +323,7 @@ def stage2_grid(args, mesh, seeds: list[int]) -> str:
           f"{cell['test']['accuracy']:.3f}, macro F1 {cell['test']['macro_f1']:.3f} "
           f"({cell['seconds']:.0f}s; ETA {left / 60:.0f} min)", flush=True)
 
-  print(f"\n{args.data} (split {args.split}); {machine.cpu_model()}, "
-        f"{os.cpu_count()} CPUs, {datetime.date.today()}")
+  print(provenance(args))
   table = print_table(done, evaluate.majority_report(args.data, args.split),
                       classical.floor_reports(args.data, args.split))
   if args.probe:
