@@ -13,13 +13,11 @@ def cpu_model() -> str:
   (avx2 fma)", else the architecture."""
   try:
     with open("/proc/cpuinfo") as f:
-      lines = f.read().splitlines()
+      first = f.read().split("\n\n", 1)[0]   # the first processor's block
   except OSError:
     return platform.machine()
-  info = {}   # the first processor's fields
-  for line in lines:
-    key, _, value = line.partition(":")
-    info.setdefault(key.strip(), value.strip())
+  info = {key.strip(): value.strip()
+          for key, _, value in (line.partition(":") for line in first.splitlines())}
   if "model name" not in info:
     return platform.machine()
   flags = set(info.get("flags", "").split())

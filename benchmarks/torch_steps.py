@@ -142,10 +142,10 @@ def main():
     model = ViTClassifier(args.image, args.patch, args.width, args.depth, args.heads,
                           args.classes, args.pool)
   model.to(args.device).train()
-  decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1 and
-           not n.endswith(".bias")]
-  no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim <= 1 or
-                                                                            n.endswith(".bias"))]
+  decay, no_decay = [], []   # weight decay off for biases and norms, as MAE's param groups
+  for n, p in model.named_parameters():
+    if p.requires_grad:
+      (no_decay if p.ndim <= 1 or n.endswith(".bias") else decay).append(p)
   opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
                            {"params": no_decay, "weight_decay": 0.0}], lr=1.5e-4,
                           betas=(0.9, 0.95))
@@ -172,6 +172,7 @@ def main():
     step()
   sync()
   warmup_s = time.perf_counter() - t
+
   def timed(fn) -> list[float]:
     """Seconds of each of args.steps calls, synchronised."""
     out = []

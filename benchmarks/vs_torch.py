@@ -123,12 +123,7 @@ def jax_worker(args) -> dict:
     compiled = loop.compile_train_step(stage, 0, abstract, shardings, spec, mesh)
     run = lambda state, i: compiled(state, batch)[:2]
   step_once = carried(run, state)
-  times = []
-  for i in range(args.warmup + args.steps):
-    t = time.perf_counter()
-    jax.block_until_ready(step_once(i))
-    if i >= args.warmup:
-      times.append(time.perf_counter() - t)
+  times = step_seconds(step_once, args.warmup, args.steps)
   if args.profile:
     parts["ops"] = op_profile(step_once, args.steps)
   if args.worker == "jax_prep" and args.parts:   # the image preparation alone
@@ -194,16 +189,27 @@ def stage_config(args):
   return c
 
 
-def median_ms(fn, steps: int) -> float:
-  """Median milliseconds of fn(i) over `steps` calls after one to compile, synchronised."""
+def step_seconds(fn, warmup: int, steps: int) -> list[float]:
+  """Seconds of each of `steps` calls fn(i), synchronised, after `warmup` untimed ones."""
   import jax  # pylint: disable=g-import-not-at-top
-  jax.block_until_ready(fn(0))
   times = []
-  for i in range(steps):
+  for i in range(warmup + steps):
     t = time.perf_counter()
     jax.block_until_ready(fn(i))
-    times.append(time.perf_counter() - t)
-  return round(1e3 * statistics.median(times), 2)
+    if i >= warmup:
+      times.append(time.perf_counter() - t)
+  return times
+
+
+def median_ms(fn, steps: int) -> float:
+  """Median milliseconds of fn(i) over `steps` calls after one to compile."""
+  return round(1e3 * statistics.median(step_seconds(fn, 1, steps)), 2)
+
+
+def shape_flags(args) -> list[str]:
+  """The flags both sides' workers take for the benchmark's shape and length."""
+  return ["--stage", args.stage, "--image", str(args.image), "--patch", str(args.patch),
+          "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
 
 
 def torch_row(args) -> dict:
@@ -211,12 +217,10 @@ def torch_row(args) -> dict:
   from configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
   width, depth, heads, _ = vit.VIT_SIZES[args.model]
   dec = pretrain_config.get_config(args.variant).model
-  cmd = [str(TORCH_PYTHON), str(REPO / "benchmarks" / "torch_steps.py"), "--stage", args.stage,
+  cmd = [str(TORCH_PYTHON), str(REPO / "benchmarks" / "torch_steps.py"), *shape_flags(args),
          "--width", str(width), "--depth", str(depth), "--heads", str(heads),
          "--decoder_width", str(dec.decoder_width), "--decoder_depth", str(dec.decoder_depth),
-         "--decoder_heads", str(dec.decoder_heads), "--image", str(args.image), "--patch",
-         str(args.patch), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
-         str(args.warmup), "--threads", str(args.threads),
+         "--decoder_heads", str(dec.decoder_heads), "--threads", str(args.threads),
          *(["--pool", stage_config(args).model.pool] if args.stage == "finetune" else []),
          *(["--parts"] if args.parts else [])]
   out = subprocess.run(cmd, capture_output=True, text=True, env=_env(""))
@@ -235,10 +239,9 @@ def _env(xla_flags: str) -> dict:
 
 def jax_row(args, worker: str, xla_flags: str, profile: bool = False) -> dict:
   """One JAX row's times in its own process under `xla_flags`."""
-  cmd = [sys.executable, "-m", "benchmarks.vs_torch", "--worker", worker, "--stage", args.stage,
-         "--variant", args.variant, "--model", args.model, "--image", str(args.image), "--patch",
-         str(args.patch), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
-         str(args.warmup), *(["--mix", args.mix] if args.mix else []),
+  cmd = [sys.executable, "-m", "benchmarks.vs_torch", "--worker", worker, *shape_flags(args),
+         "--variant", args.variant, "--model", args.model,
+         *(["--mix", args.mix] if args.mix else []),
          *(["--parts"] if args.parts else []),
          *(["--profile"] if profile and worker == "jax_model" else [])]
   out = subprocess.run(cmd, capture_output=True, text=True, env=_env(xla_flags), cwd=REPO)

@@ -153,6 +153,7 @@ def stage3_grid(args, mesh, starts: dict[int, str]) -> str:
     print(f"skipping {leaf}: the small recipe's classifier reads every token (pool "
           "'flatten'), and LEAF needs one pooled feature (pool 'cls' or 'gap').", flush=True)
     todo = [(arm, seed) for arm, seed in todo if arm not in leaf]
+  start_val = {seed: results.read_result(run)["val"]["accuracy"] for seed, run in starts.items()}
   t0 = time.perf_counter()
   for i, (arm, seed) in enumerate(todo):
     stage2 = starts[seed]
@@ -168,13 +169,13 @@ def stage3_grid(args, mesh, starts: dict[int, str]) -> str:
     left = eta(t0, i, len(todo))
     share = lambda k: "-" if cell[k] is None else f"{cell[k]:.3f}"
     print(f"[stage 3 {i + 1}/{len(todo)}] {arm} seed {seed}: val acc {cell['val_select']:.3f} "
-          f"(stage 2 {results.read_result(stage2)['val']['accuracy']:.3f}), test acc "
+          f"(stage 2 {start_val[seed]:.3f}), test acc "
           f"{cell['test']['accuracy']:.3f}, mask rate {share('mask_rate')}, pseudo-label acc "
           f"{share('pseudo_label_accuracy')} ({cell['seconds']:.0f}s; ETA {left / 60:.0f} min)",
           flush=True)
   print(provenance(args))
-  start = [{"val_select": results.read_result(run)["val"]["accuracy"],
-            "test": summarise(test_report(run, args, mesh))} for run in starts.values()]
+  start = [{"val_select": start_val[seed], "test": summarise(test_report(run, args, mesh))}
+           for seed, run in starts.items()]
   return print_stage3_table(done, start, evaluate.majority_report(args.data, args.split),
                             classical.floor_reports(args.data, args.split),
                             f"`{args.stage3_from}`" if args.stage3_from else "MAE + FaceMix")
